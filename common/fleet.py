@@ -1,0 +1,143 @@
+"""`llm-fleet up`: the whole fleet on one machine, supervised.
+
+Embedded Valkey (unless --redis-url), one gateway, N worker processes. Prints where to point
+a client once the fleet is ready; restarts a part that dies; on Ctrl-C stops workers first
+(they finish their jobs), then the gateway, then Valkey.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+from common.embedded_redis import EmbeddedValkey
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
+    parser.add_argument("--host", default="127.0.0.1", help="gateway bind address")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    parser.add_argument("--model", action="append", dest="models", help="model(s) each worker serves")
+    parser.add_argument("--redis-url", help="use this Redis instead of starting an embedded Valkey")
+    parser.add_argument("--catalogue", help="JSON model catalogue passed to the workers")
+    parser.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for /ready")
+
+
+@dataclass
+class Part:
+    name: str
+    argv: list[str]
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    started_at: float = field(default=0.0)
+
+    def start(self) -> None:
+        # Own session: the terminal's Ctrl-C reaches only the supervisor, which stops parts in order.
+        self.process = subprocess.Popen(self.argv, start_new_session=True)
+        self.started_at = time.monotonic()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            assert self.process is not None
+            self.process.send_signal(sig)
+
+
+def _say(message: str) -> None:
+    print(f"llm-fleet | {message}", flush=True)
+
+
+def run(args: argparse.Namespace) -> None:
+    exe = shutil.which("llm-fleet") or sys.argv[0]
+    valkey = None
+    redis_url = args.redis_url
+    if redis_url is None:
+        valkey = EmbeddedValkey()
+        valkey.start()
+        redis_url = valkey.url
+        _say(f"embedded Valkey on {redis_url} (data in {valkey.data_dir})")
+    models = args.models or ["smollm2-135m"]
+    base_url = f"http://{args.host}:{args.port}"
+    gateway = Part("gateway", [exe, "gateway", "--redis-url", redis_url, "--host", args.host,
+                               "--port", str(args.port)])
+    worker_flags = [flag for m in models for flag in ("--model", m)]
+    if args.catalogue:
+        worker_flags += ["--catalogue", args.catalogue]
+    workers = [
+        Part(f"worker-{i}", [exe, "worker", "--redis-url", redis_url, "--worker-id", f"local-{os.getpid()}-{i}",
+                             *worker_flags])
+        for i in range(args.workers)
+    ]
+    stopping = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    started = time.monotonic()
+    for part in [gateway, *workers]:
+        part.start()
+    _say(f"gateway on {base_url}; {len(workers)} worker(s) loading {', '.join(models)} ...")
+    ready = False
+    try:
+        while not stopping:
+            if not ready and _is_ready(base_url):
+                ready = True
+                _say(f"ready in {time.monotonic() - started:.1f}s. Point a client at {base_url}")
+                _say(f"  curl -s {base_url}/v1/generate -d '{{\"prompt\": \"Hello, how are you?\", "
+                     f"\"max_tokens\": 32}}'")
+                _say(f"  then: curl -s {base_url}/v1/requests/<request_id>   |   WebSocket: "
+                     f"ws://{args.host}:{args.port}/ws/generate   |   Ctrl-C stops the fleet")
+            elif not ready and time.monotonic() - started > args.ready_timeout:
+                _say(f"not ready after {args.ready_timeout:.0f}s; still waiting (see the logs above)")
+                started = time.monotonic()
+            for part in [gateway, *workers]:
+                if not part.alive() and not stopping:
+                    code = part.process.returncode if part.process else None
+                    part.restarts += 1
+                    _say(f"{part.name} exited ({code}); restarting (restart #{part.restarts})")
+                    time.sleep(min(5.0, 0.5 * part.restarts))
+                    part.start()
+            time.sleep(0.2)
+    finally:
+        _say("stopping: workers finish their jobs first ...")
+        _stop_all(workers, timeout_s=60.0)
+        _stop_all([gateway], timeout_s=10.0)
+        if valkey is not None:
+            valkey.stop()
+        _say("stopped")
+
+
+def _stop_all(parts: list[Part], timeout_s: float) -> None:
+    for part in parts:
+        part.signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for part in parts:
+        if part.process is None:
+            continue
+        try:
+            part.process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            part.process.kill()
+            part.process.wait()
+
+
+def _is_ready(base_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{base_url}/ready", timeout=2) as response:
+            return bool(json.load(response).get("ready"))
+    except (urllib.error.URLError, OSError, ValueError):
+        return False

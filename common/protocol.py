@@ -1,0 +1,146 @@
+"""Messages that cross Redis between gateway and worker, packed with msgpack.
+
+One definition per message, so the two sides cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Self
+
+import msgpack
+
+
+class RequestStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL_STATUSES = frozenset({RequestStatus.COMPLETED, RequestStatus.FAILED, RequestStatus.CANCELLED})
+
+
+class FinishReason(StrEnum):
+    STOP = "stop"  # end-of-sequence token or a stop string
+    LENGTH = "length"  # max_tokens or the model's context
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj)
+
+
+def unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False)
+
+
+class _Packed:
+    """Mixin: dataclass <-> msgpack bytes. Unknown fields from a newer peer are ignored."""
+
+    def pack(self) -> bytes:
+        return pack(self)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> Self:
+        raw = unpack(data)
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in raw.items() if k in names})
+
+
+@dataclass(slots=True)
+class SamplingParams(_Packed):
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass(slots=True)
+class Job(_Packed):
+    """One generation request as it sits in `jobs:{model}`. The prompt is already tokenized."""
+
+    request_id: str
+    model: str
+    prompt_token_ids: list[int]
+    sampling: dict[str, Any]  # SamplingParams as a dict, so the job stays one flat msgpack map
+    enqueued_at: float
+
+    @property
+    def params(self) -> SamplingParams:
+        return SamplingParams(**self.sampling)
+
+    @property
+    def token_budget(self) -> int:
+        """KV tokens this job can occupy at most: prompt plus every token it may generate."""
+        return len(self.prompt_token_ids) + int(self.sampling["max_tokens"])
+
+
+@dataclass(slots=True)
+class Chunk(_Packed):
+    """A coalesced piece of output on `chunks:{id}` and in `req:{id}:chunks`; seq starts at 1.
+
+    The last chunk of a request carries `finish_reason` (and usage, and `error` when failed).
+    """
+
+    seq: int
+    text: str
+    token_ids: list[int] | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class ModelCard(_Packed):
+    """What the gateway needs to know about a served model; published by workers in `models`."""
+
+    name: str
+    engine: str
+    max_model_len: int
+
+
+@dataclass(slots=True)
+class TokenizerBundle(_Packed):
+    """The model's tokenizer, shipped through Redis so the gateway needs no model files."""
+
+    tokenizer_json: str
+    chat_template: str | None
+    bos_token: str | None
+    eos_token: str | None
+
+
+class ModelState(StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+@dataclass(slots=True)
+class WorkerModelStatus:
+    state: str
+    progress: float = 0.0  # 0..1 while loading
+    error: str | None = None
+    kv_capacity_tokens: int = 0
+    kv_used_tokens: int = 0
+    running: int = 0
+    max_num_seqs: int = 0
+
+
+@dataclass(slots=True)
+class WorkerStatus(_Packed):
+    """The heartbeat a worker writes to `worker:{id}` with a TTL."""
+
+    worker_id: str
+    host: str
+    pid: int
+    state: str  # starting | serving | draining
+    started_at: float
+    heartbeat_at: float
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> WorkerModelStatus as dict

@@ -1,0 +1,25 @@
+"""Redis clients configured for a serving system: fail fast, reconnect on the next call."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+# What "Redis is unreachable" looks like to a caller.
+REDIS_DOWN_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+
+
+def connect(url: str, *, timeout_s: float, blocking_ms: int = 0) -> aioredis.Redis:
+    """A pooled client. One immediate retry replaces a connection that died with a restart;
+    beyond that the error surfaces at once (the gateway turns it into a 503)."""
+    return aioredis.Redis.from_url(
+        url,
+        socket_connect_timeout=timeout_s,
+        # A blocking read (XREADGROUP BLOCK) must not time out on its own socket.
+        socket_timeout=timeout_s + blocking_ms / 1000,
+        retry=Retry(NoBackoff(), retries=1),
+        health_check_interval=30,
+    )

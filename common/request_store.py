@@ -1,0 +1,180 @@
+"""A request's life in Redis, as atomic server-side scripts.
+
+`req:{id}` (hash) holds status, model, seq, usage, timings and the stream entry; the output
+lives in `req:{id}:chunks` (list; chunk seq N is element N-1) and every chunk is also
+PUBLISHed on `chunks:{id}`. Each state change below is one script, so a cancel can never race
+a worker's append into an inconsistent state:
+
+    enqueue (gateway)   -> queued          (or refused: the model's stream is full)
+    start   (worker)    queued -> running  (refused if cancelled meanwhile)
+    append  (worker)    running -> running (refused unless running and owned by that worker)
+    finish  (worker)    running -> completed | failed
+    cancel  (gateway)   queued | running -> cancelled
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from common import keys
+from common.protocol import Chunk, FinishReason, Job, RequestStatus
+
+_ENQUEUE = """
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
+local entry = redis.call('XADD', KEYS[1], '*', 'job', ARGV[2])
+redis.call('HSET', KEYS[2], 'status', 'queued', 'model', ARGV[3], 'entry', entry, 'seq', 0,
+  'created_at', ARGV[4], 'prompt_tokens', ARGV[5], 'completion_tokens', 0, 'max_tokens', ARGV[6])
+redis.call('EXPIRE', KEYS[2], ARGV[7])
+return entry
+"""
+
+_CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return false end
+if status ~= 'queued' and status ~= 'running' then return status end
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq')) + 1
+local done = cmsgpack.pack({seq = seq, text = '', finish_reason = 'cancelled',
+  prompt_tokens = tonumber(redis.call('HGET', KEYS[1], 'prompt_tokens')),
+  completion_tokens = tonumber(redis.call('HGET', KEYS[1], 'completion_tokens'))})
+redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finish_reason', 'cancelled', 'seq', seq,
+  'finished_at', ARGV[2])
+redis.call('RPUSH', KEYS[2], done)
+if status == 'queued' then
+  -- Never run: take it out of the stream now, so XLEN stays exactly the outstanding work.
+  redis.call('XDEL', KEYS[3], redis.call('HGET', KEYS[1], 'entry'))
+end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+redis.call('PUBLISH', ARGV[3], done)
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 'cancelled'
+"""
+
+_START = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'missing', 0} end
+if status ~= 'queued' and status ~= 'running' then return {status, 0} end
+redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1])
+redis.call('HSETNX', KEYS[1], 'started_at', ARGV[2])
+return {'running', tonumber(redis.call('HGET', KEYS[1], 'seq'))}
+"""
+
+_APPEND = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then return 0 end
+-- Already applied (a retry after a reply was lost to a connection drop): do not duplicate.
+if tonumber(redis.call('HGET', KEYS[1], 'seq')) >= tonumber(ARGV[3]) then return 1 end
+redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('HSET', KEYS[1], 'seq', ARGV[3], 'completion_tokens', ARGV[4])
+redis.call('HSETNX', KEYS[1], 'first_token_at', ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+redis.call('PUBLISH', ARGV[7], ARGV[2])
+return 1
+"""
+
+_FINISH = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('HSET', KEYS[1], 'status', ARGV[3], 'seq', ARGV[4], 'completion_tokens', ARGV[5],
+  'finish_reason', ARGV[6], 'error', ARGV[7], 'finished_at', ARGV[8])
+redis.call('HSETNX', KEYS[1], 'first_token_at', ARGV[8])
+redis.call('EXPIRE', KEYS[1], ARGV[9])
+redis.call('EXPIRE', KEYS[2], ARGV[9])
+redis.call('PUBLISH', ARGV[10], ARGV[2])
+return 1
+"""
+
+
+@dataclass(slots=True)
+class StartResult:
+    status: str  # "running" when the worker should run it; anything else: skip and ack
+    last_seq: int
+
+
+class RequestStore:
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+        self._enqueue = redis.register_script(_ENQUEUE)
+        self._cancel = redis.register_script(_CANCEL)
+        self._start = redis.register_script(_START)
+        self._append = redis.register_script(_APPEND)
+        self._finish = redis.register_script(_FINISH)
+
+    # -- gateway side -------------------------------------------------------------------
+    async def enqueue(self, job: Job, *, max_outstanding: int, ttl_s: int) -> bool:
+        """Admit and enqueue atomically; False when the model's stream is at its cap."""
+        entry = await self._enqueue(
+            keys=[keys.job_stream(job.model), keys.request(job.request_id)],
+            args=[
+                max_outstanding,
+                job.pack(),
+                job.model,
+                job.enqueued_at,
+                len(job.prompt_token_ids),
+                job.sampling["max_tokens"],
+                ttl_s,
+            ],
+        )
+        return entry is not None
+
+    async def cancel(self, request_id: str, model: str, *, result_ttl_s: int) -> str | None:
+        """Cancel a queued or running request. Returns the status it ends in, None if unknown."""
+        status = await self._cancel(
+            keys=[keys.request(request_id), keys.request_chunks(request_id), keys.job_stream(model)],
+            args=[result_ttl_s, time.time(), keys.chunk_channel(request_id), keys.CANCELS, request_id],
+        )
+        return None if status is None else _text(status)
+
+    async def read(self, request_id: str) -> tuple[dict[str, str], list[Chunk]] | None:
+        """The request's state and all its chunks, in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(keys.request(request_id))
+            pipe.lrange(keys.request_chunks(request_id), 0, -1)
+            state, raw_chunks = await pipe.execute()
+        if not state:
+            return None
+        return {_text(k): _text(v) for k, v in state.items()}, [Chunk.unpack(c) for c in raw_chunks]
+
+    async def model_of(self, request_id: str) -> str | None:
+        model = await self.redis.hget(keys.request(request_id), "model")
+        return None if model is None else _text(model)
+
+    async def chunks_after(self, request_id: str, last_seq: int) -> list[Chunk]:
+        raw = await self.redis.lrange(keys.request_chunks(request_id), last_seq, -1)
+        return [Chunk.unpack(c) for c in raw]
+
+    # -- worker side --------------------------------------------------------------------
+    async def start(self, request_id: str, worker_id: str) -> StartResult:
+        status, seq = await self._start(keys=[keys.request(request_id)], args=[worker_id, time.time()])
+        return StartResult(_text(status), int(seq))
+
+    async def append(self, pipe: Any, request_id: str, worker_id: str, chunk: Chunk, completion_tokens: int,
+               ttl_s: int) -> None:
+        """Queue an append on `pipe`; its reply is 0 when the request is no longer this worker's."""
+        await self._append(
+            keys=[keys.request(request_id), keys.request_chunks(request_id)],
+            args=[worker_id, chunk.pack(), chunk.seq, completion_tokens, time.time(), ttl_s,
+                  keys.chunk_channel(request_id)],
+            client=pipe,
+        )
+
+    async def finish(self, pipe: Any, request_id: str, worker_id: str, chunk: Chunk, *, result_ttl_s: int) -> None:
+        """Queue the final chunk and terminal status on `pipe` (chunk.finish_reason is set)."""
+        failed = chunk.finish_reason == FinishReason.ERROR
+        status = RequestStatus.FAILED if failed else RequestStatus.COMPLETED
+        await self._finish(
+            keys=[keys.request(request_id), keys.request_chunks(request_id)],
+            args=[worker_id, chunk.pack(), status.value, chunk.seq, chunk.completion_tokens or 0,
+                  chunk.finish_reason, chunk.error or "", time.time(), result_ttl_s,
+                  keys.chunk_channel(request_id)],
+            client=pipe,
+        )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

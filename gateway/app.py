@@ -1,0 +1,82 @@
+"""The aiohttp application: routes, error handling, start-up and shutdown."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+
+from common.errors import FleetError, Overloaded, PayloadTooLarge, Unavailable
+from common.redis_conn import REDIS_DOWN_ERRORS, connect
+from common.request_store import RequestStore
+from common.settings import GatewaySettings
+from gateway import health, http_api, ws
+from gateway.context import GATEWAY_KEY, Gateway
+from gateway.models import ModelRegistry
+from gateway.relay import Relay
+from gateway.submit import Submitter
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(exc: FleetError) -> web.Response:
+    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded) else None
+    return web.json_response(exc.to_dict(), status=exc.status, headers=headers)
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as a JSON error with the right status; a 500 only for a real bug."""
+    try:
+        return await handler(request)
+    except FleetError as exc:
+        return error_response(exc)
+    except web.HTTPRequestEntityTooLarge as exc:
+        return error_response(PayloadTooLarge(f"body is larger than the limit of {exc.max_size} bytes"))
+    except REDIS_DOWN_ERRORS as exc:
+        log.warning("redis unreachable: %s", exc)
+        return error_response(Unavailable("the queue (Redis) is unreachable; retry shortly"))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        error = FleetError(exc.reason)
+        error.status, error.type = exc.status, "invalid_request_error"
+        return web.json_response(error.to_dict(), status=exc.status, headers={
+            k: v for k, v in exc.headers.items() if k.lower() == "allow"
+        })
+
+
+def create_app(settings: GatewaySettings) -> web.Application:
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[errors_as_json])
+    routes = [
+        web.post("/v1/generate", http_api.generate),
+        web.post("/generate", http_api.generate),
+        web.get("/v1/requests/{request_id}", http_api.get_request),
+        web.delete("/v1/requests/{request_id}", http_api.cancel_request),
+        web.get("/ws/generate", ws.websocket),
+        web.get("/health", health.health),
+        web.get("/ready", health.ready),
+        web.get("/v1/models", health.models),
+        web.get("/models", health.models),
+    ]
+    app.add_routes(routes)
+    app.cleanup_ctx.append(_lifecycle(settings))
+    return app
+
+
+def _lifecycle(settings: GatewaySettings) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        redis = connect(settings.redis_url, timeout_s=settings.redis_timeout_s)
+        store = RequestStore(redis)
+        registry = ModelRegistry(redis)
+        relay = Relay(redis, store, resync_s=settings.stream_resync_s)
+        await relay.start()
+        app[GATEWAY_KEY] = Gateway(settings, redis, store, registry, Submitter(settings, store, registry), relay)
+        yield
+        await relay.close()
+        await redis.aclose()
+
+    return lifecycle

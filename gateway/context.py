@@ -1,0 +1,42 @@
+"""The gateway's shared parts, built once per process and reachable from every handler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+from redis.asyncio import Redis
+
+from common.errors import NotFound
+from common.request_store import RequestStore
+from common.settings import GatewaySettings
+from gateway.models import ModelRegistry
+from gateway.relay import Relay
+from gateway.submit import Submitter
+
+
+@dataclass
+class Gateway:
+    settings: GatewaySettings
+    redis: Redis
+    store: RequestStore
+    registry: ModelRegistry
+    submitter: Submitter
+    relay: Relay
+
+    @staticmethod
+    def of(request: web.Request) -> Gateway:
+        return request.app[GATEWAY_KEY]
+
+    async def cancel(self, request_id: str) -> str:
+        """Cancel a request; the status it ends in (a finished one keeps its own)."""
+        model = await self.store.model_of(request_id)
+        status = None if model is None else await self.store.cancel(
+            request_id, model, result_ttl_s=self.settings.result_ttl_s
+        )
+        if status is None:
+            raise NotFound(f"request {request_id} does not exist (or its result expired)", param="request_id")
+        return status
+
+
+GATEWAY_KEY = web.AppKey("gateway", Gateway)

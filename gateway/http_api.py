@@ -1,0 +1,33 @@
+"""Submit-then-poll: POST /v1/generate, GET and DELETE /v1/requests/{id}."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from common.errors import NotFound
+from gateway.context import Gateway
+from gateway.validation import parse_generate, parse_json_object
+from gateway.views import request_view
+
+
+async def generate(request: web.Request) -> web.Response:
+    gateway = Gateway.of(request)
+    body = parse_json_object(await request.read())
+    job = await gateway.submitter.prepare(parse_generate(body))
+    await gateway.submitter.enqueue(job)
+    return web.json_response({"request_id": job.request_id, "status": "queued", "model": job.model}, status=202,
+                             headers={"Location": f"/v1/requests/{job.request_id}"})
+
+
+async def get_request(request: web.Request) -> web.Response:
+    request_id = request.match_info["request_id"]
+    found = await Gateway.of(request).store.read(request_id)
+    if found is None:
+        raise NotFound(f"request {request_id} does not exist (or its result expired)", param="request_id")
+    return web.json_response(request_view(request_id, *found))
+
+
+async def cancel_request(request: web.Request) -> web.Response:
+    request_id = request.match_info["request_id"]
+    status = await Gateway.of(request).cancel(request_id)
+    return web.json_response({"request_id": request_id, "status": status})

@@ -1,0 +1,28 @@
+"""`llm-fleet gateway`: one gateway process."""
+
+from __future__ import annotations
+
+import argparse
+
+from aiohttp import web
+
+from common.logs import setup_logging
+from common.settings import GatewaySettings
+from gateway.app import create_app
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redis-url", help="Redis/Valkey URL (env LLM_FLEET_REDIS_URL)")
+    parser.add_argument("--host", help="bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default 8000)")
+    parser.add_argument("--max-outstanding", type=int, help="per-model queue cap before 429")
+    parser.add_argument("--log-level", default="INFO")
+
+
+def run(args: argparse.Namespace) -> None:
+    setup_logging("gateway", args.log_level)
+    settings = GatewaySettings.from_env(
+        redis_url=args.redis_url, host=args.host, port=args.port, max_outstanding=args.max_outstanding
+    )
+    web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None,
+                shutdown_timeout=5.0, access_log=None)

@@ -1,0 +1,72 @@
+"""The models the fleet serves, as workers registered them in Redis (cached briefly)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from redis.asyncio import Redis
+
+from common import keys
+from common.errors import NotFound, Unavailable, Unprocessable
+from common.protocol import ModelCard, TokenizerBundle, WorkerStatus
+from gateway.tokenization import PromptEncoder
+
+_CARDS_TTL_S = 2.0
+
+
+class ModelRegistry:
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self._cards: dict[str, ModelCard] = {}
+        self._cards_at = 0.0
+        self._encoders: dict[str, tuple[ModelCard, PromptEncoder]] = {}
+        self._encoder_lock = asyncio.Lock()
+
+    async def cards(self) -> dict[str, ModelCard]:
+        if time.monotonic() - self._cards_at > _CARDS_TTL_S:
+            raw = await self._redis.hgetall(keys.MODELS)
+            self._cards = {k.decode(): ModelCard.unpack(v) for k, v in raw.items()}
+            self._cards_at = time.monotonic()
+        return self._cards
+
+    async def resolve(self, name: str | None) -> ModelCard:
+        cards = await self.cards()
+        if name is None:
+            if len(cards) == 1:
+                return next(iter(cards.values()))
+            if not cards:
+                raise Unavailable("no model is registered yet: is a worker running?")
+            raise Unprocessable(f"`model` is required; served models: {', '.join(sorted(cards))}", param="model")
+        card = cards.get(name)
+        if card is None:
+            raise NotFound(f"model {name!r} does not exist; served models: {', '.join(sorted(cards))}",
+                           param="model")
+        return card
+
+    async def encoder(self, card: ModelCard) -> PromptEncoder:
+        cached = self._encoders.get(card.name)
+        if cached is not None and cached[0] == card:
+            return cached[1]
+        async with self._encoder_lock:
+            cached = self._encoders.get(card.name)
+            if cached is not None and cached[0] == card:
+                return cached[1]
+            raw = await self._redis.get(keys.tokenizer(card.name))
+            if raw is None:
+                raise Unavailable(f"model {card.name!r} has no tokenizer registered yet")
+            # Parsing a multi-MB tokenizer takes a while: off the event loop, once per model.
+            encoder = await asyncio.to_thread(PromptEncoder, TokenizerBundle.unpack(raw))
+            self._encoders[card.name] = (card, encoder)
+            return encoder
+
+    async def live_workers(self) -> list[WorkerStatus]:
+        """Workers whose heartbeat has not expired; expired ones are pruned from the set."""
+        ids = [i.decode() for i in await self._redis.smembers(keys.WORKERS)]
+        if not ids:
+            return []
+        raw = await self._redis.mget([keys.worker(i) for i in ids])
+        dead = [i for i, r in zip(ids, raw, strict=True) if r is None]
+        if dead:
+            await self._redis.srem(keys.WORKERS, *dead)
+        return [WorkerStatus.unpack(r) for r in raw if r is not None]

@@ -1,0 +1,165 @@
+"""One pub/sub connection per gateway process, multiplexed into per-request queues.
+
+`stream()` subscribes (and waits for the server's confirmation) before it reads what is
+stored, so no chunk can fall between the two; live chunks are de-duplicated by `seq`, and a gap
+(a pub/sub reconnect, a slow subscriber) is filled from `req:{id}:chunks`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+
+from common import keys
+from common.errors import NotFound
+from common.protocol import Chunk
+from common.redis_conn import REDIS_DOWN_ERRORS
+from common.request_store import RequestStore
+
+log = logging.getLogger(__name__)
+
+# Queue item meaning "you may have missed chunks: re-read the stored ones".
+_RESYNC = None
+
+
+class Relay:
+    def __init__(self, redis: Redis, store: RequestStore, *, resync_s: float) -> None:
+        self.redis = redis
+        self.store = store
+        self.resync_s = resync_s
+        self._pubsub: PubSub = redis.pubsub()
+        self._queues: dict[str, set[asyncio.Queue[Chunk | None]]] = defaultdict(set)
+        self._acks: dict[str, asyncio.Future[None]] = {}
+        # Keeps the connection subscribed (so the reader always has one) even with no requests.
+        self._home = f"gateway:{uuid.uuid4().hex}"
+        self._reader: asyncio.Task[None] | None = None
+        self._unsubscribing: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._reader = asyncio.create_task(self._read_loop(), name="relay")
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        with contextlib.suppress(*REDIS_DOWN_ERRORS):
+            await self._pubsub.aclose()
+
+    async def subscribe(self, request_id: str) -> Subscription:
+        """Listen to a request's channel; returns once Redis has confirmed the subscription."""
+        channel = keys.chunk_channel(request_id)
+        queue: asyncio.Queue[Chunk | None] = asyncio.Queue()
+        await self._subscribe(channel, queue)
+        return Subscription(self, request_id, channel, queue)
+
+    async def _subscribe(self, channel: str, queue: asyncio.Queue[Chunk | None]) -> None:
+        listeners = self._queues[channel]
+        listeners.add(queue)
+        if len(listeners) > 1:
+            return  # already subscribed for another listener
+        ack = self._acks[channel] = asyncio.get_running_loop().create_future()
+        try:
+            await self._pubsub.subscribe(channel)
+            await asyncio.wait_for(ack, 5.0)
+        except BaseException:
+            self.unsubscribe(channel, queue)
+            raise
+        finally:
+            self._acks.pop(channel, None)
+
+    def unsubscribe(self, channel: str, queue: asyncio.Queue[Chunk | None]) -> None:
+        listeners = self._queues.get(channel)
+        if listeners is None:
+            return
+        listeners.discard(queue)
+        if not listeners:
+            del self._queues[channel]
+            task = asyncio.create_task(self._quiet_unsubscribe(channel))
+            self._unsubscribing.add(task)
+            task.add_done_callback(self._unsubscribing.discard)
+
+    async def _quiet_unsubscribe(self, channel: str) -> None:
+        with contextlib.suppress(*REDIS_DOWN_ERRORS):
+            if channel not in self._queues:
+                await self._pubsub.unsubscribe(channel)
+
+    async def _read_loop(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                if not self._pubsub.subscribed:
+                    await self._pubsub.subscribe(self._home)
+                message = await self._pubsub.get_message(timeout=1.0)
+                backoff = 0.1
+            except REDIS_DOWN_ERRORS as exc:
+                log.warning("relay lost Redis, reconnecting: %s", exc)
+                for listeners in self._queues.values():
+                    for queue in listeners:
+                        queue.put_nowait(_RESYNC)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            if message is not None:
+                self._dispatch(message)
+
+    def _dispatch(self, message: dict[str, object]) -> None:
+        channel = message["channel"]
+        channel = channel.decode() if isinstance(channel, bytes) else str(channel)
+        kind = message["type"]
+        if kind == "message":
+            chunk = Chunk.unpack(message["data"])  # type: ignore[arg-type]
+            for queue in self._queues.get(channel, ()):
+                queue.put_nowait(chunk)
+        elif kind == "subscribe":
+            ack = self._acks.get(channel)
+            if ack is not None and not ack.done():
+                ack.set_result(None)
+
+
+class Subscription:
+    def __init__(self, relay: Relay, request_id: str, channel: str, queue: asyncio.Queue[Chunk | None]) -> None:
+        self._relay = relay
+        self.request_id = request_id
+        self._channel = channel
+        self._queue = queue
+
+    async def chunks(self, last_seq: int = 0) -> AsyncIterator[Chunk]:
+        """Chunks with seq > last_seq, in order, each once, through the final one."""
+        store = self._relay.store
+        delivered = last_seq
+        backlog = await store.chunks_after(self.request_id, delivered)
+        while True:
+            for chunk in backlog:
+                if chunk.seq <= delivered:
+                    continue  # already sent (stored and live copies overlap)
+                if chunk.seq > delivered + 1:
+                    break  # a gap: fetch the stored chunks below
+                delivered = chunk.seq
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
+            else:
+                live = await self._next()
+                if live is not _RESYNC:
+                    backlog = [live]
+                    continue
+            backlog = await store.chunks_after(self.request_id, delivered)
+            if not backlog and not await self._relay.redis.exists(keys.request(self.request_id)):
+                raise NotFound(f"request {self.request_id} expired")
+
+    async def _next(self) -> Chunk | None:
+        try:
+            return await asyncio.wait_for(self._queue.get(), self._relay.resync_s)
+        except TimeoutError:
+            return _RESYNC  # quiet for a while: make sure nothing was missed
+
+    def close(self) -> None:
+        self._relay.unsubscribe(self._channel, self._queue)

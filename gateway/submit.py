@@ -1,0 +1,74 @@
+"""From a validated request to a job in the model's stream: resolve, tokenize, check, admit."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import uuid
+
+from common.errors import Overloaded, PayloadTooLarge, Unprocessable
+from common.protocol import Job, SamplingParams
+from common.request_store import RequestStore
+from common.settings import GatewaySettings
+from gateway.models import ModelRegistry
+from gateway.validation import GenerateRequest
+
+# Prompts longer than this are tokenized off the event loop.
+_INLINE_TOKENIZE_CHARS = 16_384
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Submitter:
+    def __init__(self, settings: GatewaySettings, store: RequestStore, registry: ModelRegistry) -> None:
+        self._settings = settings
+        self._store = store
+        self._registry = registry
+
+    async def prepare(self, request: GenerateRequest) -> Job:
+        """Everything short of enqueueing: raises the 404/413/422 a bad request deserves."""
+        card = await self._registry.resolve(request.model)
+        encoder = await self._registry.encoder(card)
+        if request.prompt is not None:
+            if len(request.prompt) > _INLINE_TOKENIZE_CHARS:
+                prompt_ids = await asyncio.to_thread(encoder.encode_prompt, request.prompt)
+            else:
+                prompt_ids = encoder.encode_prompt(request.prompt)
+        else:
+            prompt_ids = encoder.encode_messages(request.messages or [])
+
+        limit = card.max_model_len
+        if len(prompt_ids) >= limit:
+            raise PayloadTooLarge(
+                f"prompt is {len(prompt_ids)} tokens; model {card.name!r} has a context of {limit} tokens",
+                param="prompt",
+            )
+        room = limit - len(prompt_ids)
+        max_tokens = request.max_tokens
+        if max_tokens is None:
+            max_tokens = min(self._settings.default_max_tokens, room)
+        elif max_tokens > room:
+            raise Unprocessable(
+                f"max_tokens={max_tokens} does not fit: prompt is {len(prompt_ids)} tokens and model "
+                f"{card.name!r} has a context of {limit} tokens (at most {room} new tokens)",
+                param="max_tokens",
+            )
+        params = SamplingParams(max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
+                                stop=request.stop, seed=request.seed)
+        return Job(request_id=new_request_id(), model=card.name, prompt_token_ids=prompt_ids,
+                   sampling=dataclasses.asdict(params),
+                   enqueued_at=time.time())
+
+    async def enqueue(self, job: Job) -> None:
+        admitted = await self._store.enqueue(
+            job, max_outstanding=self._settings.max_outstanding, ttl_s=self._settings.request_ttl_s
+        )
+        if not admitted:
+            raise Overloaded(
+                f"model {job.model!r} is at capacity ({self._settings.max_outstanding} outstanding requests); "
+                "retry later",
+                retry_after_s=self._settings.retry_after_s,
+            )

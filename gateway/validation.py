@@ -1,0 +1,115 @@
+"""The generation request, checked field by field; every problem is a clear 400/422."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.errors import BadRequest, Unprocessable
+
+MAX_STOP_STRINGS = 8
+MAX_SEED = 2**63 - 1
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+_ROLES = frozenset({"system", "user", "assistant", "tool"})
+GENERATE_FIELDS = frozenset({"model", "prompt", "messages", "max_tokens", "temperature", "top_p", "stop", "seed"})
+
+
+@dataclass(slots=True)
+class GenerateRequest:
+    model: str | None
+    prompt: str | None
+    messages: list[dict[str, Any]] | None
+    max_tokens: int | None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+def parse_json_object(raw: str | bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object")
+    return body
+
+
+def parse_generate(body: dict[str, Any], *, also_allowed: frozenset[str] = frozenset()) -> GenerateRequest:
+    unknown = sorted(set(body) - GENERATE_FIELDS - also_allowed)
+    if unknown:
+        raise Unprocessable(f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
+    model = body.get("model")
+    if model is not None and (not isinstance(model, str) or not _MODEL_NAME.match(model)):
+        raise Unprocessable("`model` must be a model name", param="model")
+
+    prompt, messages = body.get("prompt"), body.get("messages")
+    if (prompt is None) == (messages is None):
+        raise Unprocessable("send exactly one of `prompt` or `messages`", param="prompt")
+    if prompt is not None and (not isinstance(prompt, str) or not prompt):
+        raise Unprocessable("`prompt` must be a non-empty string", param="prompt")
+    if messages is not None:
+        _check_messages(messages)
+
+    return GenerateRequest(
+        model=model,
+        prompt=prompt,
+        messages=messages,
+        max_tokens=_int(body, "max_tokens", minimum=1),
+        temperature=_number(body, "temperature", 1.0, low=0.0, high=2.0),
+        top_p=_number(body, "top_p", 1.0, low=0.0, high=1.0, low_open=True),
+        stop=_stop(body.get("stop")),
+        seed=_int(body, "seed", minimum=0, maximum=MAX_SEED),
+    )
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise Unprocessable("`messages` must be a non-empty list", param="messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or set(message) - {"role", "content", "name"}:
+            raise Unprocessable(f"messages[{i}] must be an object with `role` and `content`", param="messages")
+        if message.get("role") not in _ROLES:
+            raise Unprocessable(f"messages[{i}].role must be one of {sorted(_ROLES)}", param="messages")
+        if not isinstance(message.get("content"), str):
+            raise Unprocessable(f"messages[{i}].content must be a string", param="messages")
+
+
+def _int(body: dict[str, Any], name: str, *, minimum: int, maximum: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Unprocessable(f"`{name}` must be an integer", param=name)
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+        raise Unprocessable(f"`{name}` must be {bound}, got {value}", param=name)
+    return value
+
+
+def _number(body: dict[str, Any], name: str, default: float, *, low: float, high: float,
+            low_open: bool = False) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise Unprocessable(f"`{name}` must be a number", param=name)
+    if value > high or value < low or (low_open and value == low):
+        interval = f"{'(' if low_open else '['}{low}, {high}]"
+        raise Unprocessable(f"`{name}` must be in {interval}, got {value}", param=name)
+    return float(value)
+
+
+def _stop(value: Any) -> list[str]:
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if (not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS
+            or not all(isinstance(s, str) and s for s in stops)):
+        raise Unprocessable(f"`stop` must be a non-empty string or a list of at most {MAX_STOP_STRINGS}",
+                            param="stop")
+    return stops

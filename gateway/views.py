@@ -1,0 +1,40 @@
+"""JSON shapes the native API returns."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from common.protocol import Chunk
+
+
+def _float(state: dict[str, str], name: str) -> float | None:
+    value = state.get(name)
+    return float(value) if value else None
+
+
+def request_view(request_id: str, state: dict[str, str], chunks: list[Chunk]) -> dict[str, Any]:
+    created, started = _float(state, "created_at"), _float(state, "started_at")
+    first, finished = _float(state, "first_token_at"), _float(state, "finished_at")
+    return {
+        "request_id": request_id,
+        "status": state.get("status"),
+        "model": state.get("model"),
+        "text": "".join(c.text for c in chunks),
+        "finish_reason": state.get("finish_reason") or None,
+        "usage": {
+            "prompt_tokens": int(state.get("prompt_tokens", 0)),
+            "completion_tokens": int(state.get("completion_tokens", 0)),
+        },
+        "error": state.get("error") or None,
+        "last_seq": int(state.get("seq", 0)),
+        "timings": {
+            "created_at": created,
+            "queue_s": None if started is None or created is None else round(started - created, 4),
+            "ttft_s": None if first is None or created is None else round(first - created, 4),
+            "total_s": None if finished is None or created is None else round(finished - created, 4),
+        },
+    }
+
+
+def usage_of(chunk: Chunk) -> dict[str, int]:
+    return {"prompt_tokens": chunk.prompt_tokens or 0, "completion_tokens": chunk.completion_tokens or 0}

@@ -1,0 +1,178 @@
+"""GET /ws/generate: many requests per socket, streamed live, cancellable, re-attachable.
+
+Client -> server: a generate request (the /v1/generate body, plus optional `id` and
+`outlive_socket`), `{"type": "cancel", "request_id"}`, `{"type": "attach", "request_id", "last_seq"}`.
+Server -> client: accepted, chunk (with seq), done, error, cancelled. A bad message gets an
+`error` and the socket stays open. Closing the socket cancels its unfinished requests unless
+they were submitted with `"outlive_socket": true`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from common.errors import BadRequest, FleetError, NotFound, Unavailable, Unprocessable
+from common.protocol import FinishReason
+from common.redis_conn import REDIS_DOWN_ERRORS
+from gateway.context import Gateway
+from gateway.relay import Subscription
+from gateway.validation import parse_generate, parse_json_object
+from gateway.views import usage_of
+
+log = logging.getLogger(__name__)
+
+_WS_FIELDS = frozenset({"type", "id", "outlive_socket"})
+_OUTBOX_SIZE = 1024
+
+
+async def websocket(request: web.Request) -> web.WebSocketResponse:
+    gateway = Gateway.of(request)
+    ws = web.WebSocketResponse(max_msg_size=gateway.settings.ws_max_message_bytes, heartbeat=30.0)
+    await ws.prepare(request)
+    await SocketSession(gateway, ws).run()
+    return ws
+
+
+class SocketSession:
+    def __init__(self, gateway: Gateway, ws: web.WebSocketResponse) -> None:
+        self.gateway = gateway
+        self.ws = ws
+        self.outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(_OUTBOX_SIZE)
+        self.streams: dict[str, asyncio.Task[None]] = {}
+        self.cancel_on_close: set[str] = set()  # submitted here, unfinished, not outliving the socket
+
+    async def run(self) -> None:
+        writer = asyncio.create_task(self._write_loop())
+        try:
+            async for message in self.ws:
+                if message.type == WSMsgType.TEXT:
+                    await self._handle(message.data)
+                elif message.type == WSMsgType.BINARY:
+                    await self._send_error(None, None, BadRequest("binary frames are not supported; send JSON text"))
+        finally:
+            for task in self.streams.values():
+                task.cancel()
+            await self._cancel_abandoned()
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+
+    async def _handle(self, raw: str) -> None:
+        client_id: Any = None
+        request_id: str | None = None
+        try:
+            body = parse_json_object(raw)
+            client_id = body.get("id")
+            kind = body.get("type", "generate")
+            if kind == "generate":
+                request_id = await self._generate(body, client_id)
+            elif kind == "cancel":
+                request_id = _request_id(body)
+                status = await self.gateway.cancel(request_id)
+                await self._send({"type": "cancelled", "request_id": request_id, "status": status}, client_id)
+            elif kind == "attach":
+                request_id = _request_id(body)
+                last_seq = body.get("last_seq", 0)
+                if isinstance(last_seq, bool) or not isinstance(last_seq, int) or last_seq < 0:
+                    raise Unprocessable("`last_seq` must be an integer >= 0", param="last_seq")
+                if await self.gateway.store.model_of(request_id) is None:
+                    raise NotFound(f"request {request_id} does not exist (or its result expired)")
+                subscription = await self.gateway.relay.subscribe(request_id)
+                self._start_stream(subscription, last_seq, client_id)
+            else:
+                raise Unprocessable(f"unknown message type {kind!r}: use generate, cancel or attach", param="type")
+        except FleetError as exc:
+            await self._send_error(request_id, client_id, exc)
+        except REDIS_DOWN_ERRORS:
+            await self._send_error(request_id, client_id, Unavailable("the queue (Redis) is unreachable"))
+
+    async def _generate(self, body: dict[str, Any], client_id: Any) -> str:
+        outlive = body.get("outlive_socket", False)
+        if not isinstance(outlive, bool):
+            raise Unprocessable("`outlive_socket` must be a boolean", param="outlive_socket")
+        job = await self.gateway.submitter.prepare(parse_generate(body, also_allowed=_WS_FIELDS))
+        # Subscribe first: the worker may publish the moment the job is in the stream.
+        subscription = await self.gateway.relay.subscribe(job.request_id)
+        try:
+            await self.gateway.submitter.enqueue(job)
+        except BaseException:
+            subscription.close()
+            raise
+        if not outlive:
+            self.cancel_on_close.add(job.request_id)
+        await self._send({"type": "accepted", "request_id": job.request_id, "model": job.model}, client_id)
+        self._start_stream(subscription, 0, client_id)
+        return job.request_id
+
+    def _start_stream(self, subscription: Subscription, last_seq: int, client_id: Any) -> None:
+        request_id = subscription.request_id
+        previous = self.streams.pop(request_id, None)
+        if previous is not None:
+            previous.cancel()  # attaching again replaces the earlier stream of that request
+        task = asyncio.create_task(self._stream(subscription, last_seq, client_id))
+        self.streams[request_id] = task
+
+    async def _stream(self, subscription: Subscription, last_seq: int, client_id: Any) -> None:
+        request_id = subscription.request_id
+        try:
+            async for chunk in subscription.chunks(last_seq):
+                if chunk.text:
+                    await self._send({"type": "chunk", "request_id": request_id, "seq": chunk.seq,
+                                      "text": chunk.text}, client_id)
+                if chunk.finish_reason is None:
+                    continue
+                self.cancel_on_close.discard(request_id)
+                if chunk.finish_reason == FinishReason.ERROR:
+                    await self._send({"type": "error", "request_id": request_id, "status": 502,
+                                      "message": chunk.error or "generation failed"}, client_id)
+                else:
+                    await self._send({"type": "done", "request_id": request_id, "seq": chunk.seq,
+                                      "finish_reason": chunk.finish_reason, "usage": usage_of(chunk)}, client_id)
+        except FleetError as exc:
+            await self._send_error(request_id, client_id, exc)
+        except REDIS_DOWN_ERRORS:
+            await self._send_error(request_id, client_id, Unavailable("the queue (Redis) is unreachable"))
+        finally:
+            subscription.close()
+            if self.streams.get(request_id) is asyncio.current_task():
+                del self.streams[request_id]
+
+    async def _cancel_abandoned(self) -> None:
+        for request_id in self.cancel_on_close:
+            try:
+                await self.gateway.cancel(request_id)
+                log.info("cancelled: its socket closed", extra={"request_id": request_id})
+            except (FleetError, *REDIS_DOWN_ERRORS) as exc:
+                log.warning("could not cancel abandoned request: %s", exc, extra={"request_id": request_id})
+
+    async def _send(self, message: dict[str, Any], client_id: Any) -> None:
+        if client_id is not None:
+            message["id"] = client_id
+        await self.outbox.put(message)
+
+    async def _send_error(self, request_id: str | None, client_id: Any, exc: FleetError) -> None:
+        await self._send({"type": "error", "request_id": request_id, "status": exc.status,
+                          "message": exc.message}, client_id)
+
+    async def _write_loop(self) -> None:
+        # One writer: frames of concurrent streams never interleave, and order per request holds.
+        while True:
+            message = await self.outbox.get()
+            if self.ws.closed:
+                continue
+            try:
+                await self.ws.send_json(message)
+            except ConnectionError:
+                continue
+
+
+def _request_id(body: dict[str, Any]) -> str:
+    request_id = body.get("request_id")
+    if not isinstance(request_id, str) or not request_id or len(request_id) > 128:
+        raise Unprocessable("`request_id` must be a request id string", param="request_id")
+    return request_id

@@ -1,0 +1,1 @@
+"""GPU/CPU worker: pulls jobs from Redis Streams, generates, publishes chunks."""

@@ -1,0 +1,232 @@
+"""The worker's life, top to bottom (after arq's Worker):
+
+main -> _serve_model (per model: register, read the stream as the KV budget allows)
+     -> _run_job (engine stream -> publisher -> finish -> XACK+XDEL)
+plus heartbeat, the cancel listener, and a SIGTERM path that drains in-flight jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from common import keys
+from common.protocol import FinishReason, Job, WorkerStatus
+from common.redis_conn import REDIS_DOWN_ERRORS, connect
+from common.request_store import RequestStore
+from common.settings import ModelSpec, WorkerSettings
+from worker import heartbeat
+from worker.engines.base import Engine, EngineOutput, EngineRequest
+from worker.kv_budget import KvBudget
+from worker.loader import ModelLoader
+from worker.publisher import ChunkPublisher
+
+log = logging.getLogger(__name__)
+
+# The most jobs one XREADGROUP takes; the KV budget usually allows fewer.
+_MAX_READ_BATCH = 16
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings, catalogue: dict[str, ModelSpec]) -> None:
+        unknown = [name for name in settings.models if name not in catalogue]
+        if unknown:
+            raise ValueError(f"models not in the catalogue: {', '.join(unknown)}")
+        self.settings = settings
+        self.specs = [catalogue[name] for name in settings.models]
+        self.worker_id = settings.worker_id
+        self.redis: Redis = connect(settings.redis_url, timeout_s=5.0, blocking_ms=settings.read_block_ms)
+        self.store = RequestStore(self.redis)
+        self.loader = ModelLoader(settings.cache_dir)
+        self.publisher = ChunkPublisher(
+            self.redis, self.store, self.worker_id,
+            flush_interval_s=settings.flush_interval_ms / 1000,
+            request_ttl_s=settings.request_ttl_s,
+            result_ttl_s=settings.result_ttl_s,
+            on_lost=self._abort,
+        )
+        self.budgets: dict[str, KvBudget] = {}
+        self._running: dict[str, Engine] = {}  # request id -> the engine generating it
+        self._jobs: set[asyncio.Task[None]] = set()
+        self._state = "starting"
+        self._started_at = time.time()
+        self._stop = asyncio.Event()
+
+    # -- life ---------------------------------------------------------------------------
+    async def main(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        log.info("worker %s starting, models: %s", self.worker_id, [s.name for s in self.specs])
+        for spec in self.specs:
+            self.loader.start(spec)
+        background = [
+            asyncio.create_task(heartbeat.heartbeat(self.redis, self.status, self.settings.heartbeat_interval_s,
+                                                    self.settings.heartbeat_ttl_s)),
+            asyncio.create_task(self.publisher.run()),
+            asyncio.create_task(self._listen_for_cancels()),
+        ]
+        readers = [asyncio.create_task(self._serve_model(spec)) for spec in self.specs]
+        self._state = "serving"
+        await self._stop.wait()
+
+        self._state = "draining"
+        log.info("draining %d in-flight jobs", len(self._jobs))
+        for task in readers:
+            task.cancel()
+        if self._jobs:
+            _, late = await asyncio.wait(self._jobs, timeout=self.settings.drain_timeout_s)
+            for task in late:  # past the grace period: their entries stay pending for reclaim
+                task.cancel()
+        for task in background:
+            task.cancel()
+        with contextlib.suppress(*REDIS_DOWN_ERRORS):
+            await heartbeat.remove(self.redis, self.worker_id)
+        await self.loader.close()
+        await self.redis.aclose()
+        log.info("worker %s stopped", self.worker_id)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def status(self) -> WorkerStatus:
+        models = {}
+        for name, status in self.loader.status.items():
+            budget = self.budgets.get(name)
+            if budget is not None:
+                status.kv_used_tokens, status.running = budget.used_tokens, budget.max_seqs - budget.free_seqs
+            models[name] = status
+        return WorkerStatus(
+            worker_id=self.worker_id, host=socket.gethostname(), pid=os.getpid(), state=self._state,
+            started_at=self._started_at, heartbeat_at=time.time(), models=heartbeat.model_statuses(models),
+        )
+
+    # -- one model's stream -------------------------------------------------------------
+    async def _serve_model(self, spec: ModelSpec) -> None:
+        try:
+            engine = await self.loader.ready(spec.name)
+        except Exception:
+            return  # the loader logged it; the heartbeat reports the model as failed
+        await self._retrying(lambda: self._register(engine))
+        budget = self.budgets[spec.name] = KvBudget(engine.kv_capacity_tokens, engine.max_num_seqs)
+        stream = keys.job_stream(spec.name)
+        log.info("model %s ready: %d KV tokens, %d sequences", spec.name, budget.capacity_tokens, budget.max_seqs)
+        while True:
+            await budget.wait_for_slot()
+            try:
+                entries = await self._read(stream, min(budget.free_seqs, _MAX_READ_BATCH))
+            except REDIS_DOWN_ERRORS as exc:
+                log.warning("reading %s failed: %s", stream, exc)
+                await asyncio.sleep(1.0)
+                continue
+            for entry_id, fields in entries:
+                await self._start_job(engine, budget, stream, entry_id, Job.unpack(fields[b"job"]))
+
+    async def _read(self, stream: str, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        try:
+            reply = await self.redis.xreadgroup(
+                keys.CONSUMER_GROUP, self.worker_id, {stream: ">"}, count=count, block=self.settings.read_block_ms
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self._ensure_group(stream)
+            return []
+        return reply[0][1] if reply else []
+
+    async def _ensure_group(self, stream: str) -> None:
+        # From id 0: jobs enqueued before any worker existed are served too.
+        with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
+            await self.redis.xgroup_create(stream, keys.CONSUMER_GROUP, id="0", mkstream=True)
+
+    async def _register(self, engine: Engine) -> None:
+        """Publish the model card and tokenizer, so gateways can validate and tokenize."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(keys.MODELS, engine.card.name, engine.card.pack())
+            pipe.set(keys.tokenizer(engine.card.name), engine.tokenizer.pack())
+            await pipe.execute()
+        await self._ensure_group(keys.job_stream(engine.card.name))
+
+    async def _start_job(self, engine: Engine, budget: KvBudget, stream: str, entry_id: bytes, job: Job) -> None:
+        # Waiting here stops this model's reads: backpressure flows back into the stream.
+        await budget.admit(job.request_id, job.token_budget)
+        started = await self.store.start(job.request_id, self.worker_id)
+        if started.status != "running":  # cancelled while queued, or expired: never runs
+            budget.release(job.request_id)
+            await self._ack(stream, entry_id)
+            log.info("skipping job (%s)", started.status, extra={"request_id": job.request_id})
+            return
+        task = asyncio.create_task(self._run_job(engine, budget, stream, entry_id, job, started.last_seq))
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+
+    async def _run_job(
+        self, engine: Engine, budget: KvBudget, stream: str, entry_id: bytes, job: Job, last_seq: int
+    ) -> None:
+        request_id = job.request_id
+        self._running[request_id] = engine
+        self.publisher.open(request_id, last_seq, len(job.prompt_token_ids))
+        try:
+            request = EngineRequest(request_id, job.prompt_token_ids, job.params)
+            async for output in engine.generate(request):
+                if output.finish_reason is None:
+                    self.publisher.add(output)
+                elif output.finish_reason != FinishReason.CANCELLED:
+                    await self.publisher.finish(output)
+        except Exception as exc:
+            log.exception("job failed", extra={"request_id": request_id})
+            await self.publisher.finish(
+                EngineOutput(request_id, "", finish_reason=FinishReason.ERROR, error=f"worker error: {exc}")
+            )
+        finally:
+            self._running.pop(request_id, None)
+            self.publisher.close(request_id)
+            budget.release(request_id)
+        await self._retrying(lambda: self._ack(stream, entry_id))
+
+    async def _ack(self, stream: str, entry_id: bytes) -> None:
+        # XACK + XDEL: the stream keeps only unfinished work, so XLEN is the outstanding load.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xack(stream, keys.CONSUMER_GROUP, entry_id)
+            pipe.xdel(stream, entry_id)
+            await pipe.execute()
+
+    # -- cancellation -------------------------------------------------------------------
+    def _abort(self, request_id: str) -> None:
+        engine = self._running.get(request_id)
+        if engine is not None:
+            log.info("aborting", extra={"request_id": request_id})
+            engine.abort(request_id)
+
+    async def _listen_for_cancels(self) -> None:
+        while True:
+            try:
+                async with self.redis.pubsub() as pubsub:
+                    await pubsub.subscribe(keys.CANCELS)
+                    async for message in pubsub.listen():
+                        if message["type"] == "message":
+                            self._abort(message["data"].decode())
+            except REDIS_DOWN_ERRORS as exc:
+                log.warning("cancel listener lost Redis: %s", exc)
+                await asyncio.sleep(1.0)
+
+    async def _retrying(self, call: Callable[[], Awaitable[None]]) -> None:
+        """Redis calls that must happen eventually (ack, register): retry with backoff."""
+        delay = 0.1
+        while True:
+            try:
+                await call()
+                return
+            except REDIS_DOWN_ERRORS as exc:
+                log.warning("redis call failed, retrying: %s", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)

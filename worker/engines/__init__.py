@@ -1,0 +1,1 @@
+"""Inference engines. Each turns a tokenized request into a stream of text deltas."""

@@ -1,0 +1,140 @@
+"""Continuous batching for a Hugging Face causal LM on the CPU: a step loop over a dynamic batch.
+
+Sequences join and leave between steps. All rows share one KV cache of length T; a row whose
+history is shorter is left-padded and masked out, and carries its own position ids, so each
+row computes exactly what it would compute alone. A new request is prefilled on its own and
+its cache spliced into the batch; finished rows are cut out and common padding trimmed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from worker.engines.sequence import Sequence
+
+
+@dataclass
+class _Row:
+    seq: Sequence
+    generator: torch.Generator | None  # set when the request has a seed
+
+
+class BatchedDecoder:
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+        self.rows: list[_Row] = []
+        self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer, [B, heads, T, dim]
+        self._mask = torch.zeros(0, 0, dtype=torch.long)  # [B, T]: 1 where a real token is cached
+        self._positions = torch.zeros(0, dtype=torch.long)  # [B]: position of the next token
+        self._next_tokens = torch.zeros(0, dtype=torch.long)  # [B]: token to feed at the next step
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.inference_mode()
+    def prefill(self, seq: Sequence) -> int:
+        """Run the prompt alone, splice its cache into the batch; returns the first token."""
+        prompt = torch.tensor([seq.request.prompt_token_ids], dtype=torch.long)
+        length = prompt.shape[1]
+        cache = DynamicCache()
+        out = self.model(
+            input_ids=prompt, position_ids=torch.arange(length)[None], past_key_values=cache, use_cache=True
+        )
+        row = _Row(seq, _generator(seq.request.params.seed))
+        token = int(self._sample(out.logits[:, -1, :], [row])[0])
+        self._splice(row, [(layer.keys, layer.values) for layer in cache.layers], length, token)
+        return token
+
+    @torch.inference_mode()
+    def step(self) -> list[int]:
+        """One decoding step for every row; returns each row's new token, in row order."""
+        batch = len(self.rows)
+        mask = torch.cat([self._mask, torch.ones(batch, 1, dtype=torch.long)], dim=1)
+        cache = DynamicCache(ddp_cache_data=self._kv)
+        out = self.model(
+            input_ids=self._next_tokens[:, None],
+            attention_mask=mask,
+            position_ids=self._positions[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        self._kv = [(layer.keys, layer.values) for layer in cache.layers]
+        self._mask = mask
+        self._positions = self._positions + 1
+        tokens = self._sample(out.logits[:, -1, :], self.rows)
+        self._next_tokens = tokens
+        return tokens.tolist()
+
+    def remove(self, request_ids: set[str]) -> None:
+        """Cut finished or aborted rows out of the batch and drop padding no row needs."""
+        keep = [i for i, row in enumerate(self.rows) if row.seq.request_id not in request_ids]
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self._kv, self._mask = [], torch.zeros(0, 0, dtype=torch.long)
+            self._positions = self._next_tokens = torch.zeros(0, dtype=torch.long)
+            return
+        index = torch.tensor(keep)
+        mask = self._mask.index_select(0, index)
+        # Columns that are padding in every remaining row hold nothing anyone attends to.
+        start = int((mask.cumsum(dim=1) == 0).sum(dim=1).min())
+        self._mask = mask[:, start:]
+        self._kv = [(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
+                    for k, v in self._kv]
+        self._positions = self._positions.index_select(0, index)
+        self._next_tokens = self._next_tokens.index_select(0, index)
+
+    def _splice(self, row: _Row, kv: list[tuple[torch.Tensor, torch.Tensor]], length: int, token: int) -> None:
+        self.rows.append(row)
+        new_mask = torch.ones(1, length, dtype=torch.long)
+        if not self._kv:
+            self._kv, self._mask = kv, new_mask
+        else:
+            width = max(self._mask.shape[1], length)
+            self._kv = [
+                (torch.cat([_left_pad(k, width), _left_pad(nk, width)]),
+                 torch.cat([_left_pad(v, width), _left_pad(nv, width)]))
+                for (k, v), (nk, nv) in zip(self._kv, kv, strict=True)
+            ]
+            self._mask = torch.cat([_left_pad_mask(self._mask, width), _left_pad_mask(new_mask, width)])
+        self._positions = torch.cat([self._positions, torch.tensor([length])])
+        self._next_tokens = torch.cat([self._next_tokens, torch.tensor([token])])
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        tokens = logits.argmax(dim=-1)
+        for i, row in enumerate(rows):
+            params = row.seq.request.params
+            if params.temperature <= 1e-5:
+                continue  # greedy
+            probs = torch.softmax(logits[i].float() / params.temperature, dim=-1)
+            if params.top_p < 1.0:
+                sorted_probs, order = probs.sort(descending=True)
+                outside = sorted_probs.cumsum(0) - sorted_probs > params.top_p
+                probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
+            tokens[i] = torch.multinomial(probs, 1, generator=row.generator)[0]
+        return tokens
+
+
+def _generator(seed: int | None) -> torch.Generator | None:
+    if seed is None:
+        return None
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    missing = width - t.shape[2]
+    if missing == 0:
+        return t
+    return torch.cat([t.new_zeros(t.shape[0], t.shape[1], missing, t.shape[3]), t], dim=2)
+
+
+def _left_pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
+    missing = width - mask.shape[1]
+    return mask if missing == 0 else torch.cat([mask.new_zeros(mask.shape[0], missing), mask], dim=1)

@@ -1,0 +1,37 @@
+"""One request's decoding state inside a step-loop engine: tokens, text, when it ends."""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer
+
+from common.protocol import FinishReason
+from worker.engines.base import EngineOutput, EngineRequest
+from worker.engines.detokenizer import IncrementalText
+
+
+class Sequence:
+    def __init__(self, request: EngineRequest, tokenizer: Tokenizer, eos_token_ids: frozenset[int]) -> None:
+        self.request = request
+        self.request_id = request.request_id
+        self.generated: list[int] = []
+        self._eos = eos_token_ids
+        self._text = IncrementalText(tokenizer, request.params.stop)
+        self.finished = False
+
+    def append(self, token_id: int) -> EngineOutput:
+        """Take one sampled token; the output says what to stream and whether it is over."""
+        if token_id in self._eos:
+            return self._finish(FinishReason.STOP, [])
+        self.generated.append(token_id)
+        delta = self._text.add(token_id)
+        if self._text.stopped:
+            return self._finish(FinishReason.STOP, [token_id], delta)
+        if len(self.generated) >= self.request.params.max_tokens:
+            return self._finish(FinishReason.LENGTH, [token_id], delta + self._text.flush())
+        return EngineOutput(self.request_id, delta, [token_id])
+
+    def _finish(self, reason: str, token_ids: list[int], delta: str = "") -> EngineOutput:
+        self.finished = True
+        if reason == FinishReason.STOP and not self._text.stopped:
+            delta += self._text.flush()
+        return EngineOutput(self.request_id, delta, token_ids, finish_reason=reason)

@@ -1,0 +1,89 @@
+"""The deterministic test engine: echoes the prompt back, one byte-token per decoding step.
+
+For tests and gateway benchmarks only. It behaves like a batched engine with a fixed cost
+per step (`step_delay_ms`, whatever the batch size), honours max_tokens and stop strings, and
+has a real (byte-level) tokenizer so the gateway's token counting is exercised for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from common.protocol import FinishReason, ModelCard, TokenizerBundle
+from common.settings import ModelSpec
+from worker.engines.base import Engine, EngineOutput, EngineRequest, ProgressCallback
+from worker.engines.sequence import Sequence
+
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def byte_tokenizer() -> Tokenizer:
+    """Every byte is one token (ids 0..255): token counts equal UTF-8 byte counts."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+class TestEchoEngine(Engine):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        options = spec.options
+        self.card = ModelCard(name=spec.name, engine="test", max_model_len=int(options["max_model_len"]))
+        self.kv_capacity_tokens = int(options["kv_cache_tokens"])
+        self.max_num_seqs = int(options["max_num_seqs"])
+        self._step_s = float(options.get("step_delay_ms", 2)) / 1000
+        self._tokenizer = byte_tokenizer()
+        self.tokenizer = TokenizerBundle(
+            tokenizer_json=self._tokenizer.to_str(), chat_template=_CHAT_TEMPLATE, bos_token=None, eos_token=None
+        )
+        self._running: dict[str, Sequence] = {}
+        self._wakeup = asyncio.Event()
+        self._loop_task = asyncio.create_task(self._step_loop(), name=f"engine:{spec.name}")
+
+    def _submit(self, request: EngineRequest) -> None:
+        self._running[request.request_id] = Sequence(request, self._tokenizer, frozenset())
+        self._wakeup.set()
+
+    def _abort(self, request_id: str) -> None:
+        if self._running.pop(request_id, None) is not None:
+            self._deliver([EngineOutput(request_id, "", finish_reason=FinishReason.CANCELLED)])
+
+    def _forget(self, request_id: str) -> None:
+        self._running.pop(request_id, None)
+
+    async def _step_loop(self) -> None:
+        while True:
+            if not self._running:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            await asyncio.sleep(self._step_s)
+            outputs = []
+            for seq in list(self._running.values()):
+                prompt = seq.request.prompt_token_ids
+                output = seq.append(prompt[len(seq.generated) % len(prompt)])
+                if output.finish_reason is not None:
+                    del self._running[seq.request_id]
+                outputs.append(output)
+            self._deliver(outputs)
+
+    async def close(self) -> None:
+        self._loop_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._loop_task
+
+
+async def load_test_engine(spec: ModelSpec, progress: ProgressCallback) -> TestEchoEngine:
+    delay_s = float(spec.options.get("load_delay_s", 0))
+    steps = 10
+    for i in range(steps):  # an optional fake load time, to exercise the `loading` state
+        await asyncio.sleep(delay_s / steps)
+        progress((i + 1) / steps)
+    return TestEchoEngine(spec)

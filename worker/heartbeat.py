@@ -1,0 +1,46 @@
+"""The worker's heartbeat: `worker:{id}` with a TTL, listed in the `workers` set.
+
+A worker whose key expired is dead to the fleet: gateways stop counting it, and (later)
+its pending jobs may be reclaimed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+
+from redis.asyncio import Redis
+
+from common import keys
+from common.protocol import WorkerStatus
+from common.redis_conn import REDIS_DOWN_ERRORS
+
+log = logging.getLogger(__name__)
+
+
+async def heartbeat(redis: Redis, status: Callable[[], WorkerStatus], interval_s: float, ttl_s: float) -> None:
+    while True:
+        current = status()
+        current.heartbeat_at = time.time()
+        try:
+            async with redis.pipeline(transaction=False) as pipe:
+                pipe.set(keys.worker(current.worker_id), current.pack(), px=int(ttl_s * 1000))
+                pipe.sadd(keys.WORKERS, current.worker_id)
+                await pipe.execute()
+        except REDIS_DOWN_ERRORS as exc:
+            log.warning("heartbeat failed: %s", exc)
+        await asyncio.sleep(interval_s)
+
+
+async def remove(redis: Redis, worker_id: str) -> None:
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.delete(keys.worker(worker_id))
+        pipe.srem(keys.WORKERS, worker_id)
+        await pipe.execute()
+
+
+def model_statuses(statuses: dict[str, object]) -> dict[str, dict[str, object]]:
+    return {name: dataclasses.asdict(s) for name, s in statuses.items()}  # type: ignore[call-overload]

@@ -1,0 +1,68 @@
+"""The async model loader: builds engines in the background, so the worker heartbeats
+`loading` (with progress) and keeps answering while weights load."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from common.protocol import ModelState, WorkerModelStatus
+from common.settings import ModelSpec
+from worker.engines.base import Engine
+
+log = logging.getLogger(__name__)
+
+
+async def build_engine(spec: ModelSpec, cache_dir: str, status: WorkerModelStatus) -> Engine:
+    def progress(fraction: float) -> None:
+        status.progress = round(fraction, 3)
+
+    if spec.engine == "test":
+        from worker.engines.test_echo import load_test_engine
+
+        return await load_test_engine(spec, progress)
+    if spec.engine == "cpu":
+        from worker.engines.cpu import load_cpu_engine
+
+        return await load_cpu_engine(spec, cache_dir, progress)
+    raise ValueError(f"model {spec.name!r}: unknown engine {spec.engine!r}")
+
+
+class ModelLoader:
+    """Loads each configured model once; `status[name]` is what the heartbeat reports."""
+
+    def __init__(self, cache_dir: str) -> None:
+        self.cache_dir = cache_dir
+        self.status: dict[str, WorkerModelStatus] = {}
+        self.engines: dict[str, Engine] = {}
+        self._ready: dict[str, asyncio.Future[Engine]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, spec: ModelSpec) -> None:
+        status = self.status[spec.name] = WorkerModelStatus(state=ModelState.LOADING)
+        future: asyncio.Future[Engine] = asyncio.get_running_loop().create_future()
+        self._ready[spec.name] = future
+
+        async def load() -> None:
+            try:
+                engine = await build_engine(spec, self.cache_dir, status)
+            except Exception as exc:
+                log.exception("loading model %s failed", spec.name)
+                status.state, status.error = ModelState.FAILED, str(exc)
+                future.set_exception(exc)
+                return
+            self.engines[spec.name] = engine
+            status.state, status.progress = ModelState.READY, 1.0
+            status.kv_capacity_tokens, status.max_num_seqs = engine.kv_capacity_tokens, engine.max_num_seqs
+            future.set_result(engine)
+
+        task = asyncio.create_task(load(), name=f"load:{spec.name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def ready(self, name: str) -> Engine:
+        return await self._ready[name]
+
+    async def close(self) -> None:
+        for engine in self.engines.values():
+            await engine.close()

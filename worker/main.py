@@ -1,0 +1,27 @@
+"""`llm-fleet worker`: one worker process serving the configured models."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from common.logs import setup_logging
+from common.settings import WorkerSettings, load_catalogue
+from worker.consumer import Worker
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redis-url", help="Redis/Valkey URL (env LLM_FLEET_REDIS_URL)")
+    parser.add_argument("--model", action="append", dest="models", help="served model name (repeatable)")
+    parser.add_argument("--worker-id", help="unique id (default: host-pid-random)")
+    parser.add_argument("--catalogue", help="JSON file adding models to the built-in catalogue")
+    parser.add_argument("--log-level", default="INFO")
+
+
+def run(args: argparse.Namespace) -> None:
+    setup_logging("worker", args.log_level)
+    settings = WorkerSettings.from_env(
+        redis_url=args.redis_url, models=args.models, worker_id=args.worker_id, catalogue=args.catalogue
+    )
+    worker = Worker(settings, load_catalogue(settings.catalogue))
+    asyncio.run(worker.main())

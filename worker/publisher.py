@@ -1,0 +1,148 @@
+"""Coalesces engine output and writes it to Redis: one pipeline per flush for every request.
+
+Per-token work stays in memory; Redis sees at most one append per running request per
+`flush_interval` (a request's first output is flushed at once, to keep time-to-first-token
+low). A failed flush keeps the text and retries, so a Redis blip loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+
+from common.protocol import Chunk
+from common.redis_conn import REDIS_DOWN_ERRORS
+from common.request_store import RequestStore
+from worker.engines.base import EngineOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Open:
+    last_seq: int
+    prompt_tokens: int
+    completion_tokens: int = 0
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    final: EngineOutput | None = None
+    done: asyncio.Future[bool] | None = None
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.text or self.token_ids) or (self.done is not None and not self.done.done())
+
+
+class ChunkPublisher:
+    def __init__(
+        self,
+        redis: Redis,
+        store: RequestStore,
+        worker_id: str,
+        *,
+        flush_interval_s: float,
+        request_ttl_s: int,
+        result_ttl_s: int,
+        on_lost: Callable[[str], None],
+    ) -> None:
+        self._redis = redis
+        self._store = store
+        self._worker_id = worker_id
+        self._interval = flush_interval_s
+        self._request_ttl = request_ttl_s
+        self._result_ttl = result_ttl_s
+        self._on_lost = on_lost  # the request is no longer ours (cancelled, reclaimed): abort it
+        self._open: dict[str, _Open] = {}
+        self._wakeup = asyncio.Event()
+        self._urgent = False
+
+    def open(self, request_id: str, last_seq: int, prompt_tokens: int) -> None:
+        self._open[request_id] = _Open(last_seq=last_seq, prompt_tokens=prompt_tokens)
+
+    def add(self, output: EngineOutput) -> None:
+        state = self._open.get(output.request_id)
+        if state is None:
+            return
+        if not state.dirty and state.completion_tokens == 0:
+            self._urgent = True  # first output of a request: no coalescing delay
+        state.text.append(output.text)
+        state.token_ids.extend(output.token_ids)
+        state.completion_tokens += len(output.token_ids)
+        self._wakeup.set()
+
+    async def finish(self, output: EngineOutput) -> bool:
+        """Write the request's remaining output and final status. False if it was no longer ours."""
+        state = self._open[output.request_id]
+        state.text.append(output.text)
+        state.token_ids.extend(output.token_ids)
+        state.completion_tokens += len(output.token_ids)
+        state.final = output
+        state.done = asyncio.get_running_loop().create_future()
+        self._urgent = True
+        self._wakeup.set()
+        return await state.done
+
+    def close(self, request_id: str) -> None:
+        self._open.pop(request_id, None)
+
+    async def run(self) -> None:
+        last_flush = 0.0
+        backoff = 0.05
+        while True:
+            await self._wakeup.wait()
+            if not self._urgent:
+                await asyncio.sleep(max(0.0, last_flush + self._interval - time.monotonic()))
+            self._wakeup.clear()
+            self._urgent = False
+            last_flush = time.monotonic()
+            try:
+                await self._flush()
+                backoff = 0.05
+            except REDIS_DOWN_ERRORS as exc:
+                log.warning("publishing chunks failed, will retry: %s", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                self._wakeup.set()
+
+    async def _flush(self) -> None:
+        # Take each request's buffered output out before the first await: engine output that
+        # arrives while the pipeline is in flight goes into the next flush.
+        sent: list[tuple[str, _Open, Chunk, list[str], list[int], bool]] = []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for request_id, state in list(self._open.items()):
+                if not state.dirty:
+                    continue
+                text, token_ids, final = state.text, state.token_ids, state.final
+                state.text, state.token_ids = [], []
+                chunk = Chunk(seq=state.last_seq + 1, text="".join(text), token_ids=token_ids)
+                if final is None:
+                    await self._store.append(pipe, request_id, self._worker_id, chunk,
+                                             state.completion_tokens, self._request_ttl)
+                else:
+                    chunk.finish_reason = final.finish_reason
+                    chunk.error = final.error
+                    chunk.prompt_tokens = state.prompt_tokens
+                    chunk.completion_tokens = state.completion_tokens
+                    await self._store.finish(pipe, request_id, self._worker_id, chunk,
+                                             result_ttl_s=self._result_ttl)
+                sent.append((request_id, state, chunk, text, token_ids, final is not None))
+            if not sent:
+                return
+            try:
+                replies = await pipe.execute()
+            except BaseException:
+                for _, state, _, text, token_ids, _ in sent:  # put it back, in order, for the retry
+                    state.text[:0] = text
+                    state.token_ids[:0] = token_ids
+                raise
+        for (request_id, state, chunk, _, _, is_final), accepted in zip(sent, replies, strict=True):
+            state.last_seq = chunk.seq
+            if is_final and state.done is not None:
+                state.done.set_result(bool(accepted))
+            elif not accepted:
+                self._on_lost(request_id)
