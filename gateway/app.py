@@ -34,8 +34,9 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return await handler(request)
     except FleetError as exc:
         return error_response(exc)
-    except web.HTTPRequestEntityTooLarge as exc:
-        return error_response(PayloadTooLarge(f"body is larger than the limit of {exc.max_size} bytes"))
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[GATEWAY_KEY].settings.max_body_bytes
+        return error_response(PayloadTooLarge(f"body is larger than the limit of {limit} bytes"))
     except REDIS_DOWN_ERRORS as exc:
         log.warning("redis unreachable: %s", exc)
         return error_response(Unavailable("the queue (Redis) is unreachable; retry shortly"))

@@ -62,10 +62,10 @@ class Worker:
         self._stop = asyncio.Event()
 
     # -- life ---------------------------------------------------------------------------
-    async def main(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop)
+    async def main(self, *, handle_signals: bool = True) -> None:
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                asyncio.get_running_loop().add_signal_handler(sig, self.stop)
         log.info("worker %s starting, models: %s", self.worker_id, [s.name for s in self.specs])
         for spec in self.specs:
             self.loader.start(spec)

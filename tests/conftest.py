@@ -1,0 +1,153 @@
+"""Fixtures: a real embedded Valkey, and fleets of real gateways and workers on it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from common.embedded_redis import EmbeddedValkey, free_port
+from common.settings import GatewaySettings, WorkerSettings, load_catalogue
+from gateway.app import create_app
+from worker.consumer import Worker
+
+TEST_MODEL = "test-echo"
+
+
+@pytest.fixture(scope="session")
+def valkey() -> EmbeddedValkey:
+    server = EmbeddedValkey()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def redis(valkey: EmbeddedValkey) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(valkey.url)
+    await client.flushall()
+    yield client
+    await client.aclose()
+
+
+@dataclass
+class Fleet:
+    base_url: str
+    redis_url: str
+    http: aiohttp.ClientSession
+    workers: list[Worker] = field(default_factory=list)
+    _worker_tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _catalogue_path: Path | None = None
+
+    @property
+    def ws_url(self) -> str:
+        return self.base_url.replace("http", "ws", 1) + "/ws/generate"
+
+    async def start_worker(self, **options: Any) -> Worker:
+        """A worker serving the test engine, with engine options overridden (step_delay_ms, ...)."""
+        assert self._catalogue_path is not None
+        catalogue = load_catalogue(None)
+        spec = catalogue[TEST_MODEL]
+        self._catalogue_path.write_text(json.dumps({TEST_MODEL: {
+            "engine": "test", "options": {**spec.options, **options}}}))
+        settings = WorkerSettings(redis_url=self.redis_url, models=[TEST_MODEL], worker_id=f"w{len(self.workers)}",
+                                  catalogue=str(self._catalogue_path), flush_interval_ms=5)
+        worker = Worker(settings, load_catalogue(settings.catalogue))
+        self.workers.append(worker)
+        self._worker_tasks.append(asyncio.create_task(worker.main(handle_signals=False)))
+        return worker
+
+    async def stop_workers(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        await asyncio.gather(*self._worker_tasks)
+        self.workers.clear()
+        self._worker_tasks.clear()
+
+    async def post(self, path: str, body: Any = None, **kwargs: Any) -> tuple[int, Any, aiohttp.ClientResponse]:
+        async with self.http.post(self.base_url + path, json=body, **kwargs) as response:
+            return response.status, await response.json(content_type=None), response
+
+    async def get(self, path: str) -> tuple[int, Any]:
+        async with self.http.get(self.base_url + path) as response:
+            return response.status, await response.json(content_type=None)
+
+    async def delete(self, path: str) -> tuple[int, Any]:
+        async with self.http.delete(self.base_url + path) as response:
+            return response.status, await response.json(content_type=None)
+
+    async def submit(self, **body: Any) -> str:
+        status, reply, _ = await self.post("/v1/generate", {"model": TEST_MODEL, **body})
+        assert status == 202, reply
+        return reply["request_id"]
+
+    async def wait_done(self, request_id: str, timeout_s: float = 20.0) -> dict[str, Any]:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                status, reply = await self.get(f"/v1/requests/{request_id}")
+                assert status == 200, reply
+                if reply["status"] in ("completed", "failed", "cancelled"):
+                    return reply
+                await asyncio.sleep(0.02)
+
+    async def wait_ready(self, timeout_s: float = 20.0) -> None:
+        async with asyncio.timeout(timeout_s):
+            while (await self.get("/ready"))[0] != 200:
+                await asyncio.sleep(0.05)
+
+
+StartFleet = Callable[..., Awaitable[Fleet]]
+
+
+@pytest.fixture
+async def start_fleet(redis: aioredis.Redis, valkey: EmbeddedValkey, tmp_path: Path) -> AsyncIterator[StartFleet]:
+    """Start a gateway (real HTTP server) with settings overrides; `workers=N` test-engine workers."""
+    fleets: list[tuple[Fleet, web.AppRunner]] = []
+
+    async def start(workers: int = 1, redis_url: str | None = None, engine: dict[str, Any] | None = None,
+                    **gateway_overrides: Any) -> Fleet:
+        url = redis_url or valkey.url
+        settings = GatewaySettings(redis_url=url, port=free_port(), **gateway_overrides)
+        runner = web.AppRunner(create_app(settings))
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", settings.port).start()
+        fleet = Fleet(f"http://127.0.0.1:{settings.port}", url, aiohttp.ClientSession(),
+                      _catalogue_path=tmp_path / f"catalogue-{len(fleets)}.json")
+        fleets.append((fleet, runner))
+        for _ in range(workers):
+            await fleet.start_worker(**(engine or {}))
+        if workers:
+            await fleet.wait_ready()
+        return fleet
+
+    yield start
+    for fleet, runner in fleets:
+        with contextlib.suppress(Exception):
+            await fleet.stop_workers()
+        await fleet.http.close()
+        await runner.cleanup()
+
+
+async def ws_collect(ws: aiohttp.ClientWebSocketResponse, request_ids: set[str],
+                     timeout_s: float = 20.0) -> dict[str, list[dict[str, Any]]]:
+    """Read messages until every request in `request_ids` got its done/error; messages by request."""
+    by_request: dict[str, list[dict[str, Any]]] = {rid: [] for rid in request_ids}
+    pending = set(request_ids)
+    async with asyncio.timeout(timeout_s):
+        while pending:
+            message = await ws.receive_json()
+            rid = message.get("request_id")
+            if rid in by_request:
+                by_request[rid].append(message)
+                if message["type"] in ("done", "error"):
+                    pending.discard(rid)
+    return by_request

@@ -1,0 +1,90 @@
+"""Admission (429 at the cap), the KV budget (workers pull only what fits), and cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+
+from common import keys
+from tests.conftest import TEST_MODEL, StartFleet
+
+
+async def test_429_with_retry_after_at_the_cap_and_every_accepted_request_completes(
+    start_fleet: StartFleet, redis
+) -> None:
+    fleet = await start_fleet(workers=0, max_outstanding=3, retry_after_s=2)
+    # A worker registers the model, then leaves: jobs now wait in the stream.
+    await fleet.start_worker()
+    await fleet.wait_ready()
+    await fleet.stop_workers()
+
+    accepted, refused = [], []
+    for i in range(6):
+        status, reply, response = await fleet.post("/v1/generate", {"model": TEST_MODEL, "prompt": f"r{i}",
+                                                                     "max_tokens": 5})
+        if status == 202:
+            accepted.append(reply["request_id"])
+        else:
+            assert status == 429 and response.headers["Retry-After"] == "2"
+            assert reply["error"]["type"] == "rate_limit_error"
+            refused.append(reply)
+    assert len(accepted) == 3 and len(refused) == 3
+    assert await redis.xlen(keys.job_stream(TEST_MODEL)) == 3
+
+    await fleet.start_worker()
+    for request_id in accepted:
+        assert (await fleet.wait_done(request_id))["status"] == "completed"
+    # Capacity is back once the work is done.
+    assert (await fleet.post("/v1/generate", {"model": TEST_MODEL, "prompt": "again"}))[0] == 202
+
+
+async def test_worker_pulls_only_what_its_kv_budget_admits(start_fleet: StartFleet, redis) -> None:
+    # Room for one job of 10 prompt + 90 new tokens at a time.
+    fleet = await start_fleet(engine={"kv_cache_tokens": 150, "step_delay_ms": 10})
+    ids = [await fleet.submit(prompt="0123456789", max_tokens=90) for _ in range(3)]
+    await asyncio.sleep(0.3)
+    states = [(await fleet.get(f"/v1/requests/{i}"))[1]["status"] for i in ids]
+    assert states.count("running") == 1 and states.count("queued") == 2
+    # The worker holds at most the one job waiting for budget besides the running one.
+    pending = await redis.xpending(keys.job_stream(TEST_MODEL), keys.CONSUMER_GROUP)
+    assert pending["pending"] <= 2
+    budget = fleet.workers[0].budgets[TEST_MODEL]
+    assert budget.used_tokens == 100
+    for request_id in ids:
+        assert (await fleet.wait_done(request_id))["status"] == "completed"
+    assert budget.used_tokens == 0
+
+
+async def test_cancelling_a_queued_request_means_it_never_runs(start_fleet: StartFleet, redis) -> None:
+    fleet = await start_fleet(engine={"max_num_seqs": 1, "step_delay_ms": 10})
+    blocker = await fleet.submit(prompt="block", max_tokens=60)
+    waiting = await fleet.submit(prompt="never", max_tokens=5)
+    status, reply = await fleet.delete(f"/v1/requests/{waiting}")
+    assert status == 200 and reply["status"] == "cancelled"
+    assert (await fleet.wait_done(blocker))["status"] == "completed"
+    await asyncio.sleep(0.2)
+    cancelled = (await fleet.get(f"/v1/requests/{waiting}"))[1]
+    assert cancelled["status"] == "cancelled" and cancelled["text"] == ""
+    assert cancelled["timings"]["queue_s"] is None  # it never started
+    assert await redis.xlen(keys.job_stream(TEST_MODEL)) == 0
+    # Cancelling twice keeps the first outcome.
+    assert (await fleet.delete(f"/v1/requests/{waiting}"))[1]["status"] == "cancelled"
+    assert (await fleet.delete(f"/v1/requests/{blocker}"))[1]["status"] == "completed"
+
+
+async def test_cancelling_a_running_request_aborts_it_and_frees_its_kv_budget(start_fleet: StartFleet) -> None:
+    fleet = await start_fleet(engine={"step_delay_ms": 10})
+    request_id = await fleet.submit(prompt="long", max_tokens=3000)
+    budget = fleet.workers[0].budgets[TEST_MODEL]
+    async with asyncio.timeout(5):
+        while (await fleet.get(f"/v1/requests/{request_id}"))[1]["usage"]["completion_tokens"] == 0:
+            await asyncio.sleep(0.02)
+    assert budget.used_tokens == 3004
+    assert (await fleet.delete(f"/v1/requests/{request_id}"))[1]["status"] == "cancelled"
+    async with asyncio.timeout(5):
+        while budget.used_tokens:
+            await asyncio.sleep(0.02)
+    done = await fleet.wait_done(request_id)
+    tokens_then = done["usage"]["completion_tokens"]
+    assert done["status"] == "cancelled" and tokens_then < 3000
+    await asyncio.sleep(0.2)  # nothing more is appended after the cancel
+    assert (await fleet.get(f"/v1/requests/{request_id}"))[1]["usage"]["completion_tokens"] == tokens_then
