@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from common.embedded_redis import EmbeddedValkey
 
@@ -59,7 +60,7 @@ def _say(message: str) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    exe = shutil.which("llm-fleet") or sys.argv[0]
+    exe = _llm_fleet_executable()
     valkey = None
     redis_url = args.redis_url
     if redis_url is None:
@@ -119,6 +120,15 @@ def run(args: argparse.Namespace) -> None:
         if valkey is not None:
             valkey.stop()
         _say("stopped")
+
+
+def _llm_fleet_executable() -> str:
+    """The console script of this installation (beside this Python), else the one on PATH."""
+    beside = Path(sys.executable).parent / "llm-fleet"
+    found = str(beside) if beside.exists() else shutil.which("llm-fleet")
+    if found is None:
+        raise SystemExit("llm-fleet: cannot find the `llm-fleet` executable; is the package installed?")
+    return found
 
 
 def _stop_all(parts: list[Part], timeout_s: float) -> None:

@@ -1,0 +1,71 @@
+"""Small parts on their own: incremental text with stop strings, the KV budget, settings."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from common.protocol import Chunk, Job
+from common.settings import GatewaySettings
+from worker.engines.detokenizer import IncrementalText
+from worker.engines.test_echo import byte_tokenizer
+from worker.kv_budget import KvBudget
+
+
+def _feed(text: str, stop: list[str]) -> tuple[str, bool]:
+    tokenizer = byte_tokenizer()
+    out = IncrementalText(tokenizer, stop)
+    released = ""
+    for token in tokenizer.encode(text).ids:
+        released += out.add(token)
+        if out.stopped:
+            return released, True
+    return released + out.flush(), False
+
+
+def test_incremental_text_reassembles_multibyte_characters() -> None:
+    assert _feed("héllo wörld ✓ 日本", []) == ("héllo wörld ✓ 日本", False)
+
+
+def test_stop_string_cuts_the_text_before_it() -> None:
+    assert _feed("one two three", ["two"]) == ("one ", True)
+    assert _feed("one two three", ["x", "thr"]) == ("one two ", True)
+    assert _feed("one two three", ["four"]) == ("one two three", False)
+
+
+def test_text_that_may_begin_a_stop_string_is_held_back() -> None:
+    tokenizer = byte_tokenizer()
+    out = IncrementalText(tokenizer, ["STOP"])
+    released = "".join(out.add(t) for t in tokenizer.encode("abcST").ids)
+    assert released == "ab"  # "cST" could still become "STOP"... only 3 chars are held
+    assert out.flush() == "cST"
+
+
+async def test_kv_budget_admits_by_tokens_and_slots_and_frees_on_release() -> None:
+    budget = KvBudget(capacity_tokens=100, max_seqs=2)
+    assert budget.try_admit("a", 60)
+    assert not budget.try_admit("b", 50)  # tokens
+    assert budget.try_admit("c", 40)
+    assert not budget.try_admit("d", 0)  # slots
+    waiter = asyncio.create_task(budget.admit("b", 50))
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    budget.release("a")
+    await asyncio.wait_for(waiter, 1)
+    assert budget.used_tokens == 90 and budget.free_seqs == 0
+
+
+def test_wire_messages_round_trip() -> None:
+    job = Job("r1", "m", [1, 2, 3], {"max_tokens": 5, "temperature": 0.0, "top_p": 1.0, "stop": [], "seed": 1}, 1.0)
+    assert Job.unpack(job.pack()) == job
+    assert job.token_budget == 8
+    chunk = Chunk(seq=3, text="hé", token_ids=[9], finish_reason="stop", prompt_tokens=3, completion_tokens=2)
+    assert Chunk.unpack(chunk.pack()) == chunk
+
+
+def test_settings_come_from_the_environment_and_flags_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLM_FLEET_MAX_OUTSTANDING", "7")
+    monkeypatch.setenv("LLM_FLEET_PORT", "9001")
+    settings = GatewaySettings.from_env(port=9002)
+    assert settings.max_outstanding == 7 and settings.port == 9002
