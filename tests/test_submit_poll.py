@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from common import keys
 from tests.conftest import TEST_MODEL, StartFleet
 
@@ -62,11 +64,11 @@ async def test_health_ready_and_models_report_the_fleet(start_fleet: StartFleet)
     assert status == 503 and reply["reason"] == "no live worker"
 
     await fleet.start_worker(load_delay_s=1.0)
+
     async def model_state() -> tuple[str, list]:
         listing = (await fleet.get("/v1/models"))[1]["data"]
         return (listing[0]["state"], listing[0]["workers"]) if listing else ("none", [])
 
-    import asyncio
     async with asyncio.timeout(5):
         while (await model_state())[0] != "loading":
             await asyncio.sleep(0.05)
