@@ -59,6 +59,9 @@ class SamplingParams(_Packed):
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    # vLLM's extensions, honoured by every engine: benchmarks rely on them.
+    ignore_eos: bool = False
+    min_tokens: int = 0
 
 
 @dataclass(slots=True)

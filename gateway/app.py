@@ -11,11 +11,11 @@ from common.errors import FleetError, Overloaded, PayloadTooLarge, Unavailable
 from common.redis_conn import REDIS_DOWN_ERRORS, connect
 from common.request_store import RequestStore
 from common.settings import GatewaySettings
-from gateway import health, http_api, ws
-from gateway.context import GATEWAY_KEY, Gateway
+from gateway import health, http_api, openai_api, ws
+from gateway.context import GATEWAY_KEY, REQUEST_ID_KEY, Gateway
 from gateway.models import ModelRegistry
 from gateway.relay import Relay
-from gateway.submit import Submitter
+from gateway.submit import Submitter, new_request_id
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,16 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def error_response(exc: FleetError) -> web.Response:
     headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded) else None
     return web.json_response(exc.to_dict(), status=exc.status, headers=headers)
+
+
+@web.middleware
+async def request_id_header(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every response carries X-Request-Id; a request that creates a job uses it as the job's id."""
+    request[REQUEST_ID_KEY] = new_request_id()
+    response = await handler(request)
+    if not response.prepared:
+        response.headers["X-Request-Id"] = request[REQUEST_ID_KEY]
+    return response
 
 
 @web.middleware
@@ -51,10 +61,12 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
 
 
 def create_app(settings: GatewaySettings) -> web.Application:
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[errors_as_json])
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[request_id_header, errors_as_json])
     routes = [
         web.post("/v1/generate", http_api.generate),
         web.post("/generate", http_api.generate),
+        web.post("/v1/completions", openai_api.completions),
+        web.post("/v1/chat/completions", openai_api.chat_completions),
         web.get("/v1/requests/{request_id}", http_api.get_request),
         web.delete("/v1/requests/{request_id}", http_api.cancel_request),
         web.get("/ws/generate", ws.websocket),

@@ -40,3 +40,4 @@ class Gateway:
 
 
 GATEWAY_KEY = web.AppKey("gateway", Gateway)
+REQUEST_ID_KEY = web.RequestKey("request_id", str)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from common.errors import NotFound
-from gateway.context import Gateway
+from gateway.context import REQUEST_ID_KEY, Gateway
 from gateway.validation import parse_generate, parse_json_object
 from gateway.views import request_view
 
@@ -13,7 +13,7 @@ from gateway.views import request_view
 async def generate(request: web.Request) -> web.Response:
     gateway = Gateway.of(request)
     body = parse_json_object(await request.read())
-    job = await gateway.submitter.prepare(parse_generate(body))
+    job = await gateway.submitter.prepare(parse_generate(body), request_id=request[REQUEST_ID_KEY])
     await gateway.submitter.enqueue(job)
     return web.json_response({"request_id": job.request_id, "status": "queued", "model": job.model}, status=202,
                              headers={"Location": f"/v1/requests/{job.request_id}"})

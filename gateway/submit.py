@@ -28,7 +28,7 @@ class Submitter:
         self._store = store
         self._registry = registry
 
-    async def prepare(self, request: GenerateRequest) -> Job:
+    async def prepare(self, request: GenerateRequest, request_id: str | None = None) -> Job:
         """Everything short of enqueueing: raises the 404/413/422 a bad request deserves."""
         card = await self._registry.resolve(request.model)
         encoder = await self._registry.encoder(card)
@@ -57,8 +57,9 @@ class Submitter:
                 param="max_tokens",
             )
         params = SamplingParams(max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
-                                stop=request.stop, seed=request.seed)
-        return Job(request_id=new_request_id(), model=card.name, prompt_token_ids=prompt_ids,
+                                stop=request.stop, seed=request.seed, ignore_eos=request.ignore_eos,
+                                min_tokens=min(request.min_tokens, max_tokens))
+        return Job(request_id=request_id or new_request_id(), model=card.name, prompt_token_ids=prompt_ids,
                    sampling=dataclasses.asdict(params),
                    enqueued_at=time.time())
 

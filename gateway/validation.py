@@ -27,6 +27,8 @@ class GenerateRequest:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
 
 
 def parse_json_object(raw: str | bytes) -> dict[str, Any]:
@@ -53,21 +55,21 @@ def parse_generate(body: dict[str, Any], *, also_allowed: frozenset[str] = froze
     if prompt is not None and (not isinstance(prompt, str) or not prompt):
         raise Unprocessable("`prompt` must be a non-empty string", param="prompt")
     if messages is not None:
-        _check_messages(messages)
+        check_messages(messages)
 
     return GenerateRequest(
         model=model,
         prompt=prompt,
         messages=messages,
-        max_tokens=_int(body, "max_tokens", minimum=1),
-        temperature=_number(body, "temperature", 1.0, low=0.0, high=2.0),
-        top_p=_number(body, "top_p", 1.0, low=0.0, high=1.0, low_open=True),
-        stop=_stop(body.get("stop")),
-        seed=_int(body, "seed", minimum=0, maximum=MAX_SEED),
+        max_tokens=int_field(body, "max_tokens", minimum=1),
+        temperature=number_field(body, "temperature", 1.0, low=0.0, high=2.0),
+        top_p=number_field(body, "top_p", 1.0, low=0.0, high=1.0, low_open=True),
+        stop=stop_field(body.get("stop")),
+        seed=int_field(body, "seed", minimum=0, maximum=MAX_SEED),
     )
 
 
-def _check_messages(messages: Any) -> None:
+def check_messages(messages: Any) -> None:
     if not isinstance(messages, list) or not messages:
         raise Unprocessable("`messages` must be a non-empty list", param="messages")
     for i, message in enumerate(messages):
@@ -79,7 +81,7 @@ def _check_messages(messages: Any) -> None:
             raise Unprocessable(f"messages[{i}].content must be a string", param="messages")
 
 
-def _int(body: dict[str, Any], name: str, *, minimum: int, maximum: int | None = None) -> int | None:
+def int_field(body: dict[str, Any], name: str, *, minimum: int, maximum: int | None = None) -> int | None:
     value = body.get(name)
     if value is None:
         return None
@@ -91,7 +93,7 @@ def _int(body: dict[str, Any], name: str, *, minimum: int, maximum: int | None =
     return value
 
 
-def _number(body: dict[str, Any], name: str, default: float, *, low: float, high: float,
+def number_field(body: dict[str, Any], name: str, default: float, *, low: float, high: float,
             low_open: bool = False) -> float:
     value = body.get(name)
     if value is None:
@@ -104,7 +106,7 @@ def _number(body: dict[str, Any], name: str, default: float, *, low: float, high
     return float(value)
 
 
-def _stop(value: Any) -> list[str]:
+def stop_field(value: Any) -> list[str]:
     if value is None:
         return []
     stops = [value] if isinstance(value, str) else value

@@ -69,3 +69,21 @@ def test_settings_come_from_the_environment_and_flags_win(monkeypatch: pytest.Mo
     monkeypatch.setenv("LLM_FLEET_PORT", "9001")
     settings = GatewaySettings.from_env(port=9002)
     assert settings.max_outstanding == 7 and settings.port == 9002
+
+
+@pytest.mark.parametrize(
+    ("ignore_eos", "min_tokens", "expected"),
+    [(False, 0, ([1], "stop")), (True, 0, ([1, 5, 2, 5], "length")), (False, 3, ([1, 5, 2], "stop"))],
+)
+def test_eos_ends_a_sequence_unless_ignore_eos_or_min_tokens(ignore_eos, min_tokens, expected) -> None:
+    from common.protocol import SamplingParams
+    from worker.engines.base import EngineRequest
+    from worker.engines.sequence import Sequence
+
+    params = SamplingParams(max_tokens=4, ignore_eos=ignore_eos, min_tokens=min_tokens)
+    seq = Sequence(EngineRequest("r", [9], params), byte_tokenizer(), frozenset({5}))
+    for token in [1, 5, 2, 5, 7]:
+        output = seq.append(token)
+        if seq.finished:
+            break
+    assert (seq.generated, output.finish_reason) == expected

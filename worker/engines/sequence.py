@@ -20,13 +20,14 @@ class Sequence:
 
     def append(self, token_id: int) -> EngineOutput:
         """Take one sampled token; the output says what to stream and whether it is over."""
-        if token_id in self._eos:
+        params = self.request.params
+        if token_id in self._eos and not params.ignore_eos and len(self.generated) >= params.min_tokens:
             return self._finish(FinishReason.STOP, [])
         self.generated.append(token_id)
         delta = self._text.add(token_id)
         if self._text.stopped:
             return self._finish(FinishReason.STOP, [token_id], delta)
-        if len(self.generated) >= self.request.params.max_tokens:
+        if len(self.generated) >= params.max_tokens:
             return self._finish(FinishReason.LENGTH, [token_id], delta + self._text.flush())
         return EngineOutput(self.request_id, delta, [token_id])
 

@@ -1,0 +1,153 @@
+"""The OpenAI-compatible API, driven by the real `openai` SDK (sync and async, streaming and not)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+
+import openai
+import pytest
+
+from tests.conftest import TEST_MODEL, Fleet, StartFleet
+
+
+@pytest.fixture
+async def sdk() -> AsyncIterator[Callable[[Fleet], tuple[openai.OpenAI, openai.AsyncOpenAI]]]:
+    """SDK clients (sync, async) for a fleet; closed after the test."""
+    made: list[tuple[openai.OpenAI, openai.AsyncOpenAI]] = []
+
+    def clients(fleet: Fleet) -> tuple[openai.OpenAI, openai.AsyncOpenAI]:
+        base = fleet.base_url + "/v1"
+        made.append((openai.OpenAI(base_url=base, api_key="none", max_retries=0),
+                     openai.AsyncOpenAI(base_url=base, api_key="none", max_retries=0)))
+        return made[-1]
+
+    yield clients
+    for sync, client in made:
+        sync.close()
+        await client.close()
+
+
+async def test_completions_non_streaming_with_sync_and_async_sdk(start_fleet: StartFleet, sdk) -> None:
+    fleet = await start_fleet()
+    sync, client = sdk(fleet)
+    completion = await client.completions.create(model=TEST_MODEL, prompt="hello", max_tokens=8)
+    assert completion.object == "text_completion" and completion.id.startswith("cmpl-")
+    assert completion.choices[0].text == "hellohel" and completion.choices[0].finish_reason == "length"
+    assert completion.usage.prompt_tokens == 5 and completion.usage.total_tokens == 13
+    # The same request through the sync SDK (off the event loop that runs the fleet).
+    again = await asyncio.to_thread(sync.completions.create, model=TEST_MODEL, prompt=["hello"], max_tokens=8)
+    assert again.choices[0].text == "hellohel"
+
+
+async def test_chat_completions_non_streaming_uses_the_chat_template(start_fleet: StartFleet, sdk) -> None:
+    fleet = await start_fleet()
+    _, client = sdk(fleet)
+    chat = await client.chat.completions.create(
+        model=TEST_MODEL, messages=[{"role": "user", "content": "hi"}], max_completion_tokens=30)
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].message.content == "user: hi\nassistant: user: hi\na"
+
+
+async def test_streaming_completions_and_chat_with_usage_in_the_last_chunk(start_fleet: StartFleet, sdk) -> None:
+    fleet = await start_fleet()
+    sync, client = sdk(fleet)
+    stream = await client.completions.create(model=TEST_MODEL, prompt="abc", max_tokens=100, stream=True,
+                                             stream_options={"include_usage": True})
+    chunks = [c async for c in stream]
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == ("abc" * 34)[:100]
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 100
+
+    def chat_stream() -> list:
+        return list(sync.chat.completions.create(model=TEST_MODEL, messages=[{"role": "user", "content": "yo"}],
+                                                 max_tokens=12, stream=True))
+    chat_chunks = await asyncio.to_thread(chat_stream)
+    assert chat_chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chat_chunks) == "user: yo\nass"
+    assert chat_chunks[-1].choices[0].finish_reason == "length"
+
+
+async def test_vllm_bench_serve_request_shape_streams_with_ignore_eos(start_fleet: StartFleet, sdk) -> None:
+    """What `vllm bench serve --backend openai` sends: raw HTTP, streaming, usage, ignore_eos."""
+    fleet = await start_fleet()
+    body = {"model": TEST_MODEL, "prompt": "x y z", "temperature": 0.0, "max_tokens": 64, "logprobs": None,
+            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    async with fleet.http.post(fleet.base_url + "/v1/completions", json=body) as response:
+        assert response.status == 200 and response.headers["Content-Type"].startswith("text/event-stream")
+        request_id = response.headers["X-Request-Id"]
+        events = [line[6:] async for line in (raw.decode().strip() async for raw in response.content)
+                  if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    payloads = [json.loads(e) for e in events[:-1]]
+    assert payloads[-1]["usage"]["completion_tokens"] == 64
+    assert "".join(p["choices"][0]["text"] for p in payloads if p["choices"]) == ("x y z" * 13)[:64]
+    polled = await fleet.wait_done(request_id)  # an OpenAI request is pollable like a native one
+    assert polled["status"] == "completed" and polled["usage"]["completion_tokens"] == 64
+
+
+async def test_every_response_carries_x_request_id(start_fleet: StartFleet, sdk) -> None:
+    fleet = await start_fleet()
+    status, reply, response = await fleet.post("/v1/completions", {"model": TEST_MODEL, "prompt": "q",
+                                                                    "max_tokens": 2})
+    assert status == 200 and reply["id"] == f"cmpl-{response.headers['X-Request-Id']}"
+    status, _, response = await fleet.post("/v1/completions", {"model": "nope", "prompt": "q"})
+    assert status == 404 and response.headers["X-Request-Id"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "words"),
+    [
+        ({"model": "nope"}, openai.NotFoundError, ["nope"]),
+        ({"n": 2}, openai.BadRequestError, ["n=1"]),
+        ({"extra_body": {"presence_penalty": 0.5}}, openai.BadRequestError, ["presence_penalty"]),
+        ({"logprobs": 3}, openai.BadRequestError, ["logprobs"]),
+        ({"max_tokens": 0}, openai.UnprocessableEntityError, ["max_tokens"]),
+        ({"temperature": 9}, openai.UnprocessableEntityError, ["temperature"]),
+        ({"prompt": "z" * 5000}, openai.APIStatusError, ["4096"]),
+    ],
+)
+async def test_bad_requests_are_openai_errors_the_sdk_parses(
+    start_fleet: StartFleet, sdk, kwargs, error, words
+) -> None:
+    fleet = await start_fleet()
+    _, client = sdk(fleet)
+    arguments = {"model": TEST_MODEL, "prompt": "x", "max_tokens": 4, **kwargs}
+    with pytest.raises(error) as caught:
+        await client.completions.create(**arguments)
+    assert caught.value.status_code in (400, 404, 413, 422)
+    for word in words:
+        assert word in caught.value.message
+
+
+async def test_429_is_a_rate_limit_error_with_retry_after(start_fleet: StartFleet, sdk) -> None:
+    fleet = await start_fleet(workers=0, max_outstanding=1)
+    await fleet.start_worker()
+    await fleet.wait_ready()
+    await fleet.stop_workers()  # the registered model's queue now fills
+    _, client = sdk(fleet)
+    first = asyncio.create_task(client.completions.create(model=TEST_MODEL, prompt="a", max_tokens=2))
+    await asyncio.sleep(0.2)
+    with pytest.raises(openai.RateLimitError) as caught:
+        await client.completions.create(model=TEST_MODEL, prompt="b", max_tokens=2)
+    assert caught.value.response.headers["Retry-After"] == "1"
+    await fleet.start_worker()
+    assert (await first).choices[0].text == "aa"
+
+
+async def test_dropping_an_sse_stream_cancels_the_request_and_frees_kv(start_fleet: StartFleet, sdk) -> None:
+    fleet = await start_fleet(engine={"step_delay_ms": 10})
+    _, client = sdk(fleet)
+    stream = await client.completions.create(model=TEST_MODEL, prompt="go", max_tokens=3000, stream=True)
+    request_id = stream.response.headers["X-Request-Id"]
+    async for _ in stream:
+        break
+    await stream.close()
+    budget = fleet.workers[0].budgets[TEST_MODEL]
+    done = await fleet.wait_done(request_id)
+    assert done["status"] == "cancelled" and done["usage"]["completion_tokens"] < 3000
+    async with asyncio.timeout(5):
+        while budget.used_tokens:
+            await asyncio.sleep(0.02)
