@@ -151,3 +151,29 @@ async def test_dropping_an_sse_stream_cancels_the_request_and_frees_kv(start_fle
     async with asyncio.timeout(5):
         while budget.used_tokens:
             await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+async def test_openai_routes_answer_bad_input_in_openai_shape(start_fleet: StartFleet, route: str) -> None:
+    fleet = await start_fleet(max_body_bytes=2000)
+    async with fleet.http.post(fleet.base_url + route, data=b"{broken") as response:
+        assert response.status == 400 and (await response.json())["error"]["type"] == "invalid_request_error"
+    status, reply, _ = await fleet.post(route, {"model": TEST_MODEL, "prompt": "p" * 3000,
+                                                "messages": [{"role": "user", "content": "m" * 3000}]})
+    assert status == 413 and "2000" in reply["error"]["message"]
+    status, reply, _ = await fleet.post(route, {"model": TEST_MODEL})
+    assert status == 422 and reply["error"]["param"] in ("prompt", "messages")
+    status, reply, _ = await fleet.post(route, {"model": TEST_MODEL, "prompt": "x", "messages": [
+        {"role": "user", "content": "x"}], "tools": [{"type": "function"}]})
+    assert status == 400 and "tools" in reply["error"]["message"]
+
+
+async def test_openai_routes_answer_503_when_redis_is_unreachable(start_fleet: StartFleet) -> None:
+    from common.embedded_redis import free_port
+
+    fleet = await start_fleet(workers=0, redis_url=f"redis://127.0.0.1:{free_port()}/0", redis_timeout_s=0.5)
+    chat = {"model": TEST_MODEL, "messages": [{"role": "user", "content": "x"}]}
+    for route, body in [("/v1/completions", {"model": TEST_MODEL, "prompt": "x"}), ("/v1/chat/completions", chat)]:
+        status, reply, response = await fleet.post(route, body)
+        assert status == 503 and reply["error"]["type"] == "service_unavailable"
+        assert response.headers["X-Request-Id"]
