@@ -61,8 +61,9 @@ def _parse(body: dict[str, Any], *, chat: bool) -> tuple[GenerateRequest, bool, 
     prompt = messages = None
     if chat:
         messages = body.get("messages")
-        check_messages([_flatten_content(m) for m in messages] if isinstance(messages, list) else messages)
-        messages = [_flatten_content(m) for m in messages]
+        if isinstance(messages, list):
+            messages = [_flatten_content(m) for m in messages]
+        check_messages(messages)
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
