@@ -8,10 +8,11 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from common.errors import NotFound
+from common.protocol import Job
 from common.request_store import RequestStore
 from common.settings import GatewaySettings
 from gateway.models import ModelRegistry
-from gateway.relay import Relay
+from gateway.relay import Relay, Subscription
 from gateway.submit import Submitter
 
 
@@ -27,6 +28,17 @@ class Gateway:
     @staticmethod
     def of(request: web.Request) -> Gateway:
         return request.app[GATEWAY_KEY]
+
+    async def submit_streaming(self, job: Job) -> Subscription:
+        """Enqueue a job whose output this process relays. Subscribes first: a worker may publish
+        the moment the job is in the stream."""
+        subscription = await self.relay.subscribe(job.request_id)
+        try:
+            await self.submitter.enqueue(job)
+        except BaseException:
+            subscription.close()
+            raise
+        return subscription
 
     async def cancel(self, request_id: str) -> str:
         """Cancel a request; the status it ends in (a finished one keeps its own)."""

@@ -17,15 +17,7 @@ from common.errors import BadRequest, FleetError, Unprocessable
 from common.protocol import Chunk, FinishReason
 from gateway.context import REQUEST_ID_KEY, Gateway
 from gateway.relay import Subscription
-from gateway.validation import (
-    MAX_SEED,
-    GenerateRequest,
-    check_messages,
-    int_field,
-    number_field,
-    parse_json_object,
-    stop_field,
-)
+from gateway.validation import GenerateRequest, check_messages, int_field, parse_json_object, sampling_fields
 
 # Accepted with no effect on the output (or only with their no-op value, see _NOOP_VALUES).
 _IGNORED = frozenset({"user", "stream_options", "stream", "n", "model", "max_tokens", "max_completion_tokens",
@@ -76,10 +68,7 @@ def _parse(body: dict[str, Any], *, chat: bool) -> tuple[GenerateRequest, bool, 
     if not isinstance(ignore_eos, bool):
         raise Unprocessable("`ignore_eos` must be a boolean", param="ignore_eos")
     request = GenerateRequest(
-        model=model, prompt=prompt, messages=messages, max_tokens=max_tokens,
-        temperature=number_field(body, "temperature", 1.0, low=0.0, high=2.0),
-        top_p=number_field(body, "top_p", 1.0, low=0.0, high=1.0, low_open=True),
-        stop=stop_field(body.get("stop")), seed=int_field(body, "seed", minimum=0, maximum=MAX_SEED),
+        model=model, prompt=prompt, messages=messages, max_tokens=max_tokens, **sampling_fields(body),
         ignore_eos=ignore_eos, min_tokens=int_field(body, "min_tokens", minimum=0) or 0,
     )
     return request, stream, bool(options.get("include_usage"))
@@ -107,9 +96,8 @@ async def _serve(request: web.Request, *, chat: bool) -> web.StreamResponse:
     gateway = Gateway.of(request)
     generate, stream, include_usage = _parse(parse_json_object(await request.read()), chat=chat)
     job = await gateway.submitter.prepare(generate, request_id=request[REQUEST_ID_KEY])
-    subscription = await gateway.relay.subscribe(job.request_id)
+    subscription = await gateway.submit_streaming(job)
     try:
-        await gateway.submitter.enqueue(job)
         shape = _Shape(chat, job.request_id, job.model)
         if stream:
             return await _stream(request, gateway, subscription, shape, include_usage)
@@ -130,6 +118,9 @@ class _Shape:
     def _base(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
+    def _chunk_base(self) -> dict[str, Any]:
+        return self._base("chat.completion.chunk" if self.chat else "text_completion")
+
     def final(self, text: str, chunk: Chunk) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": _finish(chunk)}
         if self.chat:
@@ -145,11 +136,10 @@ class _Shape:
             choice["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
         else:
             choice["text"] = text
-        return {**self._base("chat.completion.chunk" if self.chat else "text_completion"), "choices": [choice]}
+        return {**self._chunk_base(), "choices": [choice]}
 
     def usage_only(self, chunk: Chunk) -> dict[str, Any]:
-        return {**self._base("chat.completion.chunk" if self.chat else "text_completion"), "choices": [],
-                "usage": _usage(chunk)}
+        return {**self._chunk_base(), "choices": [], "usage": _usage(chunk)}
 
 
 def _finish(chunk: Chunk) -> str:
@@ -205,7 +195,7 @@ async def _stream(request: web.Request, gateway: Gateway, subscription: Subscrip
             if chunk.finish_reason is not None:
                 payload += "data: [DONE]\n\n"
             await response.write(payload.encode())
-    except (ConnectionResetError, ConnectionError):
+    except ConnectionError:
         # The client dropped the stream: stop the generation and free its KV budget.
         await gateway.cancel(subscription.request_id)
         return response

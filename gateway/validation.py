@@ -62,11 +62,18 @@ def parse_generate(body: dict[str, Any], *, also_allowed: frozenset[str] = froze
         prompt=prompt,
         messages=messages,
         max_tokens=int_field(body, "max_tokens", minimum=1),
-        temperature=number_field(body, "temperature", 1.0, low=0.0, high=2.0),
-        top_p=number_field(body, "top_p", 1.0, low=0.0, high=1.0, low_open=True),
-        stop=stop_field(body.get("stop")),
-        seed=int_field(body, "seed", minimum=0, maximum=MAX_SEED),
+        **sampling_fields(body),
     )
+
+
+def sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """temperature, top_p, stop and seed, checked the same way for every front end."""
+    return {
+        "temperature": number_field(body, "temperature", 1.0, low=0.0, high=2.0),
+        "top_p": number_field(body, "top_p", 1.0, low=0.0, high=1.0, low_open=True),
+        "stop": stop_field(body.get("stop")),
+        "seed": int_field(body, "seed", minimum=0, maximum=MAX_SEED),
+    }
 
 
 def check_messages(messages: Any) -> None:

@@ -96,13 +96,7 @@ class SocketSession:
         if not isinstance(outlive, bool):
             raise Unprocessable("`outlive_socket` must be a boolean", param="outlive_socket")
         job = await self.gateway.submitter.prepare(parse_generate(body, also_allowed=_WS_FIELDS))
-        # Subscribe first: the worker may publish the moment the job is in the stream.
-        subscription = await self.gateway.relay.subscribe(job.request_id)
-        try:
-            await self.gateway.submitter.enqueue(job)
-        except BaseException:
-            subscription.close()
-            raise
+        subscription = await self.gateway.submit_streaming(job)
         if not outlive:
             self.cancel_on_close.add(job.request_id)
         await self._send({"type": "accepted", "request_id": job.request_id, "model": job.model}, client_id)
