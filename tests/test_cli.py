@@ -10,14 +10,27 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 from common.embedded_redis import free_port
 
 
 def _children_with(pattern: str, parent: int) -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines()[1:]
-            if pattern in line and int(line.split()[1]) == parent]
+    """Children of `parent` whose full command line contains `pattern` (read from /proc: `ps` truncates
+    its output to $COLUMNS when that is set, as it is on some CI machines)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and pattern in cmdline:
+            found.append(int(entry.name))
+    return found
 
 
 def test_up_starts_the_fleet_prints_where_to_point_a_client_and_stops_on_ctrl_c() -> None:
