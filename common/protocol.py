@@ -134,6 +134,10 @@ class WorkerModelStatus:
     kv_used_tokens: int = 0
     running: int = 0
     max_num_seqs: int = 0
+    # What the engine itself reports (None where it does not say): vLLM's scheduler counts.
+    engine_running: int | None = None
+    engine_waiting: int | None = None
+    engine_kv_usage: float | None = None
 
 
 @dataclass(slots=True)
@@ -147,3 +151,5 @@ class WorkerStatus(_Packed):
     started_at: float
     heartbeat_at: float
     models: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> WorkerModelStatus as dict
+    # {"available": bool, "reason"?: str, "devices"?: [{index, name, memory_used_bytes, ...}]}
+    gpu: dict[str, Any] = field(default_factory=dict)

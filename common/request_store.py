@@ -149,9 +149,14 @@ class RequestStore:
         return [Chunk.unpack(c) for c in raw]
 
     # -- worker side --------------------------------------------------------------------
-    async def start(self, request_id: str, worker_id: str) -> StartResult:
-        status, seq = await self._start(keys=[keys.request(request_id)], args=[worker_id, time.time()])
-        return StartResult(_text(status), int(seq))
+    async def start(self, request_ids: list[str], worker_id: str) -> list[StartResult]:
+        """Mark jobs running on this worker, in one round trip; each says whether to run it."""
+        now = time.time()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for request_id in request_ids:
+                await self._start(keys=[keys.request(request_id)], args=[worker_id, now], client=pipe)
+            replies = await pipe.execute()
+        return [StartResult(_text(status), int(seq)) for status, seq in replies]
 
     async def append(self, pipe: Any, request_id: str, worker_id: str, chunk: Chunk, completion_tokens: int,
                ttl_s: int) -> None:

@@ -15,6 +15,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -26,6 +27,7 @@ from common.request_store import RequestStore
 from common.settings import ModelSpec, WorkerSettings
 from worker import heartbeat
 from worker.engines.base import Engine, EngineOutput, EngineRequest
+from worker.gpu_stats import GpuProbe
 from worker.kv_budget import KvBudget
 from worker.loader import ModelLoader
 from worker.publisher import ChunkPublisher
@@ -33,7 +35,9 @@ from worker.publisher import ChunkPublisher
 log = logging.getLogger(__name__)
 
 # The most jobs one XREADGROUP takes; the KV budget usually allows fewer.
-_MAX_READ_BATCH = 16
+_MAX_READ_BATCH = 64
+
+T = TypeVar("T")
 
 
 class Worker:
@@ -60,6 +64,8 @@ class Worker:
         self._state = "starting"
         self._started_at = time.time()
         self._stop = asyncio.Event()
+        self._gpu = GpuProbe()
+        self.exit_code = 0  # 1 once an engine died: the supervisor (fleet, Kubernetes) restarts us
 
     # -- life ---------------------------------------------------------------------------
     async def main(self, *, handle_signals: bool = True) -> None:
@@ -98,16 +104,22 @@ class Worker:
     def stop(self) -> None:
         self._stop.set()
 
-    def status(self) -> WorkerStatus:
+    async def status(self) -> WorkerStatus:
         models = {}
         for name, status in self.loader.status.items():
             budget = self.budgets.get(name)
             if budget is not None:
                 status.kv_used_tokens, status.running = budget.used_tokens, budget.max_seqs - budget.free_seqs
+            engine = self.loader.engines.get(name)
+            if engine is not None:
+                stats = engine.stats()
+                status.engine_running, status.engine_waiting, status.engine_kv_usage = (
+                    stats.running, stats.waiting, stats.kv_usage)
             models[name] = status
         return WorkerStatus(
             worker_id=self.worker_id, host=socket.gethostname(), pid=os.getpid(), state=self._state,
             started_at=self._started_at, heartbeat_at=time.time(), models=heartbeat.model_statuses(models),
+            gpu=await asyncio.to_thread(self._gpu.read),
         )
 
     # -- one model's stream -------------------------------------------------------------
@@ -117,7 +129,8 @@ class Worker:
         except Exception:
             return  # the loader logged it; the heartbeat reports the model as failed
         await self._retrying(lambda: self._register(engine))
-        budget = self.budgets[spec.name] = KvBudget(engine.kv_capacity_tokens, engine.max_num_seqs)
+        budget = self.budgets[spec.name] = KvBudget(engine.kv_capacity_tokens, engine.max_num_seqs,
+                                                    engine.kv_block_size)
         stream = keys.job_stream(spec.name)
         log.info("model %s ready: %d KV tokens, %d sequences", spec.name, budget.capacity_tokens, budget.max_seqs)
         while True:
@@ -128,8 +141,8 @@ class Worker:
                 log.warning("reading %s failed: %s", stream, exc)
                 await asyncio.sleep(1.0)
                 continue
-            for entry_id, fields in entries:
-                await self._start_job(engine, budget, stream, entry_id, Job.unpack(fields[b"job"]))
+            jobs = [(entry_id, Job.unpack(fields[b"job"])) for entry_id, fields in entries]
+            await self._start_jobs(engine, budget, stream, jobs)
 
     async def _read(self, stream: str, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
         try:
@@ -156,18 +169,36 @@ class Worker:
             await pipe.execute()
         await self._ensure_group(keys.job_stream(engine.card.name))
 
-    async def _start_job(self, engine: Engine, budget: KvBudget, stream: str, entry_id: bytes, job: Job) -> None:
-        # Waiting here stops this model's reads: backpressure flows back into the stream.
-        await budget.admit(job.request_id, job.token_budget)
-        started = await self.store.start(job.request_id, self.worker_id)
-        if started.status != "running":  # cancelled while queued, or expired: never runs
-            budget.release(job.request_id)
-            await self._ack(stream, entry_id)
-            log.info("skipping job (%s)", started.status, extra={"request_id": job.request_id})
+    async def _start_jobs(self, engine: Engine, budget: KvBudget, stream: str, jobs: list[tuple[bytes, Job]]) -> None:
+        """Admit jobs in stream order against the KV budget; start each admitted run in one round trip."""
+        admitted: list[tuple[bytes, Job]] = []
+        for entry_id, job in jobs:
+            if budget.never_fits(job.token_budget):
+                await self._refuse(stream, entry_id, job, f"the request needs {job.token_budget} KV tokens "
+                                   f"(prompt + max_tokens); this worker holds at most {budget.capacity_tokens}")
+                continue
+            if not budget.try_admit(job.request_id, job.token_budget):
+                await self._launch(engine, budget, stream, admitted)
+                admitted = []
+                # Waiting here stops this model's reads: backpressure flows back into the stream.
+                await budget.admit(job.request_id, job.token_budget)
+            admitted.append((entry_id, job))
+        await self._launch(engine, budget, stream, admitted)
+
+    async def _launch(self, engine: Engine, budget: KvBudget, stream: str, jobs: list[tuple[bytes, Job]]) -> None:
+        if not jobs:
             return
-        task = asyncio.create_task(self._run_job(engine, budget, stream, entry_id, job, started.last_seq))
-        self._jobs.add(task)
-        task.add_done_callback(self._jobs.discard)
+        request_ids = [job.request_id for _, job in jobs]
+        started = await self._retrying(lambda: self.store.start(request_ids, self.worker_id))
+        for (entry_id, job), start in zip(jobs, started, strict=True):
+            if start.status != "running":  # cancelled while queued, or expired: never runs
+                budget.release(job.request_id)
+                await self._retrying(lambda entry_id=entry_id: self._ack(stream, entry_id))
+                log.info("skipping job (%s)", start.status, extra={"request_id": job.request_id})
+                continue
+            task = asyncio.create_task(self._run_job(engine, budget, stream, entry_id, job, start.last_seq))
+            self._jobs.add(task)
+            task.add_done_callback(self._jobs.discard)
 
     async def _run_job(
         self, engine: Engine, budget: KvBudget, stream: str, entry_id: bytes, job: Job, last_seq: int
@@ -191,6 +222,23 @@ class Worker:
             self._running.pop(request_id, None)
             self.publisher.close(request_id)
             budget.release(request_id)
+        await self._retrying(lambda: self._ack(stream, entry_id))
+        if engine.dead_error is not None and not self._stop.is_set():
+            log.error("%s; stopping the worker so that it is restarted", engine.dead_error)
+            self.exit_code = 1
+            self.stop()
+
+    async def _refuse(self, stream: str, entry_id: bytes, job: Job, reason: str) -> None:
+        """End a job that can never run here as failed, with the reason."""
+        [started] = await self._retrying(lambda: self.store.start([job.request_id], self.worker_id))
+        if started.status == "running":
+            self.publisher.open(job.request_id, started.last_seq, len(job.prompt_token_ids))
+            try:
+                await self.publisher.finish(EngineOutput(job.request_id, "", finish_reason=FinishReason.ERROR,
+                                                         error=reason))
+            finally:
+                self.publisher.close(job.request_id)
+        log.warning("refused job: %s", reason, extra={"request_id": job.request_id})
         await self._retrying(lambda: self._ack(stream, entry_id))
 
     async def _ack(self, stream: str, entry_id: bytes) -> None:
@@ -219,13 +267,12 @@ class Worker:
                 log.warning("cancel listener lost Redis: %s", exc)
                 await asyncio.sleep(1.0)
 
-    async def _retrying(self, call: Callable[[], Awaitable[None]]) -> None:
-        """Redis calls that must happen eventually (ack, register): retry with backoff."""
+    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Redis calls that must happen eventually (start, ack, register): retry with backoff."""
         delay = 0.1
         while True:
             try:
-                await call()
-                return
+                return await call()
             except REDIS_DOWN_ERRORS as exc:
                 log.warning("redis call failed, retrying: %s", exc)
                 await asyncio.sleep(delay)

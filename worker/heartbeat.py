@@ -10,7 +10,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from redis.asyncio import Redis
 
@@ -21,9 +21,11 @@ from common.redis_conn import REDIS_DOWN_ERRORS
 log = logging.getLogger(__name__)
 
 
-async def heartbeat(redis: Redis, status: Callable[[], WorkerStatus], interval_s: float, ttl_s: float) -> None:
+async def heartbeat(
+    redis: Redis, status: Callable[[], Awaitable[WorkerStatus]], interval_s: float, ttl_s: float
+) -> None:
     while True:
-        current = status()
+        current = await status()
         current.heartbeat_at = time.time()
         try:
             async with redis.pipeline(transaction=False) as pipe:

@@ -25,6 +25,10 @@ async def build_engine(spec: ModelSpec, cache_dir: str, status: WorkerModelStatu
         from worker.engines.cpu import load_cpu_engine
 
         return await load_cpu_engine(spec, cache_dir, progress)
+    if spec.engine == "vllm":
+        from worker.engines.vllm_async import load_vllm_engine
+
+        return await load_vllm_engine(spec, progress)
     raise ValueError(f"model {spec.name!r}: unknown engine {spec.engine!r}")
 
 

@@ -25,3 +25,4 @@ def run(args: argparse.Namespace) -> None:
     )
     worker = Worker(settings, load_catalogue(settings.catalogue))
     asyncio.run(worker.main())
+    raise SystemExit(worker.exit_code)

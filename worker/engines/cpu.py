@@ -15,11 +15,13 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from common.protocol import FinishReason, ModelCard, TokenizerBundle
+from common.protocol import FinishReason, ModelCard
 from common.settings import ModelSpec
-from worker.engines.base import Engine, EngineOutput, EngineRequest, ProgressCallback
+from worker.engines.base import EngineOutput, EngineRequest, ProgressCallback
 from worker.engines.cpu_batch import BatchedDecoder
 from worker.engines.gguf_cache import cached_model_dir, packaged_file
+from worker.engines.hf_tokenizer import tokenizer_bundle
+from worker.engines.queued import QueuedEngine
 from worker.engines.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -28,7 +30,7 @@ log = logging.getLogger(__name__)
 _PREFILLS_PER_STEP = 4
 
 
-class CpuEngine(Engine):
+class CpuEngine(QueuedEngine):
     def __init__(self, spec: ModelSpec, model: Any, hf_tokenizer: Any) -> None:
         super().__init__()
         options = spec.options
@@ -36,12 +38,7 @@ class CpuEngine(Engine):
         self.card = ModelCard(name=spec.name, engine="cpu", max_model_len=max_len)
         self.max_num_seqs = int(options.get("max_num_seqs", 16))
         self.kv_capacity_tokens = int(options.get("kv_cache_tokens", self.max_num_seqs * max_len))
-        self.tokenizer = TokenizerBundle(
-            tokenizer_json=hf_tokenizer.backend_tokenizer.to_str(),
-            chat_template=hf_tokenizer.chat_template,
-            bos_token=hf_tokenizer.bos_token,
-            eos_token=hf_tokenizer.eos_token,
-        )
+        self.tokenizer = tokenizer_bundle(hf_tokenizer)
         self._tokenizer = hf_tokenizer.backend_tokenizer
         self._eos = frozenset(_eos_ids(model, hf_tokenizer))
         self._decoder = BatchedDecoder(model)

@@ -14,7 +14,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from common.protocol import FinishReason, ModelCard, TokenizerBundle
 from common.settings import ModelSpec
-from worker.engines.base import Engine, EngineOutput, EngineRequest, ProgressCallback
+from worker.engines.base import EngineOutput, EngineRequest, ProgressCallback
+from worker.engines.queued import QueuedEngine
 from worker.engines.sequence import Sequence
 
 _CHAT_TEMPLATE = (
@@ -32,7 +33,7 @@ def byte_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-class TestEchoEngine(Engine):
+class TestEchoEngine(QueuedEngine):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         options = spec.options

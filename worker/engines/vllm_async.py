@@ -1,0 +1,146 @@
+"""The vLLM engine: vLLM's v1 `AsyncLLM` on a GPU, through its public API (vLLM 0.26).
+
+vLLM does the continuous batching, paged KV cache and prefix caching. This module maps our
+jobs onto it: token-id prompts (the gateway already tokenized them), DELTA outputs (only new
+text per step), abort on cancel, and the real KV capacity read once the engine is up, so the
+worker's KvBudget admits only what vLLM can hold without preemption.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from vllm import AsyncEngineArgs, SamplingParams
+from vllm.sampling_params import RequestOutputKind
+from vllm.usage.usage_lib import UsageContext
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+from common.protocol import FinishReason, ModelCard
+from common.settings import ModelSpec
+from worker.engines.base import Engine, EngineOutput, EngineRequest, EngineStats, ProgressCallback
+from worker.engines.hf_tokenizer import tokenizer_bundle
+
+log = logging.getLogger(__name__)
+
+_FINISH_REASONS = {
+    "stop": FinishReason.STOP,
+    "length": FinishReason.LENGTH,
+    "abort": FinishReason.CANCELLED,
+    "error": FinishReason.ERROR,
+}
+
+
+class _LatestSchedulerStats(StatLoggerBase):
+    """A stat logger that keeps only the scheduler's last report (running, waiting, KV usage)."""
+
+    def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+        self.latest: Any = None
+
+    def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+               engine_idx: int = 0) -> None:
+        if scheduler_stats is not None:
+            self.latest = scheduler_stats
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+
+class VllmEngine(Engine):
+    def __init__(self, spec: ModelSpec, llm: AsyncLLM, hf_tokenizer: Any, stats: _LatestSchedulerStats) -> None:
+        config = llm.vllm_config
+        self.card = ModelCard(name=spec.name, engine="vllm", max_model_len=config.model_config.max_model_len)
+        self.tokenizer = tokenizer_bundle(hf_tokenizer)
+        self.kv_block_size = config.cache_config.block_size
+        self.kv_capacity_tokens = int(config.cache_config.num_gpu_blocks or 0) * self.kv_block_size
+        self.max_num_seqs = config.scheduler_config.max_num_seqs
+        self._llm = llm
+        self._stats = stats
+        self._aborts: set[asyncio.Task[None]] = set()
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        p = request.params
+        params = SamplingParams(
+            n=1, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, stop=p.stop or None,
+            seed=p.seed, ignore_eos=p.ignore_eos, min_tokens=p.min_tokens,
+            output_kind=RequestOutputKind.DELTA,  # only the new text and tokens of each step
+        )
+        prompt = {"prompt_token_ids": request.prompt_token_ids}
+        async for out in self._llm.generate(prompt, params, request.request_id):  # type: ignore[arg-type]
+            completion = out.outputs[0]
+            finish = _FINISH_REASONS.get(completion.finish_reason or "", FinishReason.ERROR) if out.finished else None
+            yield EngineOutput(request.request_id, completion.text, list(completion.token_ids), finish_reason=finish,
+                               error="vLLM reported an error" if finish == FinishReason.ERROR else None)
+            if finish is not None:
+                return
+
+    def abort(self, request_id: str) -> None:
+        # vLLM's abort is a coroutine; the request's stream then ends with finish_reason "abort".
+        task = asyncio.get_running_loop().create_task(self._llm.abort(request_id))
+        self._aborts.add(task)
+        task.add_done_callback(self._aborts.discard)
+
+    def stats(self) -> EngineStats:
+        latest = self._stats.latest
+        if latest is None:
+            return EngineStats(running=0, waiting=0, kv_usage=0.0)
+        return EngineStats(running=latest.num_running_reqs, waiting=latest.num_waiting_reqs,
+                           kv_usage=round(float(latest.kv_cache_usage), 4))
+
+    @property
+    def dead_error(self) -> str | None:
+        return f"vLLM engine died: {self._llm.dead_error}" if self._llm.errored else None
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._llm.shutdown)
+
+
+def engine_args(spec: ModelSpec) -> AsyncEngineArgs:
+    """The catalogue entry as vLLM engine arguments: `source` is the model directory, every
+    option an `AsyncEngineArgs` field (dtype, max_model_len, gpu_memory_utilization, load_format, ...)."""
+    known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    unknown = sorted(set(spec.options) - known)
+    if unknown:
+        raise ValueError(f"model {spec.name!r}: not vLLM engine arguments: {', '.join(unknown)}")
+    if not spec.source:
+        raise ValueError(f"model {spec.name!r}: `source` (the model directory) is required for vllm")
+    return AsyncEngineArgs(model=spec.source, served_model_name=spec.name, disable_log_stats=True, **spec.options)
+
+
+async def load_vllm_engine(spec: ModelSpec, progress: ProgressCallback) -> VllmEngine:
+    """Build the engine off the event loop: vLLM starts its engine-core process and waits for
+    weights, profiling, torch.compile and CUDA graphs there (minutes), while the worker heartbeats."""
+    from transformers import AutoTokenizer
+
+    args = engine_args(spec)
+    holder: list[_LatestSchedulerStats] = []
+
+    def stats_logger(vllm_config: Any, engine_index: int) -> _LatestSchedulerStats:
+        holder.append(_LatestSchedulerStats(vllm_config, engine_index))
+        return holder[-1]
+
+    progress(0.05)
+    hf_tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, args.tokenizer or spec.source)
+    progress(0.1)
+    # OPENAI_API_SERVER: the same scheduler defaults (max_num_seqs, batched tokens) as `vllm serve`.
+    llm = await asyncio.to_thread(
+        AsyncLLM.from_engine_args, args, usage_context=UsageContext.OPENAI_API_SERVER, stat_loggers=[stats_logger]
+    )
+    progress(0.95)
+    try:
+        # A first round trip on this event loop: starts vLLM's output tasks here and proves the
+        # engine core answers before the worker reads a single job.
+        tasks = await llm.get_supported_tasks()
+        if "generate" not in tasks:
+            raise ValueError(f"model {spec.name!r} cannot generate text (vLLM supports: {', '.join(tasks)})")
+    except BaseException:
+        await asyncio.to_thread(llm.shutdown)
+        raise
+    engine = VllmEngine(spec, llm, hf_tokenizer, holder[0])
+    log.info("vLLM engine %s up: %d KV blocks x %d tokens, max_num_seqs %d", spec.name,
+             engine.kv_capacity_tokens // engine.kv_block_size, engine.kv_block_size, engine.max_num_seqs)
+    return engine
