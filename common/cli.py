@@ -28,3 +28,7 @@ def main(argv: list[str] | None = None) -> None:
             importlib.import_module(module).add_arguments(part)
     args = parser.parse_args(argv)
     importlib.import_module(_PARTS[args.command][0]).run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -60,7 +60,7 @@ def _say(message: str) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    exe = _llm_fleet_executable()
+    exe = _llm_fleet_command()
     valkey = None
     redis_url = args.redis_url
     if redis_url is None:
@@ -70,13 +70,13 @@ def run(args: argparse.Namespace) -> None:
         _say(f"embedded Valkey on {redis_url} (data in {valkey.data_dir})")
     models = args.models or ["smollm2-135m"]
     base_url = f"http://{args.host}:{args.port}"
-    gateway = Part("gateway", [exe, "gateway", "--redis-url", redis_url, "--host", args.host,
+    gateway = Part("gateway", [*exe, "gateway", "--redis-url", redis_url, "--host", args.host,
                                "--port", str(args.port)])
     worker_flags = [flag for m in models for flag in ("--model", m)]
     if args.catalogue:
         worker_flags += ["--catalogue", args.catalogue]
     workers = [
-        Part(f"worker-{i}", [exe, "worker", "--redis-url", redis_url, "--worker-id", f"local-{os.getpid()}-{i}",
+        Part(f"worker-{i}", [*exe, "worker", "--redis-url", redis_url, "--worker-id", f"local-{os.getpid()}-{i}",
                              *worker_flags])
         for i in range(args.workers)
     ]
@@ -122,13 +122,12 @@ def run(args: argparse.Namespace) -> None:
         _say("stopped")
 
 
-def _llm_fleet_executable() -> str:
-    """The console script of this installation (beside this Python), else the one on PATH."""
+def _llm_fleet_command() -> list[str]:
+    """The console script of this installation (beside this Python), else the one on PATH, else
+    this Python running the CLI module (a source checkout on PYTHONPATH, not installed)."""
     beside = Path(sys.executable).parent / "llm-fleet"
     found = str(beside) if beside.exists() else shutil.which("llm-fleet")
-    if found is None:
-        raise SystemExit("llm-fleet: cannot find the `llm-fleet` executable; is the package installed?")
-    return found
+    return [found] if found is not None else [sys.executable, "-m", "common.cli"]
 
 
 def _stop_all(parts: list[Part], timeout_s: float) -> None:

@@ -6,6 +6,7 @@ import argparse
 
 from aiohttp import web
 
+from common.event_loop import new_event_loop
 from common.logs import setup_logging
 from common.settings import GatewaySettings
 from gateway.app import create_app
@@ -25,4 +26,4 @@ def run(args: argparse.Namespace) -> None:
         redis_url=args.redis_url, host=args.host, port=args.port, max_outstanding=args.max_outstanding
     )
     web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None,
-                shutdown_timeout=5.0, access_log=None)
+                shutdown_timeout=5.0, access_log=None, loop=new_event_loop())

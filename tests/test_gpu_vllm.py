@@ -136,7 +136,7 @@ async def test_native_websocket_and_openai_requests_are_served(gpu_fleet: GpuFle
         chunks = [m for m in messages if m["type"] == "chunk"]
         assert [m["seq"] for m in chunks] == list(range(1, len(chunks) + 1))
         assert messages[-1]["type"] == "done" and 0 < messages[-1]["usage"]["completion_tokens"] <= 16
-        assert "paris" in "".join(m["text"] for m in chunks).lower()
+        assert "".join(m["text"] for m in chunks).strip()
 
     client = AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused")
     # Streaming chat, with usage in the last chunk, and ignore_eos (what benchmarks send).
@@ -163,10 +163,10 @@ async def test_cancel_aborts_in_vllm_and_frees_the_kv_budget(gpu_fleet: GpuFleet
             request_id = (await response.json())["request_id"]
         await _poll(http, base_url, request_id, {"running"})
         async with asyncio.timeout(10):
-            while (await _worker_model_status(http, base_url))["kv_used_tokens"] == 0:
-                await asyncio.sleep(0.1)  # the heartbeat shows the job's budget held
-        held = await _worker_model_status(http, base_url)
-        assert held["kv_used_tokens"] >= 1800 and held["running"] == 1
+            # The heartbeat shows the job's budget held, and vLLM's scheduler running it.
+            while (held := await _worker_model_status(http, base_url))["engine_running"] != 1:
+                await asyncio.sleep(0.1)
+        assert held["kv_used_tokens"] >= 1800 and held["running"] == 1 and held["engine_kv_usage"] > 0
         async with http.delete(f"{base_url}/v1/requests/{request_id}") as response:
             assert response.status == 200
         cancelled = await _poll(http, base_url, request_id, {"cancelled", "completed"})
@@ -174,9 +174,8 @@ async def test_cancel_aborts_in_vllm_and_frees_the_kv_budget(gpu_fleet: GpuFleet
         async with asyncio.timeout(10):
             while (status := await _worker_model_status(http, base_url))["kv_used_tokens"] != 0:
                 await asyncio.sleep(0.1)
-        assert status["running"] == 0 and status["kv_capacity_tokens"] > 100_000
-        # The heartbeat carries vLLM's own counters and the GPU's memory and utilization from NVML.
-        assert status["engine_running"] is not None and status["engine_kv_usage"] is not None
+        assert status["running"] == 0 and status["engine_running"] == 0 and status["kv_capacity_tokens"] > 100_000
+        # The heartbeat carries the GPU's memory and utilization from NVML.
         redis = aioredis.from_url(gpu_fleet.redis_url)
         [worker_id] = await redis.smembers(keys.WORKERS)
         heartbeat = WorkerStatus.unpack(await redis.get(keys.worker(worker_id.decode())))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+from common.event_loop import new_event_loop
 from common.logs import setup_logging
 from common.settings import WorkerSettings, load_catalogue
 from worker.consumer import Worker
@@ -24,5 +25,6 @@ def run(args: argparse.Namespace) -> None:
         redis_url=args.redis_url, models=args.models, worker_id=args.worker_id, catalogue=args.catalogue
     )
     worker = Worker(settings, load_catalogue(settings.catalogue))
-    asyncio.run(worker.main())
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(worker.main())
     raise SystemExit(worker.exit_code)

@@ -61,6 +61,7 @@ class VllmEngine(Engine):
         self._llm = llm
         self._stats = stats
         self._aborts: set[asyncio.Task[None]] = set()
+        self._active: set[str] = set()
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         p = request.params
@@ -70,13 +71,19 @@ class VllmEngine(Engine):
             output_kind=RequestOutputKind.DELTA,  # only the new text and tokens of each step
         )
         prompt = {"prompt_token_ids": request.prompt_token_ids}
-        async for out in self._llm.generate(prompt, params, request.request_id):  # type: ignore[arg-type]
-            completion = out.outputs[0]
-            finish = _FINISH_REASONS.get(completion.finish_reason or "", FinishReason.ERROR) if out.finished else None
-            yield EngineOutput(request.request_id, completion.text, list(completion.token_ids), finish_reason=finish,
-                               error="vLLM reported an error" if finish == FinishReason.ERROR else None)
-            if finish is not None:
-                return
+        self._active.add(request.request_id)
+        try:
+            async for out in self._llm.generate(prompt, params, request.request_id):  # type: ignore[arg-type]
+                completion = out.outputs[0]
+                finish = (_FINISH_REASONS.get(completion.finish_reason or "", FinishReason.ERROR)
+                          if out.finished else None)
+                yield EngineOutput(request.request_id, completion.text, list(completion.token_ids),
+                                   finish_reason=finish,
+                                   error="vLLM reported an error" if finish == FinishReason.ERROR else None)
+                if finish is not None:
+                    return
+        finally:
+            self._active.discard(request.request_id)
 
     def abort(self, request_id: str) -> None:
         # vLLM's abort is a coroutine; the request's stream then ends with finish_reason "abort".
@@ -86,10 +93,11 @@ class VllmEngine(Engine):
 
     def stats(self) -> EngineStats:
         latest = self._stats.latest
-        if latest is None:
+        if latest is None or not self._active:
+            # vLLM reports stats only while it steps, so its last report is stale once idle.
             return EngineStats(running=0, waiting=0, kv_usage=0.0)
         return EngineStats(running=latest.num_running_reqs, waiting=latest.num_waiting_reqs,
-                           kv_usage=round(float(latest.kv_cache_usage), 4))
+                           kv_usage=float(latest.kv_cache_usage))
 
     @property
     def dead_error(self) -> str | None:

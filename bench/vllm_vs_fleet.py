@@ -1,0 +1,243 @@
+"""llm-fleet side by side with `vllm serve`, on one GPU, with vLLM's own benchmark client.
+
+For one model: start `vllm serve`, run `vllm bench serve --backend openai` (random dataset,
+256 in / 256 out, --ignore-eos) at each concurrency, stop it; then the same against
+`llm-fleet up` (embedded Valkey + gateway + one vLLM worker) with the same engine settings.
+While each run goes, it samples every process's CPU use (what saturates?) and, at the highest
+concurrency, profiles the Python front ends with py-spy (where does their time go?).
+
+Run on the GPU machine (bench/GPU.md): python bench/vllm_vs_fleet.py --model smollm2-135m
+Prints a markdown table; writes everything as JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+
+VLLM_CLI = [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+FLEET_CLI = [sys.executable, "-m", "common.cli"]
+METRICS = [("output_throughput", "output tok/s", 0), ("request_throughput", "req/s", 1),
+           ("median_ttft_ms", "TTFT p50 ms", 0), ("p99_ttft_ms", "TTFT p99 ms", 0),
+           ("median_itl_ms", "ITL p50 ms", 1), ("p99_itl_ms", "ITL p99 ms", 1)]
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+@contextlib.contextmanager
+def server(argv: list[str], ready_url: str, log_path: Path, env: dict[str, str], timeout_s: float) -> Iterator[int]:
+    """Start a server in its own process group, wait until `ready_url` answers 200, stop it after."""
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    started = time.monotonic()
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"{argv[:4]} exited {process.returncode}; see {log_path}:\n"
+                                   + log_path.read_text()[-3000:])
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(ready_url, timeout=2) as response:
+                    if response.status == 200:
+                        break
+            if time.monotonic() - started > timeout_s:
+                raise RuntimeError(f"not ready after {timeout_s:.0f}s; see {log_path}")
+            time.sleep(1)
+        log(f"ready in {time.monotonic() - started:.0f}s: {' '.join(argv[2:6])}")
+        yield process.pid
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(90)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        # vLLM's engine core runs in its own process; leave the GPU free for the next server.
+        for leftover in psutil.process_iter(["cmdline"]):
+            with contextlib.suppress(psutil.Error):
+                if leftover.pid != os.getpid() and "EngineCore" in " ".join(leftover.info["cmdline"] or []):
+                    leftover.kill()
+        time.sleep(3)
+
+
+def process_tree(root_pid: int) -> dict[str, psutil.Process]:
+    """The server's processes by role (gateway, worker, valkey, vLLM's API server and engine core)."""
+    root = psutil.Process(root_pid)
+    roles: dict[str, psutil.Process] = {}
+    for process in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            cmd = " ".join(process.cmdline())
+            name = process.name()
+            role = ("engine-core" if "EngineCore" in cmd or "EngineCore" in name else
+                    "valkey" if "valkey" in cmd else
+                    "gateway" if " gateway " in f"{cmd} " else
+                    "worker" if " worker " in f"{cmd} " else
+                    "vllm-api-server" if "serve" in cmd and process.pid == root_pid else None)
+            if role and role not in roles:
+                roles[role] = process
+    return roles
+
+
+class CpuSampler:
+    """CPU seconds each process used over a run, as % of one core."""
+
+    def __init__(self, processes: dict[str, psutil.Process]) -> None:
+        self.processes = processes
+        self.start = time.monotonic()
+        self.before = {role: self._cpu(p) for role, p in processes.items()}
+
+    @staticmethod
+    def _cpu(process: psutil.Process) -> float:
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            return times.user + times.system
+        return 0.0
+
+    def percent(self) -> dict[str, float]:
+        wall = time.monotonic() - self.start
+        return {role: round(100 * (self._cpu(p) - self.before[role]) / wall, 1) for role, p in self.processes.items()}
+
+
+def profile(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy, non-blocking (the target is not paused), collapsed stacks with thread ids dropped."""
+    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "200",
+                             "--nonblocking", "--format", "raw", "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def top_frames(collapsed: Path, n: int = 12) -> list[tuple[str, float]]:
+    """The functions that were on top of the stack most often (self time), as % of samples."""
+    if not collapsed.exists():
+        return []
+    self_time: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frame = stack.split(";")[-1]
+        self_time[frame] += int(count)
+        total += int(count)
+    return [(frame, round(100 * c / total, 1)) for frame, c in self_time.most_common(n)] if total else []
+
+
+def bench_serve(base_url: str, model: str, tokenizer: str, concurrency: int, prompts: int, result: Path) -> dict:
+    argv = [*VLLM_CLI, "bench", "serve", "--backend", "openai", "--base-url", base_url, "--endpoint",
+            "/v1/completions", "--model", model, "--tokenizer", tokenizer, "--dataset-name", "random",
+            "--random-input-len", "256", "--random-output-len", "256", "--num-prompts", str(prompts),
+            "--max-concurrency", str(concurrency), "--ignore-eos", "--seed", "0",
+            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
+            "--save-result", "--result-dir", str(result.parent), "--result-filename", result.name]
+    completed = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+    if completed.returncode != 0 or not result.exists():
+        raise RuntimeError(f"vllm bench serve failed ({completed.returncode}):\n{completed.stdout[-2000:]}\n"
+                           f"{completed.stderr[-3000:]}")
+    return json.loads(result.read_text())
+
+
+def measure(label: str, base_url: str, root_pid: int, args: argparse.Namespace, work: Path) -> list[dict]:
+    rows = []
+    for concurrency in args.concurrency:
+        roles = process_tree(root_pid)
+        sampler = CpuSampler(roles)
+        profilers = {}
+        if concurrency == max(args.concurrency) and args.profile_s:
+            for role in ("gateway", "worker", "vllm-api-server"):
+                if role in roles:
+                    profilers[role] = (profile(roles[role].pid, args.profile_s, work / f"{label}-{role}.txt"),
+                                       work / f"{label}-{role}.txt")
+        result = bench_serve(base_url, args.model, args.model_dir, concurrency, args.num_prompts,
+                             work / f"{label}-c{concurrency}.json")
+        cpu = sampler.percent()
+        profiles = {}
+        for role, (spy, path) in profilers.items():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                spy.wait(30)
+            profiles[role] = top_frames(path)
+        row = {"server": label, "concurrency": concurrency, **{k: result.get(k) for k, _, _ in METRICS},
+               "completed": result.get("completed"), "failed": result.get("failed", 0),
+               "duration_s": result.get("duration"), "cpu_percent": cpu, "profile_top_self": profiles}
+        log(f"{label} c={concurrency}: " + ", ".join(f"{name} {row[k]:.{d}f}" for k, name, d in METRICS
+                                                       if row[k] is not None) + f"; CPU % of a core: {cpu}")
+        rows.append(row)
+    return rows
+
+
+def table(model: str, rows: list[dict]) -> str:
+    lines = [f"### {model}", "", "| server | c | " + " | ".join(name for _, name, _ in METRICS) + " | completed |",
+             "|---|---|" + "---|" * (len(METRICS) + 1)]
+    by_key = {(r["server"], r["concurrency"]): r for r in rows}
+    for row in rows:
+        lines.append(f"| {row['server']} | {row['concurrency']} | "
+                     + " | ".join(f"{row[k]:,.{d}f}" if row[k] is not None else "-" for k, _, d in METRICS)
+                     + f" | {row['completed']} |")
+    for concurrency in sorted({r["concurrency"] for r in rows}):
+        fleet, vllm = by_key.get(("llm-fleet", concurrency)), by_key.get(("vllm-serve", concurrency))
+        if fleet and vllm:
+            lines.append(f"| fleet/vllm | {concurrency} | " + " | ".join(
+                f"{fleet[k] / vllm[k]:.2f}" if fleet[k] and vllm[k] else "-" for k, _, _ in METRICS) + " | |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="served name, e.g. smollm2-135m or llama-8b-shape")
+    parser.add_argument("--model-dir", help="default /tmp/models/<model>")
+    parser.add_argument("--load-format", default="dummy", help="dummy (random weights, same speed) or auto")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--num-prompts", type=int, default=1000)
+    parser.add_argument("--only", choices=["vllm-serve", "llm-fleet"], help="run one side only")
+    parser.add_argument("--profile-s", type=int, default=15, help="py-spy seconds at the top concurrency (0: off)")
+    parser.add_argument("--flush-interval-ms", type=float, help="the worker's chunk coalescing interval")
+    parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
+    args = parser.parse_args()
+    args.model_dir = args.model_dir or f"/tmp/models/{args.model}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    rows: list[dict] = []
+
+    if args.only in (None, "vllm-serve"):
+        port = 8100
+        argv = [*VLLM_CLI, "serve", args.model_dir, "--served-model-name", args.model, "--port", str(port),
+                "--load-format", args.load_format]
+        with server(argv, f"http://127.0.0.1:{port}/v1/models", out / f"{args.model}-vllm-serve.log", env, 600) as pid:
+            rows += measure("vllm-serve", f"http://127.0.0.1:{port}", pid, args, work)
+
+    if args.only in (None, "llm-fleet"):
+        port = 8200
+        catalogue = work / "catalogue.json"
+        catalogue.write_text(json.dumps({args.model: {"engine": "vllm", "source": args.model_dir,
+                                                      "options": {"load_format": args.load_format}}}))
+        fleet_env = {**env, "LLM_FLEET_MAX_OUTSTANDING": str(4 * max(args.concurrency))}
+        if args.flush_interval_ms is not None:
+            fleet_env["LLM_FLEET_FLUSH_INTERVAL_MS"] = str(args.flush_interval_ms)
+        argv = [*FLEET_CLI, "up", "--port", str(port), "--model", args.model, "--catalogue", str(catalogue)]
+        with server(argv, f"http://127.0.0.1:{port}/ready", out / f"{args.model}-llm-fleet.log", fleet_env,
+                    600) as pid:
+            rows += measure("llm-fleet", f"http://127.0.0.1:{port}", pid, args, work)
+
+    report = table(args.model, rows)
+    print(report, flush=True)
+    (out / f"{args.model}.json").write_text(json.dumps({"model": args.model, "rows": rows, "table": report},
+                                                       indent=1))
+
+
+if __name__ == "__main__":
+    main()
