@@ -28,6 +28,8 @@ _NOOP_VALUES: dict[str, tuple[Any, ...]] = {
     "suffix": (None,), "parallel_tool_calls": (None,), "tools": (None, []), "tool_choice": (None, "none"),
     "response_format": (None, {"type": "text"}), "service_tier": (None, "auto", "default"), "store": (None, False),
     "metadata": (None,),
+    # vLLM's sampling extensions, at their neutral values (`vllm bench serve` sends repetition_penalty=1.0).
+    "repetition_penalty": (None, 1, 1.0), "top_k": (None, 0, -1), "min_p": (None, 0, 0.0),
 }
 
 
@@ -64,13 +66,8 @@ def _parse(body: dict[str, Any], *, chat: bool) -> tuple[GenerateRequest, bool, 
             raise Unprocessable("`prompt` must be a non-empty string (or a list of one)", param="prompt")
 
     max_tokens = int_field(body, "max_completion_tokens", minimum=1) or int_field(body, "max_tokens", minimum=1)
-    ignore_eos = body.get("ignore_eos", False)
-    if not isinstance(ignore_eos, bool):
-        raise Unprocessable("`ignore_eos` must be a boolean", param="ignore_eos")
     request = GenerateRequest(
-        model=model, prompt=prompt, messages=messages, max_tokens=max_tokens, **sampling_fields(body),
-        ignore_eos=ignore_eos, min_tokens=int_field(body, "min_tokens", minimum=0) or 0,
-    )
+        model=model, prompt=prompt, messages=messages, max_tokens=max_tokens, **sampling_fields(body))
     return request, stream, bool(options.get("include_usage"))
 
 

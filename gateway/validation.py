@@ -14,7 +14,8 @@ MAX_STOP_STRINGS = 8
 MAX_SEED = 2**63 - 1
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 _ROLES = frozenset({"system", "user", "assistant", "tool"})
-GENERATE_FIELDS = frozenset({"model", "prompt", "messages", "max_tokens", "temperature", "top_p", "stop", "seed"})
+GENERATE_FIELDS = frozenset({"model", "prompt", "messages", "max_tokens", "temperature", "top_p", "stop", "seed",
+                             "ignore_eos", "min_tokens"})
 
 
 @dataclass(slots=True)
@@ -67,12 +68,18 @@ def parse_generate(body: dict[str, Any], *, also_allowed: frozenset[str] = froze
 
 
 def sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
-    """temperature, top_p, stop and seed, checked the same way for every front end."""
+    """temperature, top_p, stop, seed and vLLM's ignore_eos/min_tokens (benchmarks send them),
+    checked the same way for every front end."""
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise Unprocessable("`ignore_eos` must be a boolean", param="ignore_eos")
     return {
         "temperature": number_field(body, "temperature", 1.0, low=0.0, high=2.0),
         "top_p": number_field(body, "top_p", 1.0, low=0.0, high=1.0, low_open=True),
         "stop": stop_field(body.get("stop")),
         "seed": int_field(body, "seed", minimum=0, maximum=MAX_SEED),
+        "ignore_eos": ignore_eos,
+        "min_tokens": int_field(body, "min_tokens", minimum=0) or 0,
     }
 
 

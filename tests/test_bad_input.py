@@ -37,6 +37,8 @@ def _assert_error(status: int, reply: dict, expected: int, *words: str) -> None:
         ({"model": TEST_MODEL, "prompt": "x", "stop": [1]}, 422, ["stop"]),
         ({"model": TEST_MODEL, "prompt": "x", "seed": -1}, 422, ["seed"]),
         ({"model": TEST_MODEL, "prompt": "x", "best_of": 2}, 422, ["best_of"]),
+        ({"model": TEST_MODEL, "prompt": "x", "ignore_eos": "yes"}, 422, ["ignore_eos"]),
+        ({"model": TEST_MODEL, "prompt": "x", "min_tokens": -1}, 422, ["min_tokens"]),
     ],
 )
 async def test_invalid_generate_requests_are_rejected(start_fleet: StartFleet, body, status, words) -> None:
