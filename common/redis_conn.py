@@ -12,14 +12,20 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 REDIS_DOWN_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
 
-def connect(url: str, *, timeout_s: float, blocking_ms: int = 0) -> aioredis.Redis:
+def connect(url: str, *, timeout_s: float, blocking_ms: int = 0, max_connections: int = 512) -> aioredis.Redis:
     """A pooled client. One immediate retry replaces a connection that died with a restart;
-    beyond that the error surfaces at once (the gateway turns it into a 503)."""
-    return aioredis.Redis.from_url(
+    beyond that the error surfaces at once (the gateway turns it into a 503).
+
+    The pool blocks (up to `timeout_s`) for a free connection when all `max_connections` are
+    busy, instead of failing with "Too many connections": a burst of requests queues briefly."""
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         # A blocking read (XREADGROUP BLOCK) must not time out on its own socket.
         socket_timeout=timeout_s + blocking_ms / 1000,
         retry=Retry(NoBackoff(), retries=1),
         health_check_interval=30,
     )
+    return aioredis.Redis.from_pool(pool)

@@ -61,6 +61,8 @@ class GatewaySettings(_FromEnv):
     result_ttl_s: int = 3600
     # Redis calls fail fast so an outage is a 503 at once, not a hang.
     redis_timeout_s: float = 2.0
+    # Connections to Redis; a burst beyond this waits (up to redis_timeout_s) for a free one.
+    redis_max_connections: int = 512
     # A stream with no chunk for this long re-reads the stored chunks (covers a pub/sub reconnect).
     stream_resync_s: float = 2.0
 

@@ -82,7 +82,8 @@ def create_app(settings: GatewaySettings) -> web.Application:
 
 def _lifecycle(settings: GatewaySettings) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        redis = connect(settings.redis_url, timeout_s=settings.redis_timeout_s)
+        redis = connect(settings.redis_url, timeout_s=settings.redis_timeout_s,
+                        max_connections=settings.redis_max_connections)
         store = RequestStore(redis)
         registry = ModelRegistry(redis)
         relay = Relay(redis, store, resync_s=settings.stream_resync_s)

@@ -20,14 +20,17 @@ class ModelRegistry:
         self._redis = redis
         self._cards: dict[str, ModelCard] = {}
         self._cards_at = 0.0
+        self._cards_lock = asyncio.Lock()
         self._encoders: dict[str, tuple[ModelCard, PromptEncoder]] = {}
         self._encoder_lock = asyncio.Lock()
 
     async def cards(self) -> dict[str, ModelCard]:
         if time.monotonic() - self._cards_at > _CARDS_TTL_S:
-            raw = await self._redis.hgetall(keys.MODELS)
-            self._cards = {k.decode(): ModelCard.unpack(v) for k, v in raw.items()}
-            self._cards_at = time.monotonic()
+            async with self._cards_lock:  # one refresh for a burst of requests, not one each
+                if time.monotonic() - self._cards_at > _CARDS_TTL_S:
+                    raw = await self._redis.hgetall(keys.MODELS)
+                    self._cards = {k.decode(): ModelCard.unpack(v) for k, v in raw.items()}
+                    self._cards_at = time.monotonic()
         return self._cards
 
     async def resolve(self, name: str | None) -> ModelCard:

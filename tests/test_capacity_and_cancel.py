@@ -88,3 +88,16 @@ async def test_cancelling_a_running_request_aborts_it_and_frees_its_kv_budget(st
     assert done["status"] == "cancelled" and tokens_then < 3000
     await asyncio.sleep(0.2)  # nothing more is appended after the cancel
     assert (await fleet.get(f"/v1/requests/{request_id}"))[1]["usage"]["completion_tokens"] == tokens_then
+
+
+async def test_a_burst_larger_than_the_redis_pool_waits_for_connections_instead_of_failing(
+    start_fleet: StartFleet,
+) -> None:
+    """Seen on the GPU machine: 100 concurrent streams on a pool of 100 gave 503 'Too many connections'."""
+    fleet = await start_fleet(redis_max_connections=4)
+    replies = await asyncio.gather(*(
+        fleet.post("/v1/completions", {"model": TEST_MODEL, "prompt": f"burst {i}", "max_tokens": 4})
+        for i in range(60)
+    ))
+    assert [status for status, _, _ in replies] == [200] * 60
+    assert all(reply["choices"][0]["text"] == f"burst {i}"[:4] for i, (_, reply, _) in enumerate(replies))
