@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,10 +51,16 @@ def server(argv: list[str], ready_url: str, log_path: Path, env: dict[str, str],
             if process.poll() is not None:
                 raise RuntimeError(f"{argv[:4]} exited {process.returncode}; see {log_path}:\n"
                                    + log_path.read_text()[-3000:])
-            with contextlib.suppress(OSError):
+            try:
                 with urllib.request.urlopen(ready_url, timeout=2) as response:
                     if response.status == 200:
                         break
+            except urllib.error.HTTPError as exc:  # the fleet's /ready says why it is not ready
+                reason = exc.read().decode(errors="replace")
+                if "failed to load" in reason:
+                    raise RuntimeError(f"{argv[:4]}: {reason}") from exc
+            except OSError:
+                pass
             if time.monotonic() - started > timeout_s:
                 raise RuntimeError(f"not ready after {timeout_s:.0f}s; see {log_path}")
             time.sleep(1)
@@ -161,7 +168,7 @@ def measure(label: str, base_url: str, root_pid: int, args: argparse.Namespace, 
                 if role in roles:
                     profilers[role] = (profile(roles[role].pid, args.profile_s, work / f"{label}-{role}.txt"),
                                        work / f"{label}-{role}.txt")
-        result = bench_serve(base_url, args.model, args.model_dir, concurrency, args.num_prompts,
+        result = bench_serve(base_url, args.model, args.tokenizer, concurrency, args.num_prompts,
                              work / f"{label}-c{concurrency}.json")
         cpu = sampler.percent()
         profiles = {}
@@ -198,6 +205,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="served name, e.g. smollm2-135m or llama-8b-shape")
     parser.add_argument("--model-dir", help="default /tmp/models/<model>")
+    parser.add_argument("--tokenizer", help="default: the model directory if it has one, else SmolLM2's")
     parser.add_argument("--load-format", default="dummy", help="dummy (random weights, same speed) or auto")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--num-prompts", type=int, default=1000)
@@ -207,6 +215,9 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     args = parser.parse_args()
     args.model_dir = args.model_dir or f"/tmp/models/{args.model}"
+    # llama-8b-shape is a config alone (dummy weights) that uses SmolLM2's tokenizer.
+    args.tokenizer = args.tokenizer or (args.model_dir if Path(args.model_dir, "tokenizer.json").exists()
+                                        else "/tmp/models/smollm2-135m")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-"))
@@ -216,7 +227,7 @@ def main() -> None:
     if args.only in (None, "vllm-serve"):
         port = 8100
         argv = [*VLLM_CLI, "serve", args.model_dir, "--served-model-name", args.model, "--port", str(port),
-                "--load-format", args.load_format]
+                "--load-format", args.load_format, "--tokenizer", args.tokenizer]
         with server(argv, f"http://127.0.0.1:{port}/v1/models", out / f"{args.model}-vllm-serve.log", env, 600) as pid:
             rows += measure("vllm-serve", f"http://127.0.0.1:{port}", pid, args, work)
 
@@ -224,7 +235,8 @@ def main() -> None:
         port = 8200
         catalogue = work / "catalogue.json"
         catalogue.write_text(json.dumps({args.model: {"engine": "vllm", "source": args.model_dir,
-                                                      "options": {"load_format": args.load_format}}}))
+                                                      "options": {"load_format": args.load_format,
+                                                                  "tokenizer": args.tokenizer}}}))
         fleet_env = {**env, "LLM_FLEET_MAX_OUTSTANDING": str(4 * max(args.concurrency))}
         if args.flush_interval_ms is not None:
             fleet_env["LLM_FLEET_FLUSH_INTERVAL_MS"] = str(args.flush_interval_ms)

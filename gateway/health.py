@@ -24,7 +24,10 @@ async def ready(request: web.Request) -> web.Response:
         return web.json_response({"ready": False, "reason": f"Redis is unreachable: {exc}"}, status=503)
     ready_models = sorted({name for w in workers for name, m in w.models.items() if m["state"] == ModelState.READY})
     if not ready_models:
-        reason = "no live worker" if not workers else "no worker has a model ready yet (loading)"
+        failed = sorted({f"{name}: {m.get('error')}" for w in workers for name, m in w.models.items()
+                         if m["state"] == ModelState.FAILED})
+        reason = ("no live worker" if not workers else f"models failed to load: {'; '.join(failed)}" if failed
+                  else "no worker has a model ready yet (loading)")
         return web.json_response({"ready": False, "reason": reason, "workers": len(workers)}, status=503)
     return web.json_response({"ready": True, "workers": len(workers), "models": ready_models})
 

@@ -81,3 +81,16 @@ async def test_health_ready_and_models_report_the_fleet(start_fleet: StartFleet)
     (model,) = listing["data"]
     assert model["id"] == TEST_MODEL and model["state"] == "ready" and model["max_model_len"] == 4096
     assert model["workers"][0]["kv_capacity_tokens"] == 65536
+
+
+async def test_ready_names_the_model_that_failed_to_load(start_fleet: StartFleet) -> None:
+    """A misconfigured catalogue entry: the worker stays up, reports `failed` with the error, and
+    /ready says so (an operator or a deploy script sees why, instead of waiting forever)."""
+    fleet = await start_fleet(workers=0)
+    await fleet.start_worker(max_model_len="not a number")
+    async with asyncio.timeout(5):
+        while "failed to load" not in (reply := (await fleet.get("/ready"))[1])["reason"]:
+            await asyncio.sleep(0.05)
+    assert TEST_MODEL in reply["reason"] and "not a number" in reply["reason"]
+    (model,) = (await fleet.get("/v1/models"))[1]["data"]
+    assert model["state"] == "failed" and "not a number" in model["workers"][0]["error"]
