@@ -101,11 +101,11 @@ def process_tree(root_pid: int) -> dict[str, psutil.Process]:
 
 
 class CpuSampler:
-    """CPU seconds each process used over a run, as % of one core."""
+    """CPU seconds each process used during a run, as % of one core over the benchmark's own
+    duration (the servers idle while the client starts up and generates its prompts)."""
 
     def __init__(self, processes: dict[str, psutil.Process]) -> None:
         self.processes = processes
-        self.start = time.monotonic()
         self.before = {role: self._cpu(p) for role, p in processes.items()}
 
     @staticmethod
@@ -115,15 +115,14 @@ class CpuSampler:
             return times.user + times.system
         return 0.0
 
-    def percent(self) -> dict[str, float]:
-        wall = time.monotonic() - self.start
-        return {role: round(100 * (self._cpu(p) - self.before[role]) / wall, 1) for role, p in self.processes.items()}
+    def percent(self, busy_s: float) -> dict[str, float]:
+        return {role: round(100 * (self._cpu(p) - self.before[role]) / busy_s, 1) for role, p in self.processes.items()}
 
 
 def profile(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes]:
-    """py-spy, non-blocking (the target is not paused), collapsed stacks with thread ids dropped."""
-    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "200",
-                             "--nonblocking", "--format", "raw", "--output", str(out)],
+    """py-spy's collapsed stacks (a low rate: each sample pauses the target for a moment)."""
+    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "50",
+                             "--format", "raw", "--output", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -170,7 +169,7 @@ def measure(label: str, base_url: str, root_pid: int, args: argparse.Namespace, 
                                        work / f"{label}-{role}.txt")
         result = bench_serve(base_url, args.model, args.tokenizer, concurrency, args.num_prompts,
                              work / f"{label}-c{concurrency}.json")
-        cpu = sampler.percent()
+        cpu = sampler.percent(result["duration"])
         profiles = {}
         for role, (spy, path) in profilers.items():
             with contextlib.suppress(subprocess.TimeoutExpired):

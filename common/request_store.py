@@ -14,11 +14,13 @@ a worker's append into an inconsistent state:
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from common import keys
 from common.protocol import Chunk, FinishReason, Job, RequestStatus
@@ -101,9 +103,6 @@ class RequestStore:
         self.redis = redis
         self._enqueue = redis.register_script(_ENQUEUE)
         self._cancel = redis.register_script(_CANCEL)
-        self._start = redis.register_script(_START)
-        self._append = redis.register_script(_APPEND)
-        self._finish = redis.register_script(_FINISH)
 
     # -- gateway side -------------------------------------------------------------------
     async def enqueue(self, job: Job, *, max_outstanding: int, ttl_s: int) -> bool:
@@ -149,36 +148,64 @@ class RequestStore:
         return [Chunk.unpack(c) for c in raw]
 
     # -- worker side --------------------------------------------------------------------
+    # The worker's hot path sends EVALSHA in plain pipelines: redis-py's Script objects would add
+    # a SCRIPT EXISTS round trip to every pipeline. A Redis that lost its script cache (restart)
+    # answers NOSCRIPT; run_scripts then loads the scripts and re-sends just those calls.
     async def start(self, request_ids: list[str], worker_id: str) -> list[StartResult]:
         """Mark jobs running on this worker, in one round trip; each says whether to run it."""
         now = time.time()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for request_id in request_ids:
-                await self._start(keys=[keys.request(request_id)], args=[worker_id, now], client=pipe)
-            replies = await pipe.execute()
+        replies = await self.run_scripts([ScriptCall(_START, [keys.request(request_id)], [worker_id, now])
+                                          for request_id in request_ids])
         return [StartResult(_text(status), int(seq)) for status, seq in replies]
 
-    async def append(self, pipe: Any, request_id: str, worker_id: str, chunk: Chunk, completion_tokens: int,
-               ttl_s: int) -> None:
-        """Queue an append on `pipe`; its reply is 0 when the request is no longer this worker's."""
-        await self._append(
-            keys=[keys.request(request_id), keys.request_chunks(request_id)],
-            args=[worker_id, chunk.pack(), chunk.seq, completion_tokens, time.time(), ttl_s,
-                  keys.chunk_channel(request_id)],
-            client=pipe,
-        )
+    @staticmethod
+    def append(request_id: str, worker_id: str, chunk: Chunk, completion_tokens: int, ttl_s: int) -> ScriptCall:
+        """An append of one chunk; its reply is 0 when the request is no longer this worker's."""
+        return ScriptCall(_APPEND, [keys.request(request_id), keys.request_chunks(request_id)],
+                          [worker_id, chunk.pack(), chunk.seq, completion_tokens, time.time(), ttl_s,
+                           keys.chunk_channel(request_id)])
 
-    async def finish(self, pipe: Any, request_id: str, worker_id: str, chunk: Chunk, *, result_ttl_s: int) -> None:
-        """Queue the final chunk and terminal status on `pipe` (chunk.finish_reason is set)."""
+    @staticmethod
+    def finish(request_id: str, worker_id: str, chunk: Chunk, *, result_ttl_s: int) -> ScriptCall:
+        """The final chunk and terminal status (chunk.finish_reason is set); 0 when no longer ours."""
         failed = chunk.finish_reason == FinishReason.ERROR
         status = RequestStatus.FAILED if failed else RequestStatus.COMPLETED
-        await self._finish(
-            keys=[keys.request(request_id), keys.request_chunks(request_id)],
-            args=[worker_id, chunk.pack(), status.value, chunk.seq, chunk.completion_tokens or 0,
-                  chunk.finish_reason, chunk.error or "", time.time(), result_ttl_s,
-                  keys.chunk_channel(request_id)],
-            client=pipe,
-        )
+        return ScriptCall(_FINISH, [keys.request(request_id), keys.request_chunks(request_id)],
+                          [worker_id, chunk.pack(), status.value, chunk.seq, chunk.completion_tokens or 0,
+                           chunk.finish_reason, chunk.error or "", time.time(), result_ttl_s,
+                           keys.chunk_channel(request_id)])
+
+    async def run_scripts(self, calls: list[ScriptCall]) -> list[Any]:
+        """Run the calls in one pipeline; their replies in order."""
+        replies = await self._pipeline(calls)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:  # nothing ran for these: safe to send again
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for script in {calls[i].script for i in missing}:
+                    pipe.script_load(script)
+                await pipe.execute()
+            for i, reply in zip(missing, await self._pipeline([calls[i] for i in missing]), strict=True):
+                replies[i] = reply
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
+    async def _pipeline(self, calls: list[ScriptCall]) -> list[Any]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for call in calls:
+                pipe.evalsha(_SHAS[call.script], len(call.keys), *call.keys, *call.args)
+            return await pipe.execute(raise_on_error=False)
+
+
+@dataclass(slots=True)
+class ScriptCall:
+    script: str
+    keys: list[str]
+    args: list[Any]
+
+
+_SHAS = {script: hashlib.sha1(script.encode()).hexdigest() for script in (_START, _APPEND, _FINISH)}
 
 
 def _text(value: bytes | str) -> str:

@@ -45,3 +45,14 @@ async def test_fleet_recovers_after_a_redis_restart(start_fleet: StartFleet, tmp
         assert (await fleet.wait_done(reply["request_id"]))["text"] == "after"
     finally:
         server.stop()
+
+
+async def test_worker_reloads_its_scripts_when_redis_lost_them(start_fleet: StartFleet, redis) -> None:
+    """A restarted Redis has an empty script cache: the worker's EVALSHA gets NOSCRIPT, loads the
+    scripts and sends those calls again, so starting, streaming and finishing all still work."""
+    fleet = await start_fleet()
+    first = await fleet.wait_done(await fleet.submit(prompt="before", max_tokens=6))
+    assert first["text"] == "before"
+    await redis.script_flush()
+    second = await fleet.wait_done(await fleet.submit(prompt="after", max_tokens=12))
+    assert second["status"] == "completed" and second["text"] == "afterafteraf"

@@ -113,33 +113,32 @@ class ChunkPublisher:
         # Take each request's buffered output out before the first await: engine output that
         # arrives while the pipeline is in flight goes into the next flush.
         sent: list[tuple[str, _Open, Chunk, list[str], list[int], bool]] = []
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for request_id, state in list(self._open.items()):
-                if not state.dirty:
-                    continue
-                text, token_ids, final = state.text, state.token_ids, state.final
-                state.text, state.token_ids = [], []
-                chunk = Chunk(seq=state.last_seq + 1, text="".join(text), token_ids=token_ids)
-                if final is None:
-                    await self._store.append(pipe, request_id, self._worker_id, chunk,
-                                             state.completion_tokens, self._request_ttl)
-                else:
-                    chunk.finish_reason = final.finish_reason
-                    chunk.error = final.error
-                    chunk.prompt_tokens = state.prompt_tokens
-                    chunk.completion_tokens = state.completion_tokens
-                    await self._store.finish(pipe, request_id, self._worker_id, chunk,
-                                             result_ttl_s=self._result_ttl)
-                sent.append((request_id, state, chunk, text, token_ids, final is not None))
-            if not sent:
-                return
-            try:
-                replies = await pipe.execute()
-            except BaseException:
-                for _, state, _, text, token_ids, _ in sent:  # put it back, in order, for the retry
-                    state.text[:0] = text
-                    state.token_ids[:0] = token_ids
-                raise
+        calls = []
+        for request_id, state in list(self._open.items()):
+            if not state.dirty:
+                continue
+            text, token_ids, final = state.text, state.token_ids, state.final
+            state.text, state.token_ids = [], []
+            chunk = Chunk(seq=state.last_seq + 1, text="".join(text), token_ids=token_ids)
+            if final is None:
+                calls.append(self._store.append(request_id, self._worker_id, chunk, state.completion_tokens,
+                                                self._request_ttl))
+            else:
+                chunk.finish_reason = final.finish_reason
+                chunk.error = final.error
+                chunk.prompt_tokens = state.prompt_tokens
+                chunk.completion_tokens = state.completion_tokens
+                calls.append(self._store.finish(request_id, self._worker_id, chunk, result_ttl_s=self._result_ttl))
+            sent.append((request_id, state, chunk, text, token_ids, final is not None))
+        if not sent:
+            return
+        try:
+            replies = await self._store.run_scripts(calls)
+        except BaseException:
+            for _, state, _, text, token_ids, _ in sent:  # put it back, in order, for the retry
+                state.text[:0] = text
+                state.token_ids[:0] = token_ids
+            raise
         for (request_id, state, chunk, _, _, is_final), accepted in zip(sent, replies, strict=True):
             state.last_seq = chunk.seq
             if is_final and state.done is not None:
