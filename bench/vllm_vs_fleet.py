@@ -24,7 +24,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -142,17 +142,24 @@ def top_frames(collapsed: Path, n: int = 12) -> list[tuple[str, float]]:
     return [(frame, round(100 * c / total, 1)) for frame, c in self_time.most_common(n)] if total else []
 
 
-def bench_serve(base_url: str, model: str, tokenizer: str, concurrency: int, prompts: int, result: Path) -> dict:
+def bench_serve(base_url: str, model: str, tokenizer: str, concurrency: int, prompts: int, result: Path,
+                on_start: Callable[[], None]) -> dict:
+    """`vllm bench serve`; `on_start` runs when its main run begins (after its start-up and test prompt)."""
     argv = [*VLLM_CLI, "bench", "serve", "--backend", "openai", "--base-url", base_url, "--endpoint",
             "/v1/completions", "--model", model, "--tokenizer", tokenizer, "--dataset-name", "random",
             "--random-input-len", "256", "--random-output-len", "256", "--num-prompts", str(prompts),
             "--max-concurrency", str(concurrency), "--ignore-eos", "--seed", "0",
             "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
             "--save-result", "--result-dir", str(result.parent), "--result-filename", result.name]
-    completed = subprocess.run(argv, capture_output=True, text=True, timeout=900)
-    if completed.returncode != 0 or not result.exists():
-        raise RuntimeError(f"vllm bench serve failed ({completed.returncode}):\n{completed.stdout[-2000:]}\n"
-                           f"{completed.stderr[-3000:]}")
+    client = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert client.stdout is not None
+    output = []
+    for line in client.stdout:
+        output.append(line)
+        if "Starting main benchmark run" in line:
+            on_start()
+    if client.wait() != 0 or not result.exists():
+        raise RuntimeError(f"vllm bench serve failed ({client.returncode}):\n{''.join(output)[-4000:]}")
     return json.loads(result.read_text())
 
 
@@ -160,16 +167,22 @@ def measure(label: str, base_url: str, root_pid: int, args: argparse.Namespace, 
     rows = []
     for concurrency in args.concurrency:
         roles = process_tree(root_pid)
-        sampler = CpuSampler(roles)
-        profilers = {}
-        if concurrency == max(args.concurrency) and args.profile_s:
-            for role in ("gateway", "worker", "vllm-api-server"):
-                if role in roles:
-                    profilers[role] = (profile(roles[role].pid, args.profile_s, work / f"{label}-{role}.txt"),
-                                       work / f"{label}-{role}.txt")
+        sampler: list[CpuSampler] = []
+        profilers: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+
+        def on_start(roles: dict[str, psutil.Process] = roles, concurrency: int = concurrency,
+                     sampler: list[CpuSampler] = sampler,
+                     profilers: dict[str, tuple[subprocess.Popen[bytes], Path]] = profilers) -> None:
+            sampler.append(CpuSampler(roles))
+            if concurrency == max(args.concurrency) and args.profile_s:
+                for role in ("gateway", "worker", "vllm-api-server"):
+                    if role in roles:
+                        path = work / f"{label}-{role}.txt"
+                        profilers[role] = (profile(roles[role].pid, args.profile_s, path), path)
+
         result = bench_serve(base_url, args.model, args.tokenizer, concurrency, args.num_prompts,
-                             work / f"{label}-c{concurrency}.json")
-        cpu = sampler.percent(result["duration"])
+                             work / f"{label}-c{concurrency}.json", on_start)
+        cpu = sampler[0].percent(result["duration"]) if sampler else {}
         profiles = {}
         for role, (spy, path) in profilers.items():
             with contextlib.suppress(subprocess.TimeoutExpired):
