@@ -101,3 +101,16 @@ async def test_a_burst_larger_than_the_redis_pool_waits_for_connections_instead_
     ))
     assert [status for status, _, _ in replies] == [200] * 60
     assert all(reply["choices"][0]["text"] == f"burst {i}"[:4] for i, (_, reply, _) in enumerate(replies))
+
+
+async def test_a_job_larger_than_the_whole_kv_capacity_fails_with_the_reason_and_does_not_block_the_queue(
+    start_fleet: StartFleet,
+) -> None:
+    """The gateway checks the context length; a worker whose KV cache is smaller than that (a small
+    GPU) must not wait forever for room that never comes."""
+    fleet = await start_fleet(engine={"kv_cache_tokens": 64})
+    too_big = await fleet.submit(prompt="x", max_tokens=100)
+    small = await fleet.submit(prompt="ok", max_tokens=4)
+    failed = await fleet.wait_done(too_big)
+    assert failed["status"] == "failed" and "101 KV tokens" in failed["error"] and "64" in failed["error"]
+    assert (await fleet.wait_done(small))["text"] == "okok"
