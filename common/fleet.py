@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -75,11 +74,10 @@ def run(args: argparse.Namespace) -> None:
     worker_flags = [flag for m in models for flag in ("--model", m)]
     if args.catalogue:
         worker_flags += ["--catalogue", args.catalogue]
-    workers = [
-        Part(f"worker-{i}", [*exe, "worker", "--redis-url", redis_url, "--worker-id", f"local-{os.getpid()}-{i}",
-                             *worker_flags])
-        for i in range(args.workers)
-    ]
+    # No --worker-id: each process (a restarted one too) gets a fresh id, so the jobs a killed
+    # worker held belong to a consumer whose heartbeat is gone, and are reclaimed.
+    workers = [Part(f"worker-{i}", [*exe, "worker", "--redis-url", redis_url, *worker_flags])
+               for i in range(args.workers)]
     stopping = False
 
     def request_stop(signum: int, frame: object) -> None:

@@ -5,11 +5,18 @@ lives in `req:{id}:chunks` (list; chunk seq N is element N-1) and every chunk is
 PUBLISHed on `chunks:{id}`. Each state change below is one script, so a cancel can never race
 a worker's append into an inconsistent state:
 
-    enqueue (gateway)   -> queued          (or refused: the model's stream is full)
-    start   (worker)    queued -> running  (refused if cancelled meanwhile)
-    append  (worker)    running -> running (refused unless running and owned by that worker)
-    finish  (worker)    running -> completed | failed
-    cancel  (gateway)   queued | running -> cancelled
+    enqueue     (gateway) -> queued          (or refused: the model's stream is full)
+    start       (worker)  queued | running -> running on this worker (a running one was reclaimed
+                          or handed back: the reply carries its chunks, to continue from them)
+    append      (worker)  running -> running (refused unless running and owned by that worker)
+    finish      (worker)  running -> completed | failed
+    hand_back   (worker)  queued | running -> queued again, as a new stream entry (SIGTERM drain)
+    dead_letter (worker)  queued | running -> failed, the job copied to `dead:{model}`
+    cancel      (gateway) queued | running -> cancelled
+
+append and finish answer 1 (done), 0 (the request is over: cancelled, finished) or -1 (another
+worker owns it now: this one's heartbeat expired and the job was reclaimed). Only on 0 may the
+worker ack the stream entry; on -1 the entry belongs to the new owner.
 """
 
 from __future__ import annotations
@@ -58,16 +65,23 @@ return 'cancelled'
 
 _START = """
 local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return {'missing', 0} end
-if status ~= 'queued' and status ~= 'running' then return {status, 0} end
+if not status then return {'missing', 0, {}} end
+if status ~= 'queued' and status ~= 'running' then return {status, 0, {}} end
 redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1])
 redis.call('HSETNX', KEYS[1], 'started_at', ARGV[2])
-return {'running', tonumber(redis.call('HGET', KEYS[1], 'seq'))}
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
+if seq == 0 then return {'running', 0, {}} end
+return {'running', seq, redis.call('LRANGE', KEYS[2], 0, -1)}
 """
 
-_APPEND = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
-if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then return 0 end
+# 0: the request is over; -1: another worker owns it now.
+_OWNED = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'running' and status ~= 'queued' then return 0 end
+if status == 'queued' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then return -1 end
+"""
+
+_APPEND = _OWNED + """
 -- Already applied (a retry after a reply was lost to a connection drop): do not duplicate.
 if tonumber(redis.call('HGET', KEYS[1], 'seq')) >= tonumber(ARGV[3]) then return 1 end
 redis.call('RPUSH', KEYS[2], ARGV[2])
@@ -78,9 +92,7 @@ redis.call('PUBLISH', ARGV[7], ARGV[2])
 return 1
 """
 
-_FINISH = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
-if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then return 0 end
+_FINISH = _OWNED + """
 redis.call('RPUSH', KEYS[2], ARGV[2])
 redis.call('HSET', KEYS[1], 'status', ARGV[3], 'seq', ARGV[4], 'completion_tokens', ARGV[5],
   'finish_reason', ARGV[6], 'error', ARGV[7], 'finished_at', ARGV[8])
@@ -92,10 +104,55 @@ return 1
 """
 
 
+_HAND_BACK = """
+local status = redis.call('HGET', KEYS[1], 'status')
+local ours = status == 'queued' or (status == 'running' and redis.call('HGET', KEYS[1], 'worker') == ARGV[1])
+if not status or (status ~= 'queued' and status ~= 'running') then
+  redis.call('XACK', KEYS[2], ARGV[4], ARGV[3])
+  redis.call('XDEL', KEYS[2], ARGV[3])
+  return status or 'missing'
+end
+if not ours then return 'taken' end
+if status == 'queued' and redis.call('HGET', KEYS[1], 'entry') ~= ARGV[3] then
+  -- Handed back already (a retry): the new entry exists; only the old one needs removing.
+  redis.call('XACK', KEYS[2], ARGV[4], ARGV[3])
+  redis.call('XDEL', KEYS[2], ARGV[3])
+  return 'requeued'
+end
+local entry = redis.call('XADD', KEYS[2], '*', 'job', ARGV[2])
+redis.call('XACK', KEYS[2], ARGV[4], ARGV[3])
+redis.call('XDEL', KEYS[2], ARGV[3])
+redis.call('HSET', KEYS[1], 'status', 'queued', 'entry', entry, 'worker', '')
+return 'requeued'
+"""
+
+_DEAD_LETTER = """
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[9], '*', 'job', ARGV[2], 'request_id', ARGV[10],
+  'reason', ARGV[3], 'worker', ARGV[1], 'failed_at', ARGV[4])
+redis.call('XACK', KEYS[3], ARGV[7], ARGV[6])
+redis.call('XDEL', KEYS[3], ARGV[6])
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'queued' and status ~= 'running' then return 0 end
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq')) + 1
+local done = cmsgpack.pack({seq = seq, text = '', finish_reason = 'error', error = ARGV[3],
+  prompt_tokens = tonumber(redis.call('HGET', KEYS[1], 'prompt_tokens')),
+  completion_tokens = tonumber(redis.call('HGET', KEYS[1], 'completion_tokens'))})
+redis.call('RPUSH', KEYS[2], done)
+redis.call('HSET', KEYS[1], 'status', 'failed', 'finish_reason', 'error', 'error', ARGV[3], 'seq', seq,
+  'finished_at', ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+redis.call('PUBLISH', ARGV[8], done)
+return 1
+"""
+
+
 @dataclass(slots=True)
 class StartResult:
     status: str  # "running" when the worker should run it; anything else: skip and ack
     last_seq: int
+    # A continuation (the job was reclaimed or handed back): the chunks already delivered.
+    chunks: list[Chunk]
 
 
 class RequestStore:
@@ -154,20 +211,41 @@ class RequestStore:
     async def start(self, request_ids: list[str], worker_id: str) -> list[StartResult]:
         """Mark jobs running on this worker, in one round trip; each says whether to run it."""
         now = time.time()
-        replies = await self.run_scripts([ScriptCall(_START, [keys.request(request_id)], [worker_id, now])
-                                          for request_id in request_ids])
-        return [StartResult(_text(status), int(seq)) for status, seq in replies]
+        replies = await self.run_scripts([
+            ScriptCall(_START, [keys.request(request_id), keys.request_chunks(request_id)], [worker_id, now])
+            for request_id in request_ids])
+        return [StartResult(_text(status), int(seq), [Chunk.unpack(c) for c in chunks])
+                for status, seq, chunks in replies]
+
+    async def hand_back(self, job: Job, entry_id: bytes | str, worker_id: str) -> str:
+        """Put a job this worker will not finish back at the end of its stream as a new entry
+        (what it emitted stays: the next worker continues). 'requeued', 'taken' (another worker
+        owns it), or the terminal status it already had; the old entry is acked unless taken."""
+        [reply] = await self.run_scripts([ScriptCall(
+            _HAND_BACK, [keys.request(job.request_id), keys.job_stream(job.model)],
+            [worker_id, job.pack(), entry_id, keys.CONSUMER_GROUP])])
+        return _text(reply)
+
+    async def dead_letter(self, job: Job, entry_id: bytes | str, worker_id: str, reason: str, *,
+                          result_ttl_s: int, max_dead_letters: int) -> None:
+        """Fail the request with `reason` and move its job to `dead:{model}`, in one step."""
+        await self.run_scripts([ScriptCall(
+            _DEAD_LETTER,
+            [keys.request(job.request_id), keys.request_chunks(job.request_id), keys.job_stream(job.model),
+             keys.dead_letters(job.model)],
+            [worker_id, job.pack(), reason, time.time(), result_ttl_s, entry_id, keys.CONSUMER_GROUP,
+             keys.chunk_channel(job.request_id), max_dead_letters, job.request_id])])
 
     @staticmethod
     def append(request_id: str, worker_id: str, chunk: Chunk, completion_tokens: int, ttl_s: int) -> ScriptCall:
-        """An append of one chunk; its reply is 0 when the request is no longer this worker's."""
+        """An append of one chunk; its reply is 1, or 0 / -1 as the module says."""
         return ScriptCall(_APPEND, [keys.request(request_id), keys.request_chunks(request_id)],
                           [worker_id, chunk.pack(), chunk.seq, completion_tokens, time.time(), ttl_s,
                            keys.chunk_channel(request_id)])
 
     @staticmethod
     def finish(request_id: str, worker_id: str, chunk: Chunk, *, result_ttl_s: int) -> ScriptCall:
-        """The final chunk and terminal status (chunk.finish_reason is set); 0 when no longer ours."""
+        """The final chunk and terminal status (chunk.finish_reason is set); 1, or 0 / -1."""
         failed = chunk.finish_reason == FinishReason.ERROR
         status = RequestStatus.FAILED if failed else RequestStatus.COMPLETED
         return ScriptCall(_FINISH, [keys.request(request_id), keys.request_chunks(request_id)],
@@ -205,7 +283,8 @@ class ScriptCall:
     args: list[Any]
 
 
-_SHAS = {script: hashlib.sha1(script.encode()).hexdigest() for script in (_START, _APPEND, _FINISH)}
+_SHAS = {script: hashlib.sha1(script.encode()).hexdigest()
+         for script in (_START, _APPEND, _FINISH, _HAND_BACK, _DEAD_LETTER)}
 
 
 def _text(value: bytes | str) -> str:

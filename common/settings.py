@@ -87,8 +87,16 @@ class WorkerSettings(_FromEnv):
     read_block_ms: int = 1000
     result_ttl_s: int = 3600
     request_ttl_s: int = 24 * 3600
-    # SIGTERM: in-flight jobs get this long to finish before the worker exits anyway.
+    # SIGTERM: in-flight jobs get this long to finish; what is left is handed back (re-queued,
+    # to be continued by another worker) before the worker exits.
     drain_timeout_s: float = 30.0
+    # Reclaim: how often a worker with free slots looks for jobs of dead workers (heartbeat
+    # expired), and the idle time an entry needs before it may be claimed (guards double claims).
+    reclaim_interval_s: float = 2.0
+    reclaim_min_idle_ms: int = 1000
+    # A job whose workers died this many times goes to `dead:{model}` and its request fails.
+    max_attempts: int = 3
+    max_dead_letters: int = 10_000
     cache_dir: str = str(Path.home() / ".cache" / "llm-fleet")
 
 

@@ -1,8 +1,13 @@
 """The worker's life, top to bottom (after arq's Worker):
 
-main -> _serve_model (per model: register, read the stream as the KV budget allows)
+main -> _serve_model (per model: register; reclaim dead workers' jobs, read the stream, as the
+                      KV budget allows)
      -> _run_job (engine stream -> publisher -> finish -> XACK+XDEL)
-plus heartbeat, the cancel listener, and a SIGTERM path that drains in-flight jobs.
+plus heartbeat, the cancel listener, and a SIGTERM path: stop reading, let in-flight jobs finish
+for `drain_timeout_s`, hand back (re-queue, to be continued elsewhere) what is left, exit.
+
+Every stream entry this worker holds (read or claimed, not yet acked) is in `_held`, so a drain
+knows what to hand back.
 """
 
 from __future__ import annotations
@@ -26,16 +31,20 @@ from common.redis_conn import REDIS_DOWN_ERRORS, connect
 from common.request_store import RequestStore
 from common.settings import ModelSpec, WorkerSettings
 from worker import heartbeat
-from worker.engines.base import Engine, EngineOutput, EngineRequest
+from worker.continuation import emitted_token_ids, engine_request
+from worker.engines.base import Engine, EngineOutput
 from worker.gpu_stats import GpuProbe
 from worker.kv_budget import KvBudget
 from worker.loader import ModelLoader
 from worker.publisher import ChunkPublisher
+from worker.reclaimer import Claimed, Reclaimer
 
 log = logging.getLogger(__name__)
 
 # The most jobs one XREADGROUP takes; the KV budget usually allows fewer.
 _MAX_READ_BATCH = 64
+# After the drain's grace period: how long handing back the remaining jobs may take.
+_HAND_BACK_TIMEOUT_S = 10.0
 
 T = TypeVar("T")
 
@@ -58,8 +67,11 @@ class Worker:
             result_ttl_s=settings.result_ttl_s,
             on_lost=self._abort,
         )
+        self.reclaimer = Reclaimer(self.redis, self.worker_id, min_idle_ms=settings.reclaim_min_idle_ms)
         self.budgets: dict[str, KvBudget] = {}
         self._running: dict[str, Engine] = {}  # request id -> the engine generating it
+        self._held: dict[str, dict[bytes, Job]] = {}  # stream -> entries read or claimed, not yet acked
+        self._handing_back: set[str] = set()  # request ids aborted to be re-queued (drain)
         self._jobs: set[asyncio.Task[None]] = set()
         self._state = "starting"
         self._started_at = time.time()
@@ -89,10 +101,10 @@ class Worker:
         log.info("draining %d in-flight jobs", len(self._jobs))
         for task in readers:
             task.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
         if self._jobs:
-            _, late = await asyncio.wait(self._jobs, timeout=self.settings.drain_timeout_s)
-            for task in late:  # past the grace period: their entries stay pending for reclaim
-                task.cancel()
+            await asyncio.wait(self._jobs, timeout=self.settings.drain_timeout_s)
+        await self._hand_back_all()
         for task in background:
             task.cancel()
         with contextlib.suppress(*REDIS_DOWN_ERRORS):
@@ -100,6 +112,22 @@ class Worker:
         await self.loader.close()
         await self.redis.aclose()
         log.info("worker %s stopped", self.worker_id)
+
+    async def _hand_back_all(self) -> None:
+        """Past the grace period: abort what still runs and re-queue every held job, with what it
+        emitted so far, so another worker continues it. Scaling in loses nothing."""
+        if self._jobs:
+            log.warning("handing back %d unfinished job(s)", len(self._jobs))
+            for request_id, engine in list(self._running.items()):
+                self._handing_back.add(request_id)
+                engine.abort(request_id)  # its _run_job flushes what it has, then hands it back
+            _, late = await asyncio.wait(self._jobs, timeout=_HAND_BACK_TIMEOUT_S)
+            for task in late:
+                task.cancel()
+        for stream, held in self._held.items():  # read but never started (waiting for KV budget)
+            for entry_id, job in list(held.items()):
+                with contextlib.suppress(*REDIS_DOWN_ERRORS):
+                    await self._hand_back(stream, entry_id, job)
 
     def stop(self) -> None:
         self._stop.set()
@@ -132,17 +160,42 @@ class Worker:
         budget = self.budgets[spec.name] = KvBudget(engine.kv_capacity_tokens, engine.max_num_seqs,
                                                     engine.kv_block_size)
         stream = keys.job_stream(spec.name)
+        held = self._held.setdefault(stream, {})
         log.info("model %s ready: %d KV tokens, %d sequences", spec.name, budget.capacity_tokens, budget.max_seqs)
+        next_reclaim = 0.0
         while True:
             await budget.wait_for_slot()
+            free = min(budget.free_seqs, _MAX_READ_BATCH)
             try:
-                entries = await self._read(stream, min(budget.free_seqs, _MAX_READ_BATCH))
+                if time.monotonic() >= next_reclaim:
+                    next_reclaim = time.monotonic() + self.settings.reclaim_interval_s
+                    claimed = await self.reclaimer.claim(stream, free)
+                    held.update((c.entry_id, c.job) for c in claimed)
+                    claimed = [c for c in claimed if not await self._dead_letter_if_poison(stream, c)]
+                    if claimed:
+                        await self._start_jobs(engine, budget, stream, [(c.entry_id, c.job) for c in claimed])
+                        continue
+                entries = await self._read(stream, free)
             except REDIS_DOWN_ERRORS as exc:
                 log.warning("reading %s failed: %s", stream, exc)
                 await asyncio.sleep(1.0)
                 continue
             jobs = [(entry_id, Job.unpack(fields[b"job"])) for entry_id, fields in entries]
+            held.update(jobs)
             await self._start_jobs(engine, budget, stream, jobs)
+
+    async def _dead_letter_if_poison(self, stream: str, claimed: Claimed) -> bool:
+        """A job every one of whose `max_attempts` workers died: fail it and park it in `dead:{model}`."""
+        if claimed.deliveries < self.settings.max_attempts:
+            return False
+        reason = (f"gave up after {claimed.deliveries} attempts: every worker running this request died "
+                  "(it is kept in the dead-letter stream)")
+        log.error("dead-lettering job: %s", reason, extra={"request_id": claimed.job.request_id})
+        await self._retrying(lambda: self.store.dead_letter(
+            claimed.job, claimed.entry_id, self.worker_id, reason, result_ttl_s=self.settings.result_ttl_s,
+            max_dead_letters=self.settings.max_dead_letters))
+        self._held[stream].pop(claimed.entry_id, None)
+        return True
 
     async def _read(self, stream: str, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
         try:
@@ -196,23 +249,30 @@ class Worker:
                 await self._retrying(lambda entry_id=entry_id: self._ack(stream, entry_id))
                 log.info("skipping job (%s)", start.status, extra={"request_id": job.request_id})
                 continue
-            task = asyncio.create_task(self._run_job(engine, budget, stream, entry_id, job, start.last_seq))
+            emitted = emitted_token_ids(start.chunks)
+            if emitted:
+                log.info("continuing job from %d emitted tokens", len(emitted), extra={"request_id": job.request_id})
+            task = asyncio.create_task(self._run_job(engine, budget, stream, entry_id, job, start.last_seq, emitted))
             self._jobs.add(task)
             task.add_done_callback(self._jobs.discard)
 
-    async def _run_job(
-        self, engine: Engine, budget: KvBudget, stream: str, entry_id: bytes, job: Job, last_seq: int
-    ) -> None:
+    async def _run_job(self, engine: Engine, budget: KvBudget, stream: str, entry_id: bytes, job: Job,
+                       last_seq: int, emitted: list[int]) -> None:
         request_id = job.request_id
         self._running[request_id] = engine
-        self.publisher.open(request_id, last_seq, len(job.prompt_token_ids))
+        self.publisher.open(request_id, last_seq, len(job.prompt_token_ids), completion_tokens=len(emitted))
         try:
-            request = EngineRequest(request_id, job.prompt_token_ids, job.params)
-            async for output in engine.generate(request):
-                if output.finish_reason is None:
-                    self.publisher.add(output)
-                elif output.finish_reason != FinishReason.CANCELLED:
-                    await self.publisher.finish(output)
+            request = engine_request(job, emitted)
+            if request is None:  # every token was out already: only the final chunk is missing
+                await self.publisher.finish(EngineOutput(request_id, "", finish_reason=FinishReason.LENGTH))
+            else:
+                async for output in engine.generate(request):
+                    if output.finish_reason is None:
+                        self.publisher.add(output)
+                    elif output.finish_reason != FinishReason.CANCELLED:
+                        await self.publisher.finish(output)
+                    elif request_id in self._handing_back:
+                        await self.publisher.settle(request_id)
         except Exception as exc:
             log.exception("job failed", extra={"request_id": request_id})
             await self.publisher.finish(
@@ -220,13 +280,24 @@ class Worker:
             )
         finally:
             self._running.pop(request_id, None)
-            self.publisher.close(request_id)
+            still_ours = self.publisher.close(request_id)
             budget.release(request_id)
-        await self._retrying(lambda: self._ack(stream, entry_id))
+        if request_id in self._handing_back:
+            await self._retrying(lambda: self._hand_back(stream, entry_id, job))
+        elif still_ours:
+            await self._retrying(lambda: self._ack(stream, entry_id))
+        else:  # reclaimed by a live worker while this one counted as dead: the entry is theirs
+            self._held[stream].pop(entry_id, None)
+            log.warning("job was reclaimed by another worker; dropped here", extra={"request_id": request_id})
         if engine.dead_error is not None and not self._stop.is_set():
             log.error("%s; stopping the worker so that it is restarted", engine.dead_error)
             self.exit_code = 1
             self.stop()
+
+    async def _hand_back(self, stream: str, entry_id: bytes, job: Job) -> None:
+        outcome = await self.store.hand_back(job, entry_id, self.worker_id)
+        self._held[stream].pop(entry_id, None)
+        log.info("handed back (%s)", outcome, extra={"request_id": job.request_id})
 
     async def _refuse(self, stream: str, entry_id: bytes, job: Job, reason: str) -> None:
         """End a job that can never run here as failed, with the reason."""
@@ -247,6 +318,7 @@ class Worker:
             pipe.xack(stream, keys.CONSUMER_GROUP, entry_id)
             pipe.xdel(stream, entry_id)
             await pipe.execute()
+        self._held[stream].pop(entry_id, None)
 
     # -- cancellation -------------------------------------------------------------------
     def _abort(self, request_id: str) -> None:

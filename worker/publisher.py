@@ -31,11 +31,9 @@ class _Open:
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     final: EngineOutput | None = None
-    done: asyncio.Future[bool] | None = None
-
-    @property
-    def dirty(self) -> bool:
-        return bool(self.text or self.token_ids) or (self.done is not None and not self.done.done())
+    # Resolved with the store's reply (1, 0, -1) by the flush that carries what is buffered now.
+    waiter: asyncio.Future[int] | None = None
+    taken: bool = False  # another worker owns the request now (this one's heartbeat expired)
 
 
 class ChunkPublisher:
@@ -58,37 +56,56 @@ class ChunkPublisher:
         self._result_ttl = result_ttl_s
         self._on_lost = on_lost  # the request is no longer ours (cancelled, reclaimed): abort it
         self._open: dict[str, _Open] = {}
+        # Requests with something to write: a flush looks at these only, not at every open one.
+        self._dirty: dict[str, _Open] = {}
         self._wakeup = asyncio.Event()
         self._urgent = False
 
-    def open(self, request_id: str, last_seq: int, prompt_tokens: int) -> None:
-        self._open[request_id] = _Open(last_seq=last_seq, prompt_tokens=prompt_tokens)
+    def open(self, request_id: str, last_seq: int, prompt_tokens: int, completion_tokens: int = 0) -> None:
+        """Start publishing a request; a continuation passes the seq and token count it reached."""
+        self._open[request_id] = _Open(last_seq=last_seq, prompt_tokens=prompt_tokens,
+                                       completion_tokens=completion_tokens)
 
     def add(self, output: EngineOutput) -> None:
         state = self._open.get(output.request_id)
         if state is None:
             return
-        if not state.dirty and state.completion_tokens == 0:
-            self._urgent = True  # first output of a request: no coalescing delay
+        if output.request_id not in self._dirty:
+            if state.last_seq == 0:
+                self._urgent = True  # first output of a request: no coalescing delay
+            self._dirty[output.request_id] = state
         state.text.append(output.text)
         state.token_ids.extend(output.token_ids)
         state.completion_tokens += len(output.token_ids)
         self._wakeup.set()
 
-    async def finish(self, output: EngineOutput) -> bool:
-        """Write the request's remaining output and final status. False if it was no longer ours."""
+    async def finish(self, output: EngineOutput) -> int:
+        """Write the request's remaining output and final status; the store's reply: 1, or 0 (the
+        request was already over) or -1 (another worker owns it)."""
         state = self._open[output.request_id]
-        state.text.append(output.text)
-        state.token_ids.extend(output.token_ids)
-        state.completion_tokens += len(output.token_ids)
+        self.add(output)
         state.final = output
-        state.done = asyncio.get_running_loop().create_future()
+        return await self._flushed(output.request_id, state)
+
+    async def settle(self, request_id: str) -> None:
+        """Write what is buffered for the request now (before handing it back)."""
+        state = self._open[request_id]
+        if request_id in self._dirty:
+            await self._flushed(request_id, state)
+
+    def _flushed(self, request_id: str, state: _Open) -> asyncio.Future[int]:
+        self._dirty[request_id] = state
+        if state.waiter is None:
+            state.waiter = asyncio.get_running_loop().create_future()
         self._urgent = True
         self._wakeup.set()
-        return await state.done
+        return state.waiter
 
-    def close(self, request_id: str) -> None:
-        self._open.pop(request_id, None)
+    def close(self, request_id: str) -> bool:
+        """Stop publishing; False when another worker owns the request now (do not ack its entry)."""
+        self._dirty.pop(request_id, None)
+        state = self._open.pop(request_id, None)
+        return state is None or not state.taken
 
     async def run(self) -> None:
         last_flush = 0.0
@@ -112,10 +129,13 @@ class ChunkPublisher:
     async def _flush(self) -> None:
         # Take each request's buffered output out before the first await: engine output that
         # arrives while the pipeline is in flight goes into the next flush.
-        sent: list[tuple[str, _Open, Chunk, list[str], list[int], bool]] = []
+        dirty, self._dirty = self._dirty, {}
+        sent: list[tuple[str, _Open, Chunk, list[str], list[int]]] = []
         calls = []
-        for request_id, state in list(self._open.items()):
-            if not state.dirty:
+        for request_id, state in dirty.items():
+            if state.taken:  # nothing more is written for it; a finish learns so at once
+                if state.waiter is not None and not state.waiter.done():
+                    state.waiter.set_result(-1)
                 continue
             text, token_ids, final = state.text, state.token_ids, state.final
             state.text, state.token_ids = [], []
@@ -129,19 +149,24 @@ class ChunkPublisher:
                 chunk.prompt_tokens = state.prompt_tokens
                 chunk.completion_tokens = state.completion_tokens
                 calls.append(self._store.finish(request_id, self._worker_id, chunk, result_ttl_s=self._result_ttl))
-            sent.append((request_id, state, chunk, text, token_ids, final is not None))
+            sent.append((request_id, state, chunk, text, token_ids))
         if not sent:
             return
         try:
             replies = await self._store.run_scripts(calls)
         except BaseException:
-            for _, state, _, text, token_ids, _ in sent:  # put it back, in order, for the retry
+            for request_id, state, _, text, token_ids in sent:  # put it back, in order, for the retry
                 state.text[:0] = text
                 state.token_ids[:0] = token_ids
+                self._dirty.setdefault(request_id, state)
             raise
-        for (request_id, state, chunk, _, _, is_final), accepted in zip(sent, replies, strict=True):
+        for (request_id, state, chunk, _, _), reply in zip(sent, replies, strict=True):
             state.last_seq = chunk.seq
-            if is_final and state.done is not None:
-                state.done.set_result(bool(accepted))
-            elif not accepted:
+            state.taken = reply == -1
+            waiter, state.waiter = state.waiter, None
+            if waiter is not None and not waiter.done() and request_id not in self._dirty:
+                waiter.set_result(reply)
+            elif waiter is not None:
+                state.waiter = waiter  # more arrived meanwhile: resolve with the flush that carries it
+            if reply != 1 and state.final is None:
                 self._on_lost(request_id)

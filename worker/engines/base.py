@@ -16,6 +16,9 @@ class EngineRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    # A continuation: the last `resumed_tokens` prompt tokens are this request's own earlier
+    # output (see worker/continuation.py). Engines may use them as detokenization context.
+    resumed_tokens: int = 0
 
 
 @dataclass(slots=True)

@@ -12,11 +12,13 @@ _CONTEXT_TOKENS = 5
 class IncrementalText:
     """Turns generated token ids into text deltas, holding back what may be a stop string."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: list[str]) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop: list[str], context: list[int] | None = None) -> None:
+        """`context`: tokens that precede the output (a continuation's earlier output), decoded
+        only to get the first new token's text right (a leading space, a split character)."""
         self._tokenizer = tokenizer
-        self._ids: list[int] = []
+        self._ids: list[int] = list(context or [])[-_CONTEXT_TOKENS:]
         self._prefix_offset = 0
-        self._read_offset = 0
+        self._read_offset = len(self._ids)
         self._text = ""  # everything decoded so far
         self._released = 0  # how much of _text has been handed out
         self._stop = [s for s in stop if s]

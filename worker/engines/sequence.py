@@ -15,7 +15,8 @@ class Sequence:
         self.request_id = request.request_id
         self.generated: list[int] = []
         self._eos = eos_token_ids
-        self._text = IncrementalText(tokenizer, request.params.stop)
+        resumed = request.prompt_token_ids[len(request.prompt_token_ids) - request.resumed_tokens:]
+        self._text = IncrementalText(tokenizer, request.params.stop, context=resumed)
         self.finished = False
 
     def append(self, token_id: int) -> EngineOutput:

@@ -3,12 +3,18 @@
 For tests and gateway benchmarks only. It behaves like a batched engine with a fixed cost
 per step (`step_delay_ms`, whatever the batch size), honours max_tokens and stop strings, and
 has a real (byte-level) tokenizer so the gateway's token counting is exercised for real.
+A continuation (a reclaimed job) echoes on from where the earlier output stopped, so its
+whole text is exactly what an uninterrupted run gives: tests check "no gap, no duplicate".
+
+Fault injection, for the failure tests only: `die_on_prompt` (a string) makes the worker
+process exit at once, as if killed, when it decodes a prompt that contains it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -45,11 +51,17 @@ class TestEchoEngine(QueuedEngine):
         self.tokenizer = TokenizerBundle(
             tokenizer_json=self._tokenizer.to_str(), chat_template=_CHAT_TEMPLATE, bos_token=None, eos_token=None
         )
+        self._die_on = str(options.get("die_on_prompt", ""))
         self._running: dict[str, Sequence] = {}
+        self._echo: dict[str, tuple[list[int], int]] = {}  # request id -> (original prompt, tokens already out)
         self._wakeup = asyncio.Event()
         self._loop_task = asyncio.create_task(self._step_loop(), name=f"engine:{spec.name}")
 
     def _submit(self, request: EngineRequest) -> None:
+        prompt = request.prompt_token_ids[: len(request.prompt_token_ids) - request.resumed_tokens]
+        if self._die_on and self._die_on in self._tokenizer.decode(prompt):
+            os._exit(137)
+        self._echo[request.request_id] = (prompt, request.resumed_tokens)
         self._running[request.request_id] = Sequence(request, self._tokenizer, frozenset())
         self._wakeup.set()
 
@@ -59,6 +71,7 @@ class TestEchoEngine(QueuedEngine):
 
     def _forget(self, request_id: str) -> None:
         self._running.pop(request_id, None)
+        self._echo.pop(request_id, None)
 
     async def _step_loop(self) -> None:
         while True:
@@ -68,8 +81,8 @@ class TestEchoEngine(QueuedEngine):
             await asyncio.sleep(self._step_s)
             outputs = []
             for seq in list(self._running.values()):
-                prompt = seq.request.prompt_token_ids
-                output = seq.append(prompt[len(seq.generated) % len(prompt)])
+                prompt, already_out = self._echo[seq.request_id]
+                output = seq.append(prompt[(already_out + len(seq.generated)) % len(prompt)])
                 if output.finish_reason is not None:
                     del self._running[seq.request_id]
                 outputs.append(output)

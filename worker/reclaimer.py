@@ -1,0 +1,77 @@
+"""Finding jobs whose worker died, and claiming them for this worker.
+
+A worker with free slots looks at each of its model streams' consumers every
+`reclaim_interval_s` (XINFO CONSUMERS). A consumer whose heartbeat key `worker:{id}` is missing
+on two looks in a row is dead (one missing look may be a heartbeat lapsing across a Redis
+restart); its pending entries are claimed with XCLAIM, up to the free slots. XCLAIM's min-idle
+guard makes two reclaimers racing for the same entry harmless: the first claim resets the
+idle time, so the second claims nothing. A live worker's jobs are never claimed, however long
+they run. A dead consumer with nothing pending is removed from the group.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from common import keys
+from common.protocol import Job
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Claimed:
+    entry_id: bytes
+    job: Job
+    deliveries: int  # how many workers were given the job before this claim (each one died)
+
+
+class Reclaimer:
+    def __init__(self, redis: Redis, worker_id: str, *, min_idle_ms: int) -> None:
+        self._redis = redis
+        self._worker_id = worker_id
+        self._min_idle_ms = min_idle_ms
+        self._suspects: dict[str, set[str]] = defaultdict(set)  # stream -> consumers last seen without heartbeat
+
+    async def claim(self, stream: str, count: int) -> list[Claimed]:
+        consumers = {_text(c["name"]): int(c["pending"])
+                     for c in await self._redis.xinfo_consumers(stream, keys.CONSUMER_GROUP)}
+        consumers.pop(self._worker_id, None)
+        if not consumers:
+            self._suspects[stream] = set()
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for name in consumers:
+                pipe.exists(keys.worker(name))
+            alive = await pipe.execute()
+        missing = {name for name, found in zip(consumers, alive, strict=True) if not found}
+        dead, self._suspects[stream] = missing & self._suspects[stream], missing
+
+        claimed: list[Claimed] = []
+        for name in sorted(dead):
+            if consumers[name] == 0:
+                await self._redis.xgroup_delconsumer(stream, keys.CONSUMER_GROUP, name)
+                continue
+            if len(claimed) >= count:
+                break
+            rows = await self._redis.xpending_range(stream, keys.CONSUMER_GROUP, min="-", max="+",
+                                                    count=count - len(claimed), consumername=name,
+                                                    idle=self._min_idle_ms)
+            deliveries = {row["message_id"]: int(row["times_delivered"]) for row in rows}
+            if not deliveries:
+                continue
+            entries = await self._redis.xclaim(stream, keys.CONSUMER_GROUP, self._worker_id, self._min_idle_ms,
+                                               list(deliveries))
+            for entry_id, fields in entries:
+                if fields:  # a deleted entry (its request was cancelled) leaves the PEL unreturned
+                    claimed.append(Claimed(entry_id, Job.unpack(fields[b"job"]), deliveries[entry_id]))
+            log.warning("reclaimed %d job(s) of dead worker %s", len(entries), name)
+        return claimed
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
