@@ -77,7 +77,14 @@ def create_app(settings: GatewaySettings) -> web.Application:
     ]
     app.add_routes(routes)
     app.cleanup_ctx.append(_lifecycle(settings))
+    app.on_shutdown.append(_going_away)
     return app
+
+
+async def _going_away(app: web.Application) -> None:
+    gateway = app[GATEWAY_KEY]
+    gateway.stopping = True
+    await ws.close_all(gateway)
 
 
 def _lifecycle(settings: GatewaySettings) -> Callable[[web.Application], AsyncIterator[None]]:

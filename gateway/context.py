@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from redis.asyncio import Redis
@@ -24,6 +24,10 @@ class Gateway:
     registry: ModelRegistry
     submitter: Submitter
     relay: Relay
+    sockets: set[web.WebSocketResponse] = field(default_factory=set)
+    # Shutting down (a restart, a deploy): open sockets are closed with "going away" and their
+    # requests keep running, for the client to re-attach elsewhere; they are not abandoned.
+    stopping: bool = False
 
     @staticmethod
     def of(request: web.Request) -> Gateway:

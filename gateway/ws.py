@@ -4,7 +4,8 @@ Client -> server: a generate request (the /v1/generate body, plus optional `id` 
 `outlive_socket`), `{"type": "cancel", "request_id"}`, `{"type": "attach", "request_id", "last_seq"}`.
 Server -> client: accepted, chunk (with seq), done, error, cancelled. A bad message gets an
 `error` and the socket stays open. Closing the socket cancels its unfinished requests unless
-they were submitted with `"outlive_socket": true`.
+they were submitted with `"outlive_socket": true`. A gateway that shuts down closes sockets
+with 1001 and cancels nothing: the client re-attaches (to any gateway) with `last_seq`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import contextlib
 import logging
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from common.errors import BadRequest, FleetError, NotFound, Unavailable, Unprocessable
 from common.protocol import FinishReason
@@ -34,8 +35,18 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     gateway = Gateway.of(request)
     ws = web.WebSocketResponse(max_msg_size=gateway.settings.ws_max_message_bytes, heartbeat=30.0)
     await ws.prepare(request)
-    await SocketSession(gateway, ws).run()
+    gateway.sockets.add(ws)
+    try:
+        await SocketSession(gateway, ws).run()
+    finally:
+        gateway.sockets.discard(ws)
     return ws
+
+
+async def close_all(gateway: Gateway) -> None:
+    """On shutdown: 1001 "going away" to every client; their requests run on (see `stopping`)."""
+    for ws in list(gateway.sockets):
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"gateway restarting; re-attach with last_seq")
 
 
 class SocketSession:
@@ -57,7 +68,8 @@ class SocketSession:
         finally:
             for task in self.streams.values():
                 task.cancel()
-            await self._cancel_abandoned()
+            if not self.gateway.stopping:
+                await self._cancel_abandoned()
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writer

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,23 +48,33 @@ class Fleet:
     redis_url: str
     http: aiohttp.ClientSession
     workers: list[Worker] = field(default_factory=list)
+    processes: list[subprocess.Popen] = field(default_factory=list)
     _worker_tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _catalogue_path: Path | None = None
+    _settings: GatewaySettings | None = None
+    _runner: web.AppRunner | None = None
 
     @property
     def ws_url(self) -> str:
         return self.base_url.replace("http", "ws", 1) + "/ws/generate"
 
-    async def start_worker(self, **options: Any) -> Worker:
-        """A worker serving the test engine, with engine options overridden (step_delay_ms, ...)."""
+    def write_catalogue(self, **options: Any) -> str:
+        """A catalogue whose test-echo entry has these engine options (step_delay_ms, ...)."""
         assert self._catalogue_path is not None
-        catalogue = load_catalogue(None)
-        spec = catalogue[TEST_MODEL]
-        self._catalogue_path.write_text(json.dumps({TEST_MODEL: {
-            "engine": "test", "options": {**spec.options, **options}}}))
-        settings = WorkerSettings(redis_url=self.redis_url, models=[TEST_MODEL], worker_id=f"w{len(self.workers)}",
-                                  catalogue=str(self._catalogue_path), flush_interval_ms=5)
-        worker = Worker(settings, load_catalogue(settings.catalogue))
+        spec = load_catalogue(None)[TEST_MODEL]
+        # A file per call: a worker process started a moment ago may not have read its own yet.
+        path = self._catalogue_path.with_name(f"{self._catalogue_path.stem}-{len(self.workers) + len(self.processes)}"
+                                              f"-{id(options)}.json")
+        path.write_text(json.dumps({TEST_MODEL: {"engine": "test", "options": {**spec.options, **options}}}))
+        return str(path)
+
+    async def start_worker(self, settings: dict[str, Any] | None = None, **options: Any) -> Worker:
+        """An in-process worker serving the test engine, with engine options and worker
+        settings overridden."""
+        settings_ = WorkerSettings(**{"redis_url": self.redis_url, "models": [TEST_MODEL],
+                                      "worker_id": f"w{len(self.workers)}", "flush_interval_ms": 5,
+                                      "catalogue": self.write_catalogue(**options), **(settings or {})})
+        worker = Worker(settings_, load_catalogue(settings_.catalogue))
         self.workers.append(worker)
         self._worker_tasks.append(asyncio.create_task(worker.main(handle_signals=False)))
         return worker
@@ -72,6 +85,25 @@ class Fleet:
         await asyncio.gather(*self._worker_tasks)
         self.workers.clear()
         self._worker_tasks.clear()
+
+    def spawn_worker(self, worker_id: str, env: dict[str, str] | None = None, **options: Any) -> subprocess.Popen:
+        """A worker in its own process (to SIGKILL or SIGTERM), with fast failure detection:
+        heartbeat TTL 2 s, reclaim looks every 0.5 s. Settings can be overridden with `env`."""
+        catalogue = self.write_catalogue(**options)
+        environment = {**os.environ, "LLM_FLEET_HEARTBEAT_INTERVAL_S": "0.5", "LLM_FLEET_HEARTBEAT_TTL_S": "2",
+                       "LLM_FLEET_RECLAIM_INTERVAL_S": "0.5", "LLM_FLEET_FLUSH_INTERVAL_MS": "5", **(env or {})}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "common.cli", "worker", "--redis-url", self.redis_url, "--model", TEST_MODEL,
+             "--worker-id", worker_id, "--catalogue", catalogue, "--log-level", "WARNING"],
+            env=environment, cwd=Path(__file__).parent.parent)
+        self.processes.append(process)
+        return process
+
+    async def restart_gateway(self) -> None:
+        """Stop this gateway gracefully and start a new one on the same port (a deploy)."""
+        assert self._runner is not None
+        await self._runner.cleanup()
+        self._runner = await _serve(self._settings)
 
     async def post(self, path: str, body: Any = None, **kwargs: Any) -> tuple[int, Any, aiohttp.ClientResponse]:
         async with self.http.post(self.base_url + path, json=body, **kwargs) as response:
@@ -111,18 +143,16 @@ StartFleet = Callable[..., Awaitable[Fleet]]
 @pytest.fixture
 async def start_fleet(redis: aioredis.Redis, valkey: EmbeddedValkey, tmp_path: Path) -> AsyncIterator[StartFleet]:
     """Start a gateway (real HTTP server) with settings overrides; `workers=N` test-engine workers."""
-    fleets: list[tuple[Fleet, web.AppRunner]] = []
+    fleets: list[Fleet] = []
 
     async def start(workers: int = 1, redis_url: str | None = None, engine: dict[str, Any] | None = None,
                     **gateway_overrides: Any) -> Fleet:
         url = redis_url or valkey.url
         settings = GatewaySettings(redis_url=url, port=free_port(), **gateway_overrides)
-        runner = web.AppRunner(create_app(settings))
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", settings.port).start()
         fleet = Fleet(f"http://127.0.0.1:{settings.port}", url, aiohttp.ClientSession(),
-                      _catalogue_path=tmp_path / f"catalogue-{len(fleets)}.json")
-        fleets.append((fleet, runner))
+                      _catalogue_path=tmp_path / f"catalogue-{len(fleets)}.json", _settings=settings,
+                      _runner=await _serve(settings))
+        fleets.append(fleet)
         for _ in range(workers):
             await fleet.start_worker(**(engine or {}))
         if workers:
@@ -130,11 +160,22 @@ async def start_fleet(redis: aioredis.Redis, valkey: EmbeddedValkey, tmp_path: P
         return fleet
 
     yield start
-    for fleet, runner in fleets:
+    for fleet in fleets:
+        for process in fleet.processes:
+            process.kill()
+            process.wait()
         with contextlib.suppress(Exception):
             await fleet.stop_workers()
         await fleet.http.close()
-        await runner.cleanup()
+        assert fleet._runner is not None
+        await fleet._runner.cleanup()
+
+
+async def _serve(settings: GatewaySettings) -> web.AppRunner:
+    runner = web.AppRunner(create_app(settings))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", settings.port).start()
+    return runner
 
 
 async def ws_collect(ws: aiohttp.ClientWebSocketResponse, request_ids: set[str],

@@ -87,3 +87,40 @@ def test_eos_ends_a_sequence_unless_ignore_eos_or_min_tokens(ignore_eos, min_tok
         if seq.finished:
             break
     assert (seq.generated, output.finish_reason) == expected
+
+
+def test_a_continuation_runs_prompt_plus_emitted_tokens_for_the_tokens_still_owed() -> None:
+    from worker.continuation import resume
+
+    decode = byte_tokenizer().decode
+    job = Job(request_id="r", model="m", prompt_token_ids=[1, 2, 3], enqueued_at=0.0,
+              sampling={"max_tokens": 10, "min_tokens": 4, "temperature": 0.0})
+    assert resume(job, [], decode).request.prompt_token_ids == [1, 2, 3]
+    ab, c = byte_tokenizer().encode("ab").ids, byte_tokenizer().encode("c").ids
+    plan = resume(job, [Chunk(seq=1, text="ab", token_ids=ab), Chunk(seq=2, text="c", token_ids=c)], decode)
+    assert plan.request.prompt_token_ids == [1, 2, 3, *ab, *c] and plan.request.resumed_tokens == 3
+    assert (plan.request.params.max_tokens, plan.request.params.min_tokens) == (7, 1)
+    assert (plan.tokens_done, plan.unsent_text) == (3, "")
+    all_out = byte_tokenizer().encode("x" * 10).ids
+    assert resume(job, [Chunk(seq=1, text="x" * 10, token_ids=all_out)], decode).request is None
+
+
+def test_a_continuation_sends_held_back_text_and_regenerates_a_half_character() -> None:
+    from worker.continuation import resume
+
+    tokenizer = byte_tokenizer()
+    job = Job(request_id="r", model="m", prompt_token_ids=[1], enqueued_at=0.0, sampling={"max_tokens": 20})
+    ids = tokenizer.encode("ab日本").ids  # 日 and 本 are 3 byte-tokens each
+    # The dead worker emitted the tokens of "ab日" and one byte of "本", but released only "a"
+    # (say "b日" was held back as a possible stop string): the client is owed "b日", and the
+    # half character's byte is generated again.
+    plan = resume(job, [Chunk(seq=1, text="a", token_ids=ids[:6])], tokenizer.decode)
+    assert plan.unsent_text == "b日" and plan.tokens_done == 5
+    assert plan.request.prompt_token_ids == [1, *ids[:5]] and plan.request.params.max_tokens == 15
+
+
+def test_incremental_text_decodes_new_tokens_in_the_context_of_earlier_output() -> None:
+    tokenizer = byte_tokenizer()
+    ids = tokenizer.encode("ab日本").ids
+    resumed = IncrementalText(tokenizer, [], context=ids[:5])
+    assert "".join(resumed.add(t) for t in ids[5:]) + resumed.flush() == "本"

@@ -24,6 +24,7 @@ from typing import TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
+from tokenizers import Tokenizer
 
 from common import keys
 from common.protocol import FinishReason, Job, WorkerStatus
@@ -31,7 +32,7 @@ from common.redis_conn import REDIS_DOWN_ERRORS, connect
 from common.request_store import RequestStore
 from common.settings import ModelSpec, WorkerSettings
 from worker import heartbeat
-from worker.continuation import emitted_token_ids, engine_request
+from worker.continuation import Continuation, Decode, fresh, resume
 from worker.engines.base import Engine, EngineOutput
 from worker.gpu_stats import GpuProbe
 from worker.kv_budget import KvBudget
@@ -72,6 +73,7 @@ class Worker:
         self._running: dict[str, Engine] = {}  # request id -> the engine generating it
         self._held: dict[str, dict[bytes, Job]] = {}  # stream -> entries read or claimed, not yet acked
         self._handing_back: set[str] = set()  # request ids aborted to be re-queued (drain)
+        self._decoders: dict[str, Decode] = {}  # model -> detokenizer, for continuations
         self._jobs: set[asyncio.Task[None]] = set()
         self._state = "starting"
         self._started_at = time.time()
@@ -249,24 +251,26 @@ class Worker:
                 await self._retrying(lambda entry_id=entry_id: self._ack(stream, entry_id))
                 log.info("skipping job (%s)", start.status, extra={"request_id": job.request_id})
                 continue
-            emitted = emitted_token_ids(start.chunks)
-            if emitted:
-                log.info("continuing job from %d emitted tokens", len(emitted), extra={"request_id": job.request_id})
-            task = asyncio.create_task(self._run_job(engine, budget, stream, entry_id, job, start.last_seq, emitted))
+            plan = fresh(job)
+            if start.chunks:
+                plan = resume(job, start.chunks, await self._decoder(engine))
+                log.info("continuing job after %d tokens", plan.tokens_done, extra={"request_id": job.request_id})
+            task = asyncio.create_task(self._run_job(engine, budget, stream, entry_id, job, start.last_seq, plan))
             self._jobs.add(task)
             task.add_done_callback(self._jobs.discard)
 
     async def _run_job(self, engine: Engine, budget: KvBudget, stream: str, entry_id: bytes, job: Job,
-                       last_seq: int, emitted: list[int]) -> None:
+                       last_seq: int, plan: Continuation) -> None:
         request_id = job.request_id
         self._running[request_id] = engine
-        self.publisher.open(request_id, last_seq, len(job.prompt_token_ids), completion_tokens=len(emitted))
+        self.publisher.open(request_id, last_seq, len(job.prompt_token_ids), completion_tokens=plan.tokens_done)
         try:
-            request = engine_request(job, emitted)
-            if request is None:  # every token was out already: only the final chunk is missing
+            if plan.unsent_text:
+                self.publisher.add(EngineOutput(request_id, plan.unsent_text))
+            if plan.request is None:  # every token was out already: only the final chunk is missing
                 await self.publisher.finish(EngineOutput(request_id, "", finish_reason=FinishReason.LENGTH))
             else:
-                async for output in engine.generate(request):
+                async for output in engine.generate(plan.request):
                     if output.finish_reason is None:
                         self.publisher.add(output)
                     elif output.finish_reason != FinishReason.CANCELLED:
@@ -293,6 +297,14 @@ class Worker:
             log.error("%s; stopping the worker so that it is restarted", engine.dead_error)
             self.exit_code = 1
             self.stop()
+
+    async def _decoder(self, engine: Engine) -> Decode:
+        """The model's detokenizer, built once per model (off the loop: a big tokenizer takes a while)."""
+        name = engine.card.name
+        if name not in self._decoders:
+            tokenizer = await asyncio.to_thread(Tokenizer.from_str, engine.tokenizer.tokenizer_json)
+            self._decoders[name] = tokenizer.decode
+        return self._decoders[name]
 
     async def _hand_back(self, stream: str, entry_id: bytes, job: Job) -> None:
         outcome = await self.store.hand_back(job, entry_id, self.worker_id)
