@@ -7,7 +7,8 @@ a worker's append into an inconsistent state:
 
     enqueue     (gateway) -> queued          (or refused: the model's stream is full)
     start       (worker)  queued | running -> running on this worker (a running one was reclaimed
-                          or handed back: the reply carries its chunks, to continue from them)
+                          or handed back: the reply carries its chunks, to continue from them);
+                          refused as 'poison' after max_attempts starts without progress
     append      (worker)  running -> running (refused unless running and owned by that worker)
     finish      (worker)  running -> completed | failed
     hand_back   (worker)  queued | running -> queued again, as a new stream entry (SIGTERM drain)
@@ -63,13 +64,22 @@ redis.call('PUBLISH', ARGV[4], ARGV[5])
 return 'cancelled'
 """
 
+# Strikes count the starts in a row that found no new output since the previous start: a job
+# whose workers keep dying before it makes progress. One that progresses between deaths
+# converges (each continuation starts further on), so only the former is given up on.
 _START = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'missing', 0, {}} end
 if status ~= 'queued' and status ~= 'running' then return {status, 0, {}} end
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
+local strikes = 1
+if tonumber(redis.call('HGET', KEYS[1], 'started_seq') or -1) == seq then
+  strikes = tonumber(redis.call('HGET', KEYS[1], 'strikes')) + 1
+end
+redis.call('HSET', KEYS[1], 'started_seq', seq, 'strikes', strikes)
+if strikes > tonumber(ARGV[3]) then return {'poison', strikes - 1, {}} end
 redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1])
 redis.call('HSETNX', KEYS[1], 'started_at', ARGV[2])
-local seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
 if seq == 0 then return {'running', 0, {}} end
 return {'running', seq, redis.call('LRANGE', KEYS[2], 0, -1)}
 """
@@ -122,7 +132,7 @@ end
 local entry = redis.call('XADD', KEYS[2], '*', 'job', ARGV[2])
 redis.call('XACK', KEYS[2], ARGV[4], ARGV[3])
 redis.call('XDEL', KEYS[2], ARGV[3])
-redis.call('HSET', KEYS[1], 'status', 'queued', 'entry', entry, 'worker', '')
+redis.call('HSET', KEYS[1], 'status', 'queued', 'entry', entry, 'worker', '', 'strikes', 0)
 return 'requeued'
 """
 
@@ -208,11 +218,13 @@ class RequestStore:
     # The worker's hot path sends EVALSHA in plain pipelines: redis-py's Script objects would add
     # a SCRIPT EXISTS round trip to every pipeline. A Redis that lost its script cache (restart)
     # answers NOSCRIPT; run_scripts then loads the scripts and re-sends just those calls.
-    async def start(self, request_ids: list[str], worker_id: str) -> list[StartResult]:
-        """Mark jobs running on this worker, in one round trip; each says whether to run it."""
+    async def start(self, request_ids: list[str], worker_id: str, *, max_attempts: int) -> list[StartResult]:
+        """Mark jobs running on this worker, in one round trip; each says whether to run it.
+        A 'poison' result's last_seq is the number of workers that died on it."""
         now = time.time()
         replies = await self.run_scripts([
-            ScriptCall(_START, [keys.request(request_id), keys.request_chunks(request_id)], [worker_id, now])
+            ScriptCall(_START, [keys.request(request_id), keys.request_chunks(request_id)],
+                       [worker_id, now, max_attempts])
             for request_id in request_ids])
         return [StartResult(_text(status), int(seq), [Chunk.unpack(c) for c in chunks])
                 for status, seq, chunks in replies]

@@ -65,6 +65,8 @@ class GatewaySettings(_FromEnv):
     redis_max_connections: int = 512
     # A stream with no chunk for this long re-reads the stored chunks (covers a pub/sub reconnect).
     stream_resync_s: float = 2.0
+    # A live stream pauses through a Redis outage this long before it reports 503 to its client.
+    stream_outage_grace_s: float = 30.0
 
 
 def default_worker_id() -> str:
@@ -94,7 +96,8 @@ class WorkerSettings(_FromEnv):
     # expired), and the idle time an entry needs before it may be claimed (guards double claims).
     reclaim_interval_s: float = 2.0
     reclaim_min_idle_ms: int = 1000
-    # A job whose workers died this many times goes to `dead:{model}` and its request fails.
+    # A job whose workers died this many times in a row without it making progress goes to
+    # `dead:{model}` and its request fails.
     max_attempts: int = 3
     max_dead_letters: int = 10_000
     cache_dir: str = str(Path.home() / ".cache" / "llm-fleet")

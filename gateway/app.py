@@ -93,7 +93,7 @@ def _lifecycle(settings: GatewaySettings) -> Callable[[web.Application], AsyncIt
                         max_connections=settings.redis_max_connections)
         store = RequestStore(redis)
         registry = ModelRegistry(redis)
-        relay = Relay(redis, store, resync_s=settings.stream_resync_s)
+        relay = Relay(redis, store, resync_s=settings.stream_resync_s, outage_grace_s=settings.stream_outage_grace_s)
         await relay.start()
         app[GATEWAY_KEY] = Gateway(settings, redis, store, registry, Submitter(settings, store, registry), relay)
         yield

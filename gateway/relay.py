@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -30,10 +31,11 @@ _RESYNC = None
 
 
 class Relay:
-    def __init__(self, redis: Redis, store: RequestStore, *, resync_s: float) -> None:
+    def __init__(self, redis: Redis, store: RequestStore, *, resync_s: float, outage_grace_s: float) -> None:
         self.redis = redis
         self.store = store
         self.resync_s = resync_s
+        self.outage_grace_s = outage_grace_s
         self._pubsub: PubSub = redis.pubsub()
         self._queues: dict[str, set[asyncio.Queue[Chunk | None]]] = defaultdict(set)
         self._acks: dict[str, asyncio.Future[None]] = {}
@@ -133,9 +135,8 @@ class Subscription:
 
     async def chunks(self, last_seq: int = 0) -> AsyncIterator[Chunk]:
         """Chunks with seq > last_seq, in order, each once, through the final one."""
-        store = self._relay.store
         delivered = last_seq
-        backlog = await store.chunks_after(self.request_id, delivered)
+        backlog = await self._stored_after(delivered)
         while True:
             for chunk in backlog:
                 if chunk.seq <= delivered:
@@ -151,9 +152,21 @@ class Subscription:
                 if live is not _RESYNC:
                     backlog = [live]
                     continue
-            backlog = await store.chunks_after(self.request_id, delivered)
+            backlog = await self._stored_after(delivered)
             if not backlog and not await self._relay.redis.exists(keys.request(self.request_id)):
                 raise NotFound(f"request {self.request_id} expired")
+
+    async def _stored_after(self, seq: int) -> list[Chunk]:
+        """The stored chunks after `seq`. A stream rides out a Redis outage (a restart) of up to
+        `outage_grace_s`: it pauses and goes on, rather than failing the client's request."""
+        deadline = time.monotonic() + self._relay.outage_grace_s
+        while True:
+            try:
+                return await self._relay.store.chunks_after(self.request_id, seq)
+            except REDIS_DOWN_ERRORS:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
 
     async def _next(self) -> Chunk | None:
         try:

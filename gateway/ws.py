@@ -143,6 +143,9 @@ class SocketSession:
             await self._send_error(request_id, client_id, exc)
         except REDIS_DOWN_ERRORS:
             await self._send_error(request_id, client_id, Unavailable("the queue (Redis) is unreachable"))
+        except Exception:  # a bug: the client hears of it rather than waiting forever
+            log.exception("stream failed", extra={"request_id": request_id})
+            await self._send_error(request_id, client_id, FleetError("internal error while streaming; re-attach"))
         finally:
             subscription.close()
             if self.streams.get(request_id) is asyncio.current_task():

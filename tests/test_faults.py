@@ -185,12 +185,17 @@ async def test_queued_and_running_requests_complete_across_a_redis_restart(start
     try:
         fleet = await start_fleet(redis_url=server.url, redis_timeout_s=0.5,
                                   engine={"step_delay_ms": 20, "max_num_seqs": 1})
-        ids = [await fleet.submit(prompt=f"survivor {i} ", max_tokens=60) for i in range(3)]
-        await wait_until(lambda: _status_is(fleet, ids[0], "running"))
-        await asyncio.sleep(0.3)
-        server.stop()  # one running, two queued
-        await asyncio.sleep(1.5)
-        server.start()
+        async with fleet.http.ws_connect(fleet.ws_url) as ws:  # streamed live through the outage
+            await ws.send_json({"model": TEST_MODEL, "prompt": "streamed ", "max_tokens": 60})
+            streamed = (await ws.receive_json())["request_id"]
+            ids = [await fleet.submit(prompt=f"survivor {i} ", max_tokens=60) for i in range(3)]
+            await wait_until(lambda: _status_is(fleet, streamed, "running"))
+            await asyncio.sleep(0.3)
+            server.stop()  # one running, three queued
+            await asyncio.sleep(1.5)
+            server.start()
+            messages = (await ws_collect(ws, {streamed}, timeout_s=30))[streamed]
+        assert assert_contiguous(messages) == echo("streamed ", 60)
         for i, request_id in enumerate(ids):
             done = await fleet.wait_done(request_id, timeout_s=30)
             assert done["status"] == "completed" and done["text"] == echo(f"survivor {i} ", 60), done

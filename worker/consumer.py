@@ -38,7 +38,7 @@ from worker.gpu_stats import GpuProbe
 from worker.kv_budget import KvBudget
 from worker.loader import ModelLoader
 from worker.publisher import ChunkPublisher
-from worker.reclaimer import Claimed, Reclaimer
+from worker.reclaimer import Reclaimer
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,6 @@ class Worker:
                     next_reclaim = time.monotonic() + self.settings.reclaim_interval_s
                     claimed = await self.reclaimer.claim(stream, free)
                     held.update((c.entry_id, c.job) for c in claimed)
-                    claimed = [c for c in claimed if not await self._dead_letter_if_poison(stream, c)]
                     if claimed:
                         await self._start_jobs(engine, budget, stream, [(c.entry_id, c.job) for c in claimed])
                         continue
@@ -185,19 +184,6 @@ class Worker:
             jobs = [(entry_id, Job.unpack(fields[b"job"])) for entry_id, fields in entries]
             held.update(jobs)
             await self._start_jobs(engine, budget, stream, jobs)
-
-    async def _dead_letter_if_poison(self, stream: str, claimed: Claimed) -> bool:
-        """A job every one of whose `max_attempts` workers died: fail it and park it in `dead:{model}`."""
-        if claimed.deliveries < self.settings.max_attempts:
-            return False
-        reason = (f"gave up after {claimed.deliveries} attempts: every worker running this request died "
-                  "(it is kept in the dead-letter stream)")
-        log.error("dead-lettering job: %s", reason, extra={"request_id": claimed.job.request_id})
-        await self._retrying(lambda: self.store.dead_letter(
-            claimed.job, claimed.entry_id, self.worker_id, reason, result_ttl_s=self.settings.result_ttl_s,
-            max_dead_letters=self.settings.max_dead_letters))
-        self._held[stream].pop(claimed.entry_id, None)
-        return True
 
     async def _read(self, stream: str, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
         try:
@@ -244,8 +230,13 @@ class Worker:
         if not jobs:
             return
         request_ids = [job.request_id for _, job in jobs]
-        started = await self._retrying(lambda: self.store.start(request_ids, self.worker_id))
+        started = await self._retrying(lambda: self.store.start(request_ids, self.worker_id,
+                                                                max_attempts=self.settings.max_attempts))
         for (entry_id, job), start in zip(jobs, started, strict=True):
+            if start.status == "poison":
+                budget.release(job.request_id)
+                await self._dead_letter(stream, entry_id, job, deaths=start.last_seq)
+                continue
             if start.status != "running":  # cancelled while queued, or expired: never runs
                 budget.release(job.request_id)
                 await self._retrying(lambda entry_id=entry_id: self._ack(stream, entry_id))
@@ -311,9 +302,23 @@ class Worker:
         self._held[stream].pop(entry_id, None)
         log.info("handed back (%s)", outcome, extra={"request_id": job.request_id})
 
+    async def _dead_letter(self, stream: str, entry_id: bytes, job: Job, *, deaths: int) -> None:
+        """Fail a job whose workers keep dying before it makes progress; park it in `dead:{model}`."""
+        reason = (f"gave up after {deaths} attempts: every worker running this request died before it made "
+                  "progress (the job is kept in the dead-letter stream)")
+        log.error("dead-lettering job: %s", reason, extra={"request_id": job.request_id})
+        await self._retrying(lambda: self.store.dead_letter(
+            job, entry_id, self.worker_id, reason, result_ttl_s=self.settings.result_ttl_s,
+            max_dead_letters=self.settings.max_dead_letters))
+        self._held[stream].pop(entry_id, None)
+
     async def _refuse(self, stream: str, entry_id: bytes, job: Job, reason: str) -> None:
         """End a job that can never run here as failed, with the reason."""
-        [started] = await self._retrying(lambda: self.store.start([job.request_id], self.worker_id))
+        [started] = await self._retrying(lambda: self.store.start([job.request_id], self.worker_id,
+                                                                  max_attempts=self.settings.max_attempts))
+        if started.status == "poison":
+            await self._dead_letter(stream, entry_id, job, deaths=started.last_seq)
+            return
         if started.status == "running":
             self.publisher.open(job.request_id, started.last_seq, len(job.prompt_token_ids))
             try:

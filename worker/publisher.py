@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 
 from common.protocol import Chunk
 from common.redis_conn import REDIS_DOWN_ERRORS
-from common.request_store import RequestStore
+from common.request_store import RequestStore, ScriptCall
 from worker.engines.base import EngineOutput
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,13 @@ class _Open:
     # Resolved with the store's reply (1, 0, -1) by the flush that carries what is buffered now.
     waiter: asyncio.Future[int] | None = None
     taken: bool = False  # another worker owns the request now (this one's heartbeat expired)
+    # Sent, but the reply was lost (Redis went away): it is re-sent exactly as it was, since it
+    # may have been applied (the store ignores a seq it has), and newer output waits for it.
+    unconfirmed: tuple[ScriptCall, Chunk] | None = None
+
+    @property
+    def buffered(self) -> bool:
+        return bool(self.text or self.token_ids) or self.final is not None
 
 
 class ChunkPublisher:
@@ -90,7 +97,7 @@ class ChunkPublisher:
     async def settle(self, request_id: str) -> None:
         """Write what is buffered for the request now (before handing it back)."""
         state = self._open[request_id]
-        if request_id in self._dirty:
+        if request_id in self._dirty or state.unconfirmed is not None:
             await self._flushed(request_id, state)
 
     def _flushed(self, request_id: str, state: _Open) -> asyncio.Future[int]:
@@ -130,43 +137,50 @@ class ChunkPublisher:
         # Take each request's buffered output out before the first await: engine output that
         # arrives while the pipeline is in flight goes into the next flush.
         dirty, self._dirty = self._dirty, {}
-        sent: list[tuple[str, _Open, Chunk, list[str], list[int]]] = []
-        calls = []
+        sent: list[tuple[str, _Open]] = []
         for request_id, state in dirty.items():
             if state.taken:  # nothing more is written for it; a finish learns so at once
                 if state.waiter is not None and not state.waiter.done():
                     state.waiter.set_result(-1)
                 continue
-            text, token_ids, final = state.text, state.token_ids, state.final
-            state.text, state.token_ids = [], []
-            chunk = Chunk(seq=state.last_seq + 1, text="".join(text), token_ids=token_ids)
-            if final is None:
-                calls.append(self._store.append(request_id, self._worker_id, chunk, state.completion_tokens,
-                                                self._request_ttl))
-            else:
-                chunk.finish_reason = final.finish_reason
-                chunk.error = final.error
-                chunk.prompt_tokens = state.prompt_tokens
-                chunk.completion_tokens = state.completion_tokens
-                calls.append(self._store.finish(request_id, self._worker_id, chunk, result_ttl_s=self._result_ttl))
-            sent.append((request_id, state, chunk, text, token_ids))
+            if state.unconfirmed is None:
+                if not state.buffered:  # a settle() of what an earlier flush already wrote
+                    if state.waiter is not None and not state.waiter.done():
+                        state.waiter.set_result(1)
+                    continue
+                state.unconfirmed = self._next_chunk(request_id, state)
+            sent.append((request_id, state))
         if not sent:
             return
         try:
-            replies = await self._store.run_scripts(calls)
+            replies = await self._store.run_scripts([state.unconfirmed[0] for _, state in sent])  # type: ignore[index]
         except BaseException:
-            for request_id, state, _, text, token_ids in sent:  # put it back, in order, for the retry
-                state.text[:0] = text
-                state.token_ids[:0] = token_ids
+            for request_id, state in sent:
                 self._dirty.setdefault(request_id, state)
             raise
-        for (request_id, state, chunk, _, _), reply in zip(sent, replies, strict=True):
+        for (request_id, state), reply in zip(sent, replies, strict=True):
+            _, chunk = state.unconfirmed  # type: ignore[misc]
+            state.unconfirmed = None
             state.last_seq = chunk.seq
             state.taken = reply == -1
-            waiter, state.waiter = state.waiter, None
-            if waiter is not None and not waiter.done() and request_id not in self._dirty:
-                waiter.set_result(reply)
-            elif waiter is not None:
-                state.waiter = waiter  # more arrived meanwhile: resolve with the flush that carries it
-            if reply != 1 and state.final is None:
+            if state.buffered and not state.taken:
+                self._dirty[request_id] = state  # more arrived meanwhile: its flush resolves the waiter
+                self._wakeup.set()
+            elif state.waiter is not None and not state.waiter.done():
+                state.waiter.set_result(reply)
+            if reply != 1 and chunk.finish_reason is None:
                 self._on_lost(request_id)
+
+    def _next_chunk(self, request_id: str, state: _Open) -> tuple[ScriptCall, Chunk]:
+        """Everything buffered for the request as its next chunk (the final one if it finished)."""
+        chunk = Chunk(seq=state.last_seq + 1, text="".join(state.text), token_ids=state.token_ids)
+        state.text, state.token_ids = [], []
+        final, state.final = state.final, None
+        if final is None:
+            return self._store.append(request_id, self._worker_id, chunk, state.completion_tokens,
+                                      self._request_ttl), chunk
+        chunk.finish_reason = final.finish_reason
+        chunk.error = final.error
+        chunk.prompt_tokens = state.prompt_tokens
+        chunk.completion_tokens = state.completion_tokens
+        return self._store.finish(request_id, self._worker_id, chunk, result_ttl_s=self._result_ttl), chunk

@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 class Claimed:
     entry_id: bytes
     job: Job
-    deliveries: int  # how many workers were given the job before this claim (each one died)
 
 
 class Reclaimer:
@@ -51,6 +50,10 @@ class Reclaimer:
         missing = {name for name, found in zip(consumers, alive, strict=True) if not found}
         dead, self._suspects[stream] = missing & self._suspects[stream], missing
 
+        # A fair share of the orphans, not all of them: spread over the live workers, they do not
+        # all die again together if this worker dies next.
+        orphans = sum(consumers[name] for name in dead)
+        count = min(count, -(-orphans // (len(consumers) - len(missing) + 1)))
         claimed: list[Claimed] = []
         for name in sorted(dead):
             if consumers[name] == 0:
@@ -61,14 +64,13 @@ class Reclaimer:
             rows = await self._redis.xpending_range(stream, keys.CONSUMER_GROUP, min="-", max="+",
                                                     count=count - len(claimed), consumername=name,
                                                     idle=self._min_idle_ms)
-            deliveries = {row["message_id"]: int(row["times_delivered"]) for row in rows}
-            if not deliveries:
+            if not rows:
                 continue
             entries = await self._redis.xclaim(stream, keys.CONSUMER_GROUP, self._worker_id, self._min_idle_ms,
-                                               list(deliveries))
+                                               [row["message_id"] for row in rows])
             for entry_id, fields in entries:
                 if fields:  # a deleted entry (its request was cancelled) leaves the PEL unreturned
-                    claimed.append(Claimed(entry_id, Job.unpack(fields[b"job"]), deliveries[entry_id]))
+                    claimed.append(Claimed(entry_id, Job.unpack(fields[b"job"])))
             log.warning("reclaimed %d job(s) of dead worker %s", len(entries), name)
         return claimed
 

@@ -1,0 +1,319 @@
+"""Chaos benchmark: does the fleet lose, repeat or skip anything while its parts die?
+
+Runs `llm-fleet up --workers N` on its own embedded Valkey (AOF on) and sends REQUESTS requests,
+half over WebSockets (streamed, seq-checked at the client, re-attached with last_seq after a
+disconnect) and half submit-then-poll. With --chaos, meanwhile: a random worker is SIGKILLed
+every KILL_EVERY seconds (the supervisor restarts it), the gateway is SIGKILLed once (a third
+of the way in) and Valkey is restarted once (two thirds in). Without, the same load runs calm.
+
+The test engine (fixed per-token delay) makes the expected text of every request known, so
+the client checks it exactly; `--model smollm2-135m` runs the real CPU model (seq checks only).
+
+    python bench/chaos.py                      # calm, then chaos; prints the table
+    python bench/chaos.py --model smollm2-135m --requests 40 --concurrency 8 --max-tokens 48
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import aiohttp
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common.embedded_redis import EmbeddedValkey, free_port
+
+RETRYABLE = (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)
+
+
+@dataclass
+class Outcome:
+    completed: int = 0
+    lost: int = 0  # never completed (failed, cancelled, vanished, or still unfinished at the deadline)
+    wrong_text: int = 0  # completed, but not the exact expected text
+    duplicated_chunks: int = 0
+    missing_chunks: int = 0
+    submit_retries: int = 0
+    reattaches: int = 0
+    stalls: int = 0  # WebSocket streams silent for 30 s (the client re-attached)
+    latencies: list[float] = field(default_factory=list)
+
+
+class Client:
+    def __init__(self, base_url: str, model: str, max_tokens: int, echo: bool, outcome: Outcome) -> None:
+        self.base = base_url
+        self.ws_url = base_url.replace("http", "ws", 1) + "/ws/generate"
+        self.model = model
+        self.max_tokens = max_tokens
+        self.echo = echo
+        self.out = outcome
+
+    def body(self, i: int) -> tuple[dict, str | None]:
+        prompt = f"request {i:04d} says hello. "
+        expected = (prompt * (self.max_tokens // len(prompt) + 1))[: self.max_tokens] if self.echo else None
+        body = {"model": self.model, "prompt": prompt, "max_tokens": self.max_tokens, "temperature": 0}
+        return body, expected
+
+    async def polled(self, http: aiohttp.ClientSession, i: int, deadline: float) -> None:
+        body, expected = self.body(i)
+        started = time.monotonic()
+        request_id = await self._submit(http, body, deadline)
+        seen = ""
+        while request_id is not None and time.monotonic() < deadline:
+            try:
+                async with http.get(f"{self.base}/v1/requests/{request_id}") as response:
+                    if response.status != 200:
+                        await asyncio.sleep(0.5)
+                        continue
+                    state = await response.json()
+            except RETRYABLE:
+                await asyncio.sleep(0.5)
+                continue
+            if not state["text"].startswith(seen):  # what a poller saw may never change, only grow
+                self.out.duplicated_chunks += 1
+            seen = state["text"]
+            if state["status"] in ("completed", "failed", "cancelled"):
+                self._finish(state["status"] == "completed", seen, expected, started)
+                return
+            await asyncio.sleep(0.25)
+        self.out.lost += 1
+
+    async def streamed(self, http: aiohttp.ClientSession, i: int, deadline: float) -> None:
+        body, expected = self.body(i)
+        started = time.monotonic()
+        request_id: str | None = None
+        last_seq, text = 0, []
+        while time.monotonic() < deadline:
+            try:
+                async with http.ws_connect(self.ws_url, heartbeat=10) as ws:
+                    if request_id is None:
+                        await ws.send_json({**body, "outlive_socket": True})
+                    else:
+                        self.out.reattaches += 1
+                        await ws.send_json({"type": "attach", "request_id": request_id, "last_seq": last_seq})
+                    while True:
+                        try:
+                            message = await ws.receive(timeout=30)
+                        except TimeoutError:
+                            self.out.stalls += 1  # nothing for 30 s: the stream is stuck; re-attach
+                            break
+                        if message.type != aiohttp.WSMsgType.TEXT:
+                            break
+                        event = json.loads(message.data)
+                        kind = event["type"]
+                        if kind == "accepted":
+                            request_id = event["request_id"]
+                        elif kind in ("chunk", "done"):
+                            seq = event["seq"]
+                            if seq <= last_seq and kind == "chunk":
+                                self.out.duplicated_chunks += 1
+                                continue
+                            if seq > last_seq + 1:
+                                self.out.missing_chunks += seq - last_seq - 1
+                            last_seq = max(last_seq, seq)
+                            text.append(event.get("text", ""))
+                            if kind == "done":
+                                self._finish(True, "".join(text), expected, started)
+                                return
+                        elif kind == "error":
+                            if event.get("status") == 429:
+                                self.out.submit_retries += 1
+                                await asyncio.sleep(1.0)
+                            elif event.get("status") != 503:
+                                self._finish(False, "".join(text), expected, started)
+                                return
+                            break  # 503: the queue was unreachable; try again shortly
+            except RETRYABLE:
+                pass
+            await asyncio.sleep(0.5)
+        self.out.lost += 1
+
+    async def _submit(self, http: aiohttp.ClientSession, body: dict, deadline: float) -> str | None:
+        while time.monotonic() < deadline:
+            try:
+                async with http.post(f"{self.base}/v1/generate", json=body) as response:
+                    if response.status == 202:
+                        return (await response.json())["request_id"]
+                    wait = float(response.headers.get("Retry-After", 0.5))
+            except RETRYABLE:
+                wait = 0.5
+            self.out.submit_retries += 1
+            await asyncio.sleep(wait)
+        return None
+
+    def _finish(self, ok: bool, text: str, expected: str | None, started: float) -> None:
+        if not ok:
+            self.out.lost += 1
+            return
+        self.out.completed += 1
+        self.out.latencies.append(time.monotonic() - started)
+        if expected is not None and text != expected:
+            self.out.wrong_text += 1
+
+
+class Chaos:
+    """Kills workers (the supervisor restarts them), the gateway once and Valkey once."""
+
+    def __init__(self, fleet: subprocess.Popen, valkey: EmbeddedValkey, kill_every_s: float, duration_s: float,
+                 faults: set[str]) -> None:
+        self.faults = faults
+        self.fleet = psutil.Process(fleet.pid)
+        self.valkey = valkey
+        self.kill_every_s = kill_every_s
+        self.duration_s = duration_s
+        self.events: list[str] = []
+
+    def _children(self, part: str) -> list[psutil.Process]:
+        found = []
+        for child in self.fleet.children():
+            try:
+                if part in child.cmdline():
+                    found.append(child)
+            except psutil.NoSuchProcess:
+                pass
+        return found
+
+    async def run(self) -> None:
+        started = time.monotonic()
+        gateway_done = redis_done = False
+        while time.monotonic() - started < self.duration_s:
+            await asyncio.sleep(self.kill_every_s)
+            elapsed = time.monotonic() - started
+            workers = self._children("worker") if "workers" in self.faults else []
+            if workers:
+                victim = random.choice(workers)
+                victim.send_signal(signal.SIGKILL)
+                self.events.append(f"{elapsed:5.1f}s SIGKILL worker pid {victim.pid}")
+            if not gateway_done and elapsed > self.duration_s / 3 and "gateway" in self.faults:
+                for gateway in self._children("gateway"):
+                    gateway.send_signal(signal.SIGKILL)
+                    self.events.append(f"{elapsed:5.1f}s SIGKILL gateway pid {gateway.pid}")
+                gateway_done = True
+            if not redis_done and elapsed > 2 * self.duration_s / 3 and "redis" in self.faults:
+                await asyncio.to_thread(self.valkey.stop)
+                await asyncio.sleep(1.0)
+                await asyncio.to_thread(self.valkey.start)
+                self.events.append(f"{elapsed:5.1f}s Valkey restarted (down ~1 s)")
+                redis_done = True
+
+
+async def wait_ready(base_url: str, timeout_s: float) -> None:
+    async with aiohttp.ClientSession() as http:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                async with http.get(f"{base_url}/ready") as response:
+                    if response.status == 200:
+                        return
+            except RETRYABLE:
+                pass
+            await asyncio.sleep(0.2)
+    raise RuntimeError("fleet not ready")
+
+
+def start_fleet(args: argparse.Namespace, redis_url: str, port: int) -> subprocess.Popen:
+    catalogue = Path(tempfile.mkdtemp()) / "catalogue.json"
+    catalogue.write_text(json.dumps({"test-echo": {"engine": "test", "options": {
+        "max_model_len": 4096, "max_num_seqs": 64, "kv_cache_tokens": 65536, "step_delay_ms": args.step_ms}}}))
+    log = open(args.fleet_log, "a") if args.fleet_log else subprocess.DEVNULL
+    return subprocess.Popen(
+        [sys.executable, "-m", "common.cli", "up", "--redis-url", redis_url, "--port", str(port),
+         "--workers", str(args.workers), "--model", args.model, "--catalogue", str(catalogue)],
+        cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL, stderr=log,
+        env={**os.environ, "LLM_FLEET_MAX_OUTSTANDING": str(args.requests)},
+    )
+
+
+async def run_once(args: argparse.Namespace, chaos: bool) -> dict:
+    valkey = EmbeddedValkey()
+    valkey.start()
+    port = free_port()
+    fleet = await asyncio.to_thread(start_fleet, args, valkey.url, port)
+    base_url = f"http://127.0.0.1:{port}"
+    outcome = Outcome()
+    try:
+        await wait_ready(base_url, 300)
+        client = Client(base_url, args.model, args.max_tokens, args.model == "test-echo", outcome)
+        gate = asyncio.Semaphore(args.concurrency)
+        started = time.monotonic()
+        deadline = started + args.deadline_s
+
+        async def one(i: int, http: aiohttp.ClientSession) -> None:
+            async with gate:
+                await (client.streamed if i % 2 == 0 else client.polled)(http, i, deadline)
+
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as http:
+            load = asyncio.gather(*(one(i, http) for i in range(args.requests)))
+            chaos_task = None
+            if chaos:
+                agent = Chaos(fleet, valkey, args.kill_every, args.chaos_s, set(args.faults.split(",")))
+                chaos_task = asyncio.create_task(agent.run())
+            await load
+            wall = time.monotonic() - started
+            if chaos_task is not None:
+                chaos_task.cancel()
+        events = agent.events if chaos else []
+    finally:
+        fleet.send_signal(signal.SIGINT)
+        try:
+            fleet.wait(90)
+        except subprocess.TimeoutExpired:
+            fleet.kill()
+        valkey.stop()
+    lat = sorted(outcome.latencies)
+    result = {k: v for k, v in asdict(outcome).items() if k != "latencies"}
+    result.update(mode="chaos" if chaos else "calm", requests=args.requests, wall_s=round(wall, 1),
+                  p50_s=round(statistics.median(lat), 2) if lat else None,
+                  p99_s=round(lat[int(0.99 * (len(lat) - 1))], 2) if lat else None, events=events)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="test-echo")
+    parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=120)
+    parser.add_argument("--max-tokens", type=int, default=200)
+    parser.add_argument("--step-ms", type=float, default=20.0, help="test engine: delay per decoding step")
+    parser.add_argument("--kill-every", type=float, default=3.0, help="seconds between worker SIGKILLs")
+    parser.add_argument("--chaos-s", type=float, default=30.0, help="how long the chaos agent acts")
+    parser.add_argument("--deadline-s", type=float, default=300.0, help="a request unfinished by then is lost")
+    parser.add_argument("--only", choices=["calm", "chaos"])
+    parser.add_argument("--faults", default="workers,gateway,redis", help="which faults the chaos run injects")
+    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--fleet-log", help="append the fleet's logs (JSON lines) to this file")
+    args = parser.parse_args()
+    results = [asyncio.run(run_once(args, chaos)) for chaos in (False, True)
+               if args.only is None or args.only == ("chaos" if chaos else "calm")]
+    print(f"\nchaos benchmark: {args.model}, {args.workers} workers, {args.requests} requests "
+          f"(half WebSocket, half polled), concurrency {args.concurrency}, max_tokens {args.max_tokens}")
+    print("| run | completed | lost | wrong text | dup chunks | missing chunks | p50 s | p99 s | wall s |"
+          " submit retries | re-attaches | stalls |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['mode']} | {r['completed']} | {r['lost']} | {r['wrong_text']} | {r['duplicated_chunks']} | "
+              f"{r['missing_chunks']} | {r['p50_s']} | {r['p99_s']} | {r['wall_s']} | {r['submit_retries']} | "
+              f"{r['reattaches']} | {r['stalls']} |")
+    for r in results:
+        for event in r["events"]:
+            print(f"  {r['mode']}: {event}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
