@@ -14,6 +14,7 @@ _PARTS = {
     "up": ("common.fleet", "start the whole fleet here: embedded Valkey, gateway, CPU worker(s)"),
     "gateway": ("gateway.main", "run one gateway against a Redis"),
     "worker": ("worker.main", "run one worker against a Redis"),
+    "keys": ("common.keys_cli", "create, list or revoke API keys"),
 }
 
 

@@ -24,28 +24,31 @@ def free_port() -> int:
 
 
 class EmbeddedValkey:
-    def __init__(self, data_dir: Path | None = None, port: int | None = None) -> None:
+    def __init__(self, data_dir: Path | None = None, port: int | None = None, password: str | None = None) -> None:
         self.data_dir = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="llm-fleet-valkey-"))
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
+        self.password = password  # AUTH (requirepass); the URL carries it
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 10.0) -> None:
         config = self.data_dir / "valkey.conf"
         config.write_text(
             f"port {self.port}\nbind 127.0.0.1\nprotected-mode yes\ndir {self.data_dir}\n"
             'save ""\nappendonly yes\nappendfsync everysec\nlogfile valkey.log\n'
+            + (f"requirepass {self.password}\n" if self.password else "")
         )
         self.process = subprocess.Popen(
             [str(get_binary_path()), str(config)], cwd=self.data_dir, start_new_session=True,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + timeout_s
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.5)
         try:
             while True:
                 try:

@@ -54,3 +54,13 @@ class Overloaded(FleetError):
 class Unavailable(FleetError):
     status = 503
     type = "service_unavailable"
+
+
+class Unauthorized(FleetError):
+    status = 401
+    type = "authentication_error"
+
+
+class Forbidden(FleetError):
+    status = 403
+    type = "permission_error"

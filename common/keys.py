@@ -10,6 +10,7 @@ CONSUMER_GROUP = "workers"  # one group per model stream
 WORKERS = "workers"  # set of worker ids that have heartbeated; stale ones are pruned by readers
 MODELS = "models"  # hash: served model name -> packed ModelCard
 CANCELS = "cancels"  # pub/sub channel: request ids cancelled while possibly running
+API_KEYS = "api_keys"  # hash: sha256 of an API key -> packed ApiKey (the key itself is never stored)
 
 
 def job_stream(model: str) -> str:
@@ -42,3 +43,11 @@ def worker(worker_id: str) -> str:
 
 def tokenizer(model: str) -> str:
     return f"model:{{{model}}}:tokenizer"
+
+
+def rate_window(key_digest: str, second: int) -> str:
+    return f"ratelimit:{{{key_digest}}}:{second}"
+
+
+def active_requests(key_digest: str) -> str:
+    return f"active:{{{key_digest}}}"

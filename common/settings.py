@@ -54,8 +54,21 @@ class GatewaySettings(_FromEnv):
     max_outstanding: int = 256
     retry_after_s: int = 1
     max_body_bytes: int = 1 << 20
-    ws_max_message_bytes: int = 1 << 20
     default_max_tokens: int = 256
+    # Caps on one request, whatever the model allows (0: the model's context is the only cap).
+    max_prompt_tokens: int = 0
+    max_tokens_limit: int = 8192
+    # WebSocket: frame size, unfinished requests streamed on one socket, and how long a socket
+    # with nothing in flight may stay silent. Origins: browser pages allowed to open a socket
+    # (empty: any; clients that send no Origin, i.e. not browsers, are always allowed).
+    ws_max_message_bytes: int = 1 << 20
+    ws_max_streams_per_socket: int = 64
+    ws_idle_timeout_s: float = 300.0
+    ws_allowed_origins: list[str] = field(default_factory=list)
+    # API keys: off by default (a local fleet); when on, see gateway/auth.py. A revoked key may
+    # work for up to auth_cache_s more.
+    auth: bool = False
+    auth_cache_s: float = 5.0
     # How long a queued/running request's state lives, and a finished one's result.
     request_ttl_s: int = 24 * 3600
     result_ttl_s: int = 3600

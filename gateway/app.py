@@ -11,7 +11,8 @@ from common.errors import FleetError, Overloaded, PayloadTooLarge, Unavailable
 from common.redis_conn import REDIS_DOWN_ERRORS, connect
 from common.request_store import RequestStore
 from common.settings import GatewaySettings
-from gateway import health, http_api, openai_api, ws
+from gateway import admin_api, health, http_api, openai_api, ws
+from gateway.auth import Authenticator, guard
 from gateway.context import GATEWAY_KEY, REQUEST_ID_KEY, Gateway
 from gateway.models import ModelRegistry
 from gateway.relay import Relay
@@ -38,6 +39,13 @@ async def request_id_header(request: web.Request, handler: Handler) -> web.Strea
 
 
 @web.middleware
+async def api_keys(request: web.Request, handler: Handler) -> web.StreamResponse:
+    gateway = request.app[GATEWAY_KEY]
+    await guard(request, gateway.auth, gateway.settings.auth)
+    return await handler(request)
+
+
+@web.middleware
 async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure leaves as a JSON error with the right status; a 500 only for a real bug."""
     try:
@@ -61,7 +69,8 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
 
 
 def create_app(settings: GatewaySettings) -> web.Application:
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[request_id_header, errors_as_json])
+    app = web.Application(client_max_size=settings.max_body_bytes,
+                          middlewares=[request_id_header, errors_as_json, api_keys])
     routes = [
         web.post("/v1/generate", http_api.generate),
         web.post("/generate", http_api.generate),
@@ -74,6 +83,9 @@ def create_app(settings: GatewaySettings) -> web.Application:
         web.get("/ready", health.ready),
         web.get("/v1/models", health.models),
         web.get("/models", health.models),
+        web.post("/admin/keys", admin_api.create_key),
+        web.get("/admin/keys", admin_api.list_keys),
+        web.delete("/admin/keys/{name}", admin_api.revoke_key),
     ]
     app.add_routes(routes)
     app.cleanup_ctx.append(_lifecycle(settings))
@@ -95,7 +107,8 @@ def _lifecycle(settings: GatewaySettings) -> Callable[[web.Application], AsyncIt
         registry = ModelRegistry(redis)
         relay = Relay(redis, store, resync_s=settings.stream_resync_s, outage_grace_s=settings.stream_outage_grace_s)
         await relay.start()
-        app[GATEWAY_KEY] = Gateway(settings, redis, store, registry, Submitter(settings, store, registry), relay)
+        app[GATEWAY_KEY] = Gateway(settings, redis, store, registry, Submitter(settings, store, registry), relay,
+                                   Authenticator(redis, settings.auth_cache_s))
         yield
         await relay.close()
         await redis.aclose()

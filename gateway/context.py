@@ -11,6 +11,7 @@ from common.errors import NotFound
 from common.protocol import Job
 from common.request_store import RequestStore
 from common.settings import GatewaySettings
+from gateway.auth import Authenticator, Caller
 from gateway.models import ModelRegistry
 from gateway.relay import Relay, Subscription
 from gateway.submit import Submitter
@@ -24,6 +25,7 @@ class Gateway:
     registry: ModelRegistry
     submitter: Submitter
     relay: Relay
+    auth: Authenticator
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
     # Shutting down (a restart, a deploy): open sockets are closed with "going away" and their
     # requests keep running, for the client to re-attach elsewhere; they are not abandoned.
@@ -33,12 +35,21 @@ class Gateway:
     def of(request: web.Request) -> Gateway:
         return request.app[GATEWAY_KEY]
 
-    async def submit_streaming(self, job: Job) -> Subscription:
+    async def submit(self, job: Job, caller: Caller | None) -> None:
+        """Enqueue, counted against the caller's concurrency limit."""
+        await self.auth.acquire(caller, job.request_id)
+        try:
+            await self.submitter.enqueue(job)
+        except BaseException:
+            await self.auth.release(caller, job.request_id)
+            raise
+
+    async def submit_streaming(self, job: Job, caller: Caller | None) -> Subscription:
         """Enqueue a job whose output this process relays. Subscribes first: a worker may publish
         the moment the job is in the stream."""
         subscription = await self.relay.subscribe(job.request_id)
         try:
-            await self.submitter.enqueue(job)
+            await self.submit(job, caller)
         except BaseException:
             subscription.close()
             raise

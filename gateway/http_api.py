@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from common.errors import NotFound
+from gateway.auth import CALLER_KEY
 from gateway.context import REQUEST_ID_KEY, Gateway
 from gateway.validation import parse_generate, parse_json_object
 from gateway.views import request_view
@@ -14,7 +15,7 @@ async def generate(request: web.Request) -> web.Response:
     gateway = Gateway.of(request)
     body = parse_json_object(await request.read())
     job = await gateway.submitter.prepare(parse_generate(body), request_id=request[REQUEST_ID_KEY])
-    await gateway.submitter.enqueue(job)
+    await gateway.submit(job, request.get(CALLER_KEY))
     return web.json_response({"request_id": job.request_id, "status": "queued", "model": job.model}, status=202,
                              headers={"Location": f"/v1/requests/{job.request_id}"})
 

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from common.errors import BadRequest, FleetError, Unprocessable
 from common.protocol import Chunk, FinishReason
+from gateway.auth import CALLER_KEY
 from gateway.context import REQUEST_ID_KEY, Gateway
 from gateway.relay import Subscription
 from gateway.validation import GenerateRequest, check_messages, int_field, parse_json_object, sampling_fields
@@ -93,7 +94,7 @@ async def _serve(request: web.Request, *, chat: bool) -> web.StreamResponse:
     gateway = Gateway.of(request)
     generate, stream, include_usage = _parse(parse_json_object(await request.read()), chat=chat)
     job = await gateway.submitter.prepare(generate, request_id=request[REQUEST_ID_KEY])
-    subscription = await gateway.submit_streaming(job)
+    subscription = await gateway.submit_streaming(job, request.get(CALLER_KEY))
     try:
         shape = _Shape(chat, job.request_id, job.model)
         if stream:

@@ -40,6 +40,13 @@ class Submitter:
         else:
             prompt_ids = encoder.encode_messages(request.messages or [])
 
+        cap = self._settings.max_prompt_tokens
+        if cap and len(prompt_ids) > cap:
+            raise PayloadTooLarge(f"prompt is {len(prompt_ids)} tokens; this gateway accepts at most {cap}",
+                                  param="prompt")
+        if request.max_tokens is not None and request.max_tokens > self._settings.max_tokens_limit:
+            raise Unprocessable(f"max_tokens={request.max_tokens} is over this gateway's limit of "
+                                f"{self._settings.max_tokens_limit}", param="max_tokens")
         limit = card.max_model_len
         if len(prompt_ids) >= limit:
             raise PayloadTooLarge(

@@ -17,9 +17,10 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from common.errors import BadRequest, FleetError, NotFound, Unavailable, Unprocessable
+from common.errors import BadRequest, FleetError, Forbidden, NotFound, Overloaded, Unavailable, Unprocessable
 from common.protocol import FinishReason
 from common.redis_conn import REDIS_DOWN_ERRORS
+from gateway.auth import CALLER_KEY, Caller
 from gateway.context import Gateway
 from gateway.relay import Subscription
 from gateway.validation import parse_generate, parse_json_object
@@ -33,11 +34,15 @@ _OUTBOX_SIZE = 1024
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:
     gateway = Gateway.of(request)
+    allowed = gateway.settings.ws_allowed_origins
+    origin = request.headers.get("Origin")
+    if allowed and origin is not None and origin not in allowed:
+        raise Forbidden(f"WebSocket connections from origin {origin!r} are not allowed")
     ws = web.WebSocketResponse(max_msg_size=gateway.settings.ws_max_message_bytes, heartbeat=30.0)
     await ws.prepare(request)
     gateway.sockets.add(ws)
     try:
-        await SocketSession(gateway, ws).run()
+        await SocketSession(gateway, ws, request.get(CALLER_KEY)).run()
     finally:
         gateway.sockets.discard(ws)
     return ws
@@ -50,21 +55,32 @@ async def close_all(gateway: Gateway) -> None:
 
 
 class SocketSession:
-    def __init__(self, gateway: Gateway, ws: web.WebSocketResponse) -> None:
+    def __init__(self, gateway: Gateway, ws: web.WebSocketResponse, caller: Caller | None) -> None:
         self.gateway = gateway
         self.ws = ws
+        self.caller = caller
         self.outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(_OUTBOX_SIZE)
         self.streams: dict[str, asyncio.Task[None]] = {}
         self.cancel_on_close: set[str] = set()  # submitted here, unfinished, not outliving the socket
 
     async def run(self) -> None:
         writer = asyncio.create_task(self._write_loop())
+        idle_s = self.gateway.settings.ws_idle_timeout_s
         try:
-            async for message in self.ws:
+            while True:
+                try:
+                    message = await self.ws.receive(timeout=idle_s)
+                except TimeoutError:
+                    if self.streams:
+                        continue  # quiet, but streaming: not idle
+                    await self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"idle timeout")
+                    break
                 if message.type == WSMsgType.TEXT:
                     await self._handle(message.data)
                 elif message.type == WSMsgType.BINARY:
                     await self._send_error(None, None, BadRequest("binary frames are not supported; send JSON text"))
+                elif message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+                    break
         finally:
             for task in self.streams.values():
                 task.cancel()
@@ -107,8 +123,14 @@ class SocketSession:
         outlive = body.get("outlive_socket", False)
         if not isinstance(outlive, bool):
             raise Unprocessable("`outlive_socket` must be a boolean", param="outlive_socket")
+        limit = self.gateway.settings.ws_max_streams_per_socket
+        if len(self.streams) >= limit:
+            raise Overloaded(f"this socket already streams {limit} unfinished requests (the limit); "
+                             "wait for one to finish or open another socket", retry_after_s=1)
+        if self.caller is not None:
+            await self.gateway.auth.check_rate(self.caller)
         job = await self.gateway.submitter.prepare(parse_generate(body, also_allowed=_WS_FIELDS))
-        subscription = await self.gateway.submit_streaming(job)
+        subscription = await self.gateway.submit_streaming(job, self.caller)
         if not outlive:
             self.cancel_on_close.add(job.request_id)
         await self._send({"type": "accepted", "request_id": job.request_id, "model": job.model}, client_id)

@@ -51,6 +51,7 @@ class Fleet:
     processes: list[subprocess.Popen] = field(default_factory=list)
     _worker_tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _catalogue_path: Path | None = None
+    headers: dict[str, str] = field(default_factory=dict)  # sent by get/delete (an API key)
     _settings: GatewaySettings | None = None
     _runner: web.AppRunner | None = None
 
@@ -110,11 +111,11 @@ class Fleet:
             return response.status, await response.json(content_type=None), response
 
     async def get(self, path: str) -> tuple[int, Any]:
-        async with self.http.get(self.base_url + path) as response:
+        async with self.http.get(self.base_url + path, headers=self.headers) as response:
             return response.status, await response.json(content_type=None)
 
     async def delete(self, path: str) -> tuple[int, Any]:
-        async with self.http.delete(self.base_url + path) as response:
+        async with self.http.delete(self.base_url + path, headers=self.headers) as response:
             return response.status, await response.json(content_type=None)
 
     async def submit(self, **body: Any) -> str:
