@@ -11,7 +11,7 @@ from common.errors import FleetError, Overloaded, PayloadTooLarge, Unavailable
 from common.redis_conn import REDIS_DOWN_ERRORS, connect
 from common.request_store import RequestStore
 from common.settings import GatewaySettings
-from gateway import admin_api, health, http_api, openai_api, ws
+from gateway import admin_api, health, http_api, openai_api, openapi, ws
 from gateway.auth import Authenticator, guard
 from gateway.context import GATEWAY_KEY, REQUEST_ID_KEY, Gateway
 from gateway.models import ModelRegistry
@@ -83,6 +83,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
         web.get("/ready", health.ready),
         web.get("/v1/models", health.models),
         web.get("/models", health.models),
+        web.get("/openapi.json", openapi.openapi_json),
         web.post("/admin/keys", admin_api.create_key),
         web.get("/admin/keys", admin_api.list_keys),
         web.delete("/admin/keys/{name}", admin_api.revoke_key),

@@ -89,7 +89,8 @@ def check_messages(messages: Any) -> None:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or set(message) - {"role", "content", "name"}:
             raise Unprocessable(f"messages[{i}] must be an object with `role` and `content`", param="messages")
-        if message.get("role") not in _ROLES:
+        role = message.get("role")
+        if not isinstance(role, str) or role not in _ROLES:
             raise Unprocessable(f"messages[{i}].role must be one of {sorted(_ROLES)}", param="messages")
         if not isinstance(message.get("content"), str):
             raise Unprocessable(f"messages[{i}].content must be a string", param="messages")

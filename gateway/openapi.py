@@ -1,0 +1,148 @@
+"""GET /openapi.json: the gateway's HTTP API as OpenAPI 3.0.
+
+Written by hand next to the routes (app.py) and checked against the running gateway by the
+schemathesis fuzz test (tests/test_fuzz.py): every documented status, every response shape.
+The WebSocket protocol is described in gateway/ws.py and fuzzed with hypothesis.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    reasons = {400: "Malformed request", 401: "Missing or invalid API key", 403: "Not allowed",
+               404: "Unknown model or request", 413: "Body or prompt too large", 422: "Invalid field",
+               429: "Over capacity or over the key's limits (see Retry-After)", 503: "Queue (Redis) unreachable"}
+    return {str(s): _json(_ERROR, reasons[s]) for s in statuses}
+
+
+_COMMON = (400, 401, 403, 413, 429, 503)
+_SAMPLING = {
+    "model": {"type": "string", "description": "served model name (GET /v1/models)"},
+    "max_tokens": {"type": "integer", "minimum": 1},
+    "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+    "top_p": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 1},
+    "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 8}]},
+    "seed": {"type": "integer", "minimum": 0},
+    "ignore_eos": {"type": "boolean"},
+    "min_tokens": {"type": "integer", "minimum": 0},
+}
+_MESSAGES = {"type": "array", "minItems": 1, "items": {
+    "type": "object", "required": ["role", "content"], "additionalProperties": False,
+    "properties": {"role": {"type": "string", "enum": ["system", "user", "assistant", "tool"]},
+                   "content": {"type": "string"}, "name": {"type": "string"}}}}
+_COMPLETION = {"description": "The completion", "content": {
+    "application/json": {"schema": {"type": "object"}}, "text/event-stream": {"schema": {"type": "string"}}}}
+_REQUEST_ID = {"name": "request_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+SPEC: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {"title": "llm-fleet gateway", "version": "0.1.0",
+             "description": "Queue-based LLM serving: submit, stream (SSE, WebSocket /ws/generate), poll, cancel."},
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                       "description": "API key, when the gateway runs with LLM_FLEET_AUTH=true"}},
+        "schemas": {
+            "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+                "type": "object", "required": ["message", "type", "code"],
+                "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                               "param": {"type": "string", "nullable": True}, "code": {"type": "integer"}}}}},
+            "GenerateRequest": {"type": "object", "additionalProperties": False,
+                                "properties": {"prompt": {"type": "string", "minLength": 1},
+                                               "messages": _MESSAGES, **_SAMPLING}},
+            "Accepted": {"type": "object", "required": ["request_id", "status", "model"],
+                         "properties": {"request_id": {"type": "string"}, "status": {"type": "string"},
+                                        "model": {"type": "string"}}},
+            "RequestState": {"type": "object", "required": ["request_id", "status", "text", "usage", "last_seq"],
+                             "properties": {
+                                 "request_id": {"type": "string"},
+                                 "status": {"type": "string",
+                                            "enum": ["queued", "running", "completed", "failed", "cancelled"]},
+                                 "model": {"type": "string"}, "text": {"type": "string"},
+                                 "finish_reason": {"type": "string", "nullable": True},
+                                 "error": {"type": "string", "nullable": True},
+                                 "last_seq": {"type": "integer"},
+                                 "usage": {"type": "object"}, "timings": {"type": "object"}}},
+            "CompletionRequest": {"type": "object", "required": ["prompt"],
+                                  "properties": {"prompt": {"type": "string"}, "stream": {"type": "boolean"},
+                                                 **_SAMPLING}},
+            "ChatRequest": {"type": "object", "required": ["messages"],
+                            "properties": {"messages": _MESSAGES, "stream": {"type": "boolean"}, **_SAMPLING}},
+            "ApiKeyRequest": {"type": "object", "required": ["name"], "additionalProperties": False,
+                              "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 64},
+                                             "admin": {"type": "boolean"},
+                                             "rps": {"type": "number", "minimum": 0},
+                                             "max_concurrent": {"type": "integer", "minimum": 0}}},
+        },
+    },
+    "security": [{}, {"bearer": []}],
+    "paths": {
+        "/v1/generate": {"post": {
+            "summary": "Submit a generation; poll it at Location", "operationId": "generate",
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/GenerateRequest"}}}},
+            "responses": {"202": _json({"$ref": "#/components/schemas/Accepted"}, "Queued"),
+                          **_errors(*_COMMON, 404, 422)}}},
+        "/v1/requests/{request_id}": {
+            "get": {"summary": "A request's status, text so far, usage and timings", "operationId": "getRequest",
+                    "parameters": [_REQUEST_ID],
+                    "responses": {"200": _json({"$ref": "#/components/schemas/RequestState"}, "The request"),
+                                  **_errors(401, 403, 404, 429, 503)}},
+            "delete": {"summary": "Cancel a queued or running request", "operationId": "cancelRequest",
+                       "parameters": [_REQUEST_ID],
+                       "responses": {"200": _json({"type": "object", "required": ["request_id", "status"]},
+                                                  "The status it ends in"),
+                                     **_errors(401, 403, 404, 429, 503)}}},
+        "/v1/completions": {"post": {
+            "summary": "OpenAI completions (JSON, or SSE with stream=true)", "operationId": "completions",
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/CompletionRequest"}}}},
+            "responses": {"200": _COMPLETION,
+                **_errors(*_COMMON, 404, 422), "502": _json(_ERROR, "The generation failed")}}},
+        "/v1/chat/completions": {"post": {
+            "summary": "OpenAI chat completions (JSON, or SSE with stream=true)", "operationId": "chatCompletions",
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/ChatRequest"}}}},
+            "responses": {"200": _COMPLETION,
+                **_errors(*_COMMON, 404, 422), "502": _json(_ERROR, "The generation failed")}}},
+        "/v1/models": {"get": {"summary": "Models and their state on each worker", "operationId": "models",
+                               "responses": {"200": _json({"type": "object", "required": ["data"]}, "Model list"),
+                                             **_errors(401, 403, 429, 503)}}},
+        "/health": {"get": {"summary": "The process is alive", "operationId": "health", "security": [],
+                            "responses": {"200": _json({"type": "object"}, "Alive")}}},
+        "/ready": {"get": {"summary": "Redis answers and a model is ready", "operationId": "ready", "security": [],
+                           "responses": {"200": _json({"type": "object"}, "Ready"),
+                                         "503": _json({"type": "object", "required": ["ready", "reason"]},
+                                                      "Not ready, and why")}}},
+        "/ws/generate": {"get": {"summary": "WebSocket: generate, cancel, attach (see gateway/ws.py)",
+                                 "operationId": "websocket",
+                                 "responses": {"101": {"description": "Switching protocols"},
+                                               **_errors(400, 401, 403, 429, 503)}}},
+        "/admin/keys": {
+            "post": {"summary": "Create an API key (admin); the key is returned once", "operationId": "createKey",
+                     "requestBody": {"required": True, "content": {"application/json": {
+                         "schema": {"$ref": "#/components/schemas/ApiKeyRequest"}}}},
+                     "responses": {"201": _json({"type": "object", "required": ["key", "name"]}, "Created"),
+                                   **_errors(400, 401, 403, 413, 422, 429, 503)}},
+            "get": {"summary": "List API keys (names and limits, never the keys)", "operationId": "listKeys",
+                    "responses": {"200": _json({"type": "object", "required": ["keys"]}, "Keys"),
+                                  **_errors(401, 403, 429, 503)}}},
+        "/admin/keys/{name}": {"delete": {
+            "summary": "Revoke an API key (admin)", "operationId": "revokeKey",
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": _json({"type": "object"}, "Revoked"), **_errors(401, 403, 404, 429, 503)}}},
+    },
+}
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.json_response(SPEC)
