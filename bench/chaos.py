@@ -34,6 +34,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common.embedded_redis import EmbeddedValkey, free_port
+from common.fleet import interrupt
 
 RETRYABLE = (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)
 
@@ -267,11 +268,7 @@ async def run_once(args: argparse.Namespace, chaos: bool) -> dict:
                 chaos_task.cancel()
         events = agent.events if chaos else []
     finally:
-        fleet.send_signal(signal.SIGINT)
-        try:
-            fleet.wait(90)
-        except subprocess.TimeoutExpired:
-            fleet.kill()
+        interrupt(fleet, 90)
         valkey.stop()
     lat = sorted(outcome.latencies)
     result = {k: v for k, v in asdict(outcome).items() if k != "latencies"}

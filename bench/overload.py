@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import redis.asyncio as aioredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common.embedded_redis import EmbeddedValkey, free_port
+from common.fleet import interrupt
 
 MODEL = "test-echo"
 BODY = {"model": MODEL, "prompt": "overload ", "max_tokens": 100}
@@ -154,11 +154,7 @@ async def main_async(args: argparse.Namespace) -> dict:
             await sampler
     finally:
         await redis.aclose()
-        fleet.send_signal(signal.SIGINT)
-        try:
-            fleet.wait(60)
-        except subprocess.TimeoutExpired:
-            fleet.kill()
+        interrupt(fleet, 60)
         valkey.stop()
     lat = sorted(latencies)
     return {"capacity_rps": round(rate, 1), "offered_rps": round(offered_rate, 1), "duration_s": args.duration,

@@ -224,6 +224,8 @@ def main() -> None:
     parser.add_argument("--only", choices=["vllm-serve", "llm-fleet"], help="run one side only")
     parser.add_argument("--profile-s", type=int, default=15, help="py-spy seconds at the top concurrency (0: off)")
     parser.add_argument("--flush-interval-ms", type=float, help="the worker's chunk coalescing interval")
+    parser.add_argument("--stream-interval", type=int, default=1,
+                        help="vLLM's stream_interval (tokens per output), the same on both sides")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     args = parser.parse_args()
     args.model_dir = args.model_dir or f"/tmp/models/{args.model}"
@@ -239,7 +241,8 @@ def main() -> None:
     if args.only in (None, "vllm-serve"):
         port = 8100
         argv = [*VLLM_CLI, "serve", args.model_dir, "--served-model-name", args.model, "--port", str(port),
-                "--load-format", args.load_format, "--tokenizer", args.tokenizer]
+                "--load-format", args.load_format, "--tokenizer", args.tokenizer,
+                "--stream-interval", str(args.stream_interval)]
         with server(argv, f"http://127.0.0.1:{port}/v1/models", out / f"{args.model}-vllm-serve.log", env, 600) as pid:
             rows += measure("vllm-serve", f"http://127.0.0.1:{port}", pid, args, work)
 
@@ -248,7 +251,8 @@ def main() -> None:
         catalogue = work / "catalogue.json"
         catalogue.write_text(json.dumps({args.model: {"engine": "vllm", "source": args.model_dir,
                                                       "options": {"load_format": args.load_format,
-                                                                  "tokenizer": args.tokenizer}}}))
+                                                                  "tokenizer": args.tokenizer,
+                                                                  "stream_interval": args.stream_interval}}}))
         fleet_env = {**env, "LLM_FLEET_MAX_OUTSTANDING": str(4 * max(args.concurrency))}
         if args.flush_interval_ms is not None:
             fleet_env["LLM_FLEET_FLUSH_INTERVAL_MS"] = str(args.flush_interval_ms)
@@ -259,7 +263,8 @@ def main() -> None:
 
     report = table(args.model, rows)
     print(report, flush=True)
-    (out / f"{args.model}.json").write_text(json.dumps({"model": args.model, "rows": rows, "table": report},
+    suffix = "" if args.stream_interval == 1 else f"-si{args.stream_interval}"
+    (out / f"{args.model}{suffix}.json").write_text(json.dumps({"model": args.model, "rows": rows, "table": report},
                                                        indent=1))
 
 

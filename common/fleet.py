@@ -128,6 +128,16 @@ def _llm_fleet_command() -> list[str]:
     return [found] if found is not None else [sys.executable, "-m", "common.cli"]
 
 
+def interrupt(process: subprocess.Popen, timeout_s: float) -> None:
+    """Stop a running `llm-fleet up` as Ctrl-C does (workers drain first); kill it past timeout_s."""
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def _stop_all(parts: list[Part], timeout_s: float) -> None:
     for part in parts:
         part.signal(signal.SIGTERM)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance, status_code_conformance
 
 from common.embedded_redis import EmbeddedValkey, free_port
+from common.fleet import interrupt
 from gateway.openapi import SPEC
 from tests.conftest import TEST_MODEL
 
@@ -88,11 +88,7 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzTarget]:
                 time.sleep(0.2)
         yield FuzzTarget(base_url, admin_key)
     finally:
-        fleet.send_signal(signal.SIGINT)
-        try:
-            fleet.wait(30)
-        except subprocess.TimeoutExpired:
-            fleet.kill()
+        interrupt(fleet, 30)
         valkey.stop()
 
 

@@ -12,7 +12,6 @@ import importlib.util
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import redis.asyncio as aioredis
 
 from common import keys
 from common.embedded_redis import free_port
+from common.fleet import interrupt
 from common.protocol import WorkerStatus
 
 MODEL_DIR = Path(os.environ.get("LLM_FLEET_TEST_VLLM_MODEL", "/tmp/models/smollm2-135m"))
@@ -79,11 +79,7 @@ def gpu_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GpuFleet]:
         assert redis_url is not None
         yield GpuFleet(f"http://127.0.0.1:{port}", redis_url.group(1))
     finally:
-        fleet.send_signal(signal.SIGINT)
-        try:
-            fleet.wait(120)
-        except subprocess.TimeoutExpired:
-            fleet.kill()
+        interrupt(fleet, 120)
 
 
 async def _poll(http: aiohttp.ClientSession, base_url: str, request_id: str, until: set[str]) -> dict:
