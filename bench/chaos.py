@@ -35,6 +35,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common.embedded_redis import EmbeddedValkey, free_port
 from common.fleet import interrupt
+from common.settings import BUILTIN_CATALOGUE
 
 RETRYABLE = (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)
 
@@ -226,8 +227,13 @@ async def wait_ready(base_url: str, timeout_s: float) -> None:
 
 def start_fleet(args: argparse.Namespace, redis_url: str, port: int) -> subprocess.Popen:
     catalogue = Path(tempfile.mkdtemp()) / "catalogue.json"
-    catalogue.write_text(json.dumps({"test-echo": {"engine": "test", "options": {
-        "max_model_len": 4096, "max_num_seqs": 64, "kv_cache_tokens": 65536, "step_delay_ms": args.step_ms}}}))
+    entries = {"test-echo": {"engine": "test", "options": {
+        "max_model_len": 4096, "max_num_seqs": 64, "kv_cache_tokens": 65536, "step_delay_ms": args.step_ms}}}
+    if args.cpu_threads:  # several CPU workers on a small machine: one torch thread pool each, not oversubscribed
+        spec = BUILTIN_CATALOGUE["smollm2-135m"]
+        entries["smollm2-135m"] = {"engine": spec.engine, "source": spec.source,
+                                   "options": {**spec.options, "threads": args.cpu_threads}}
+    catalogue.write_text(json.dumps(entries))
     log = open(args.fleet_log, "a") if args.fleet_log else subprocess.DEVNULL
     return subprocess.Popen(
         [sys.executable, "-m", "common.cli", "up", "--redis-url", redis_url, "--port", str(port),
@@ -288,6 +294,7 @@ def main() -> None:
     parser.add_argument("--step-ms", type=float, default=20.0, help="test engine: delay per decoding step")
     parser.add_argument("--kill-every", type=float, default=3.0, help="seconds between worker SIGKILLs")
     parser.add_argument("--chaos-s", type=float, default=30.0, help="how long the chaos agent acts")
+    parser.add_argument("--cpu-threads", type=int, help="torch threads per CPU worker (real model)")
     parser.add_argument("--deadline-s", type=float, default=300.0, help="a request unfinished by then is lost")
     parser.add_argument("--only", choices=["calm", "chaos"])
     parser.add_argument("--faults", default="workers,gateway,redis", help="which faults the chaos run injects")
