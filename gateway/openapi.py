@@ -40,8 +40,11 @@ _MESSAGES = {"type": "array", "minItems": 1, "items": {
     "type": "object", "required": ["role", "content"], "additionalProperties": False,
     "properties": {"role": {"type": "string", "enum": ["system", "user", "assistant", "tool"]},
                    "content": {"type": "string"}, "name": {"type": "string"}}}}
+# A stream is Server-Sent Events, each `data:` line a JSON chunk, the last one `[DONE]`.
 _COMPLETION = {"description": "The completion", "content": {
-    "application/json": {"schema": {"type": "object"}}, "text/event-stream": {"schema": {"type": "string"}}}}
+    "application/json": {"schema": {"type": "object"}},
+    "text/event-stream": {"schema": {"type": "object", "required": ["data"],
+                                     "properties": {"data": {"type": "string"}}}}}}
 _REQUEST_ID = {"name": "request_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 SPEC: dict[str, Any] = {
