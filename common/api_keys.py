@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from common import keys
-from common.protocol import _Packed
+from common.protocol import Packed
 
 PREFIX = "lf-"
 
 
 @dataclass(slots=True)
-class ApiKey(_Packed):
+class ApiKey(Packed):
     name: str
     admin: bool = False
     rps: float = 0.0  # requests per second (a one-second window); 0: no limit

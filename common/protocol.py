@@ -41,7 +41,7 @@ def _field_names(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
 
 
-class _Packed:
+class Packed:
     """Mixin: dataclass <-> msgpack bytes. Unknown fields from a newer peer are ignored.
 
     Fields hold only msgpack-native values (str, int, float, lists, dicts), so packing is a
@@ -58,7 +58,7 @@ class _Packed:
 
 
 @dataclass(slots=True)
-class SamplingParams(_Packed):
+class SamplingParams(Packed):
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
@@ -70,7 +70,7 @@ class SamplingParams(_Packed):
 
 
 @dataclass(slots=True)
-class Job(_Packed):
+class Job(Packed):
     """One generation request as it sits in `jobs:{model}`. The prompt is already tokenized."""
 
     request_id: str
@@ -90,7 +90,7 @@ class Job(_Packed):
 
 
 @dataclass(slots=True)
-class Chunk(_Packed):
+class Chunk(Packed):
     """A coalesced piece of output on `chunks:{id}` and in `req:{id}:chunks`; seq starts at 1.
 
     The last chunk of a request carries `finish_reason` (and usage, and `error` when failed).
@@ -106,7 +106,7 @@ class Chunk(_Packed):
 
 
 @dataclass(slots=True)
-class ModelCard(_Packed):
+class ModelCard(Packed):
     """What the gateway needs to know about a served model; published by workers in `models`."""
 
     name: str
@@ -115,7 +115,7 @@ class ModelCard(_Packed):
 
 
 @dataclass(slots=True)
-class TokenizerBundle(_Packed):
+class TokenizerBundle(Packed):
     """The model's tokenizer, shipped through Redis so the gateway needs no model files."""
 
     tokenizer_json: str
@@ -146,7 +146,7 @@ class WorkerModelStatus:
 
 
 @dataclass(slots=True)
-class WorkerStatus(_Packed):
+class WorkerStatus(Packed):
     """The heartbeat a worker writes to `worker:{id}` with a TTL."""
 
     worker_id: str
