@@ -15,6 +15,7 @@ _PARTS = {
     "gateway": ("gateway.main", "run one gateway against a Redis"),
     "worker": ("worker.main", "run one worker against a Redis"),
     "keys": ("common.keys_cli", "create, list or revoke API keys"),
+    "status": ("common.status_cli", "workers, models, KV use, queues and tokens/s, from Redis"),
 }
 
 

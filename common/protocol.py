@@ -158,3 +158,4 @@ class WorkerStatus(Packed):
     models: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> WorkerModelStatus as dict
     # {"available": bool, "reason"?: str, "devices"?: [{index, name, memory_used_bytes, ...}]}
     gpu: dict[str, Any] = field(default_factory=dict)
+    tokens_out: int = 0  # output tokens generated since the process started (rates: diff two beats)

@@ -7,7 +7,7 @@ import time
 
 from redis.asyncio import Redis
 
-from common import keys
+from common import fleet_state, keys
 from common.errors import NotFound, Unavailable, Unprocessable
 from common.protocol import ModelCard, TokenizerBundle, WorkerStatus
 from gateway.tokenization import PromptEncoder
@@ -64,12 +64,4 @@ class ModelRegistry:
             return encoder
 
     async def live_workers(self) -> list[WorkerStatus]:
-        """Workers whose heartbeat has not expired; expired ones are pruned from the set."""
-        ids = [i.decode() for i in await self._redis.smembers(keys.WORKERS)]
-        if not ids:
-            return []
-        raw = await self._redis.mget([keys.worker(i) for i in ids])
-        dead = [i for i, r in zip(ids, raw, strict=True) if r is None]
-        if dead:
-            await self._redis.srem(keys.WORKERS, *dead)
-        return [WorkerStatus.unpack(r) for r in raw if r is not None]
+        return await fleet_state.live_workers(self._redis)

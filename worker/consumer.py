@@ -149,7 +149,7 @@ class Worker:
         return WorkerStatus(
             worker_id=self.worker_id, host=socket.gethostname(), pid=os.getpid(), state=self._state,
             started_at=self._started_at, heartbeat_at=time.time(), models=heartbeat.model_statuses(models),
-            gpu=await asyncio.to_thread(self._gpu.read),
+            gpu=await asyncio.to_thread(self._gpu.read), tokens_out=self.publisher.tokens_out,
         )
 
     # -- one model's stream -------------------------------------------------------------

@@ -67,6 +67,7 @@ class ChunkPublisher:
         self._dirty: dict[str, _Open] = {}
         self._wakeup = asyncio.Event()
         self._urgent = False
+        self.tokens_out = 0  # every output token this process generated, for the heartbeat
 
     def open(self, request_id: str, last_seq: int, prompt_tokens: int, completion_tokens: int = 0) -> None:
         """Start publishing a request; a continuation passes the seq and token count it reached."""
@@ -84,6 +85,7 @@ class ChunkPublisher:
         state.text.append(output.text)
         state.token_ids.extend(output.token_ids)
         state.completion_tokens += len(output.token_ids)
+        self.tokens_out += len(output.token_ids)
         self._wakeup.set()
 
     async def finish(self, output: EngineOutput) -> int:

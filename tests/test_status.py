@@ -1,0 +1,43 @@
+"""`llm-fleet status`: what an operator sees, as JSON and as a table, while requests flow."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from tests.conftest import TEST_MODEL, StartFleet
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+async def status(redis_url: str, *flags: str) -> str:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "common.cli", "status", "--redis-url", redis_url, *flags, cwd=REPO,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err.decode()
+    return out.decode()
+
+
+async def test_status_reports_workers_models_queues_and_tokens_per_second(start_fleet: StartFleet) -> None:
+    fleet = await start_fleet(engine={"step_delay_ms": 20, "max_num_seqs": 2})
+    ids = [await fleet.submit(prompt=f"busy {i} ", max_tokens=150) for i in range(5)]  # 2 run, 3 wait
+
+    snapshot = json.loads(await status(fleet.redis_url, "--json", "--interval", "1.5"))
+    [worker] = snapshot["workers"]
+    model = worker["models"][TEST_MODEL]
+    assert worker["worker_id"] == "w0" and worker["state"] == "serving" and model["state"] == "ready"
+    assert model["running"] == 2 and model["kv_used_tokens"] > 0 and model["kv_capacity_tokens"] == 65536
+    assert worker["tokens_per_s"] > 20  # two streams at ~50 tokens/s each
+    queue = snapshot["queues"][TEST_MODEL]
+    assert queue["outstanding"] == 5 and queue["held_by_workers"] >= 2 and queue["dead_letters"] == 0
+
+    table = await status(fleet.redis_url, "--interval", "0.2")
+    assert "w0" in table and TEST_MODEL in table and "2/2" in table and "OUTSTANDING" in table
+    for request_id in ids:
+        await fleet.wait_done(request_id, timeout_s=30)
+    await asyncio.sleep(1.5)  # let a heartbeat carry the final count
+    idle = json.loads(await status(fleet.redis_url, "--json", "--interval", "1.2"))
+    assert idle["queues"][TEST_MODEL]["outstanding"] == 0 and idle["workers"][0]["tokens_per_s"] == 0
