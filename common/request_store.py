@@ -42,24 +42,33 @@ redis.call('EXPIRE', KEYS[2], ARGV[7])
 return entry
 """
 
-_CANCEL = """
+# Ends a request that no worker will finish (cancel, dead letter): KEYS[1] is `req:{id}`, KEYS[2]
+# its chunks. The final chunk carries the usage so far and is stored and published like a
+# worker's, so every reader sees the end the same way.
+_END_REQUEST = """
+local function end_request(status, reason, err, finished_at, ttl, channel)
+  local seq = tonumber(redis.call('HGET', KEYS[1], 'seq')) + 1
+  local done = cmsgpack.pack({seq = seq, text = '', finish_reason = reason, error = err,
+    prompt_tokens = tonumber(redis.call('HGET', KEYS[1], 'prompt_tokens')),
+    completion_tokens = tonumber(redis.call('HGET', KEYS[1], 'completion_tokens'))})
+  redis.call('RPUSH', KEYS[2], done)
+  redis.call('HSET', KEYS[1], 'status', status, 'finish_reason', reason, 'seq', seq, 'finished_at', finished_at)
+  if err then redis.call('HSET', KEYS[1], 'error', err) end
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
+  redis.call('PUBLISH', channel, done)
+end
+"""
+
+_CANCEL = _END_REQUEST + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return false end
 if status ~= 'queued' and status ~= 'running' then return status end
-local seq = tonumber(redis.call('HGET', KEYS[1], 'seq')) + 1
-local done = cmsgpack.pack({seq = seq, text = '', finish_reason = 'cancelled',
-  prompt_tokens = tonumber(redis.call('HGET', KEYS[1], 'prompt_tokens')),
-  completion_tokens = tonumber(redis.call('HGET', KEYS[1], 'completion_tokens'))})
-redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finish_reason', 'cancelled', 'seq', seq,
-  'finished_at', ARGV[2])
-redis.call('RPUSH', KEYS[2], done)
 if status == 'queued' then
   -- Never run: take it out of the stream now, so XLEN stays exactly the outstanding work.
   redis.call('XDEL', KEYS[3], redis.call('HGET', KEYS[1], 'entry'))
 end
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-redis.call('EXPIRE', KEYS[2], ARGV[1])
-redis.call('PUBLISH', ARGV[3], done)
+end_request('cancelled', 'cancelled', nil, ARGV[2], ARGV[1], ARGV[3])
 redis.call('PUBLISH', ARGV[4], ARGV[5])
 return 'cancelled'
 """
@@ -116,13 +125,12 @@ return 1
 
 _HAND_BACK = """
 local status = redis.call('HGET', KEYS[1], 'status')
-local ours = status == 'queued' or (status == 'running' and redis.call('HGET', KEYS[1], 'worker') == ARGV[1])
 if not status or (status ~= 'queued' and status ~= 'running') then
   redis.call('XACK', KEYS[2], ARGV[4], ARGV[3])
   redis.call('XDEL', KEYS[2], ARGV[3])
   return status or 'missing'
 end
-if not ours then return 'taken' end
+if status == 'running' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then return 'taken' end
 if status == 'queued' and redis.call('HGET', KEYS[1], 'entry') ~= ARGV[3] then
   -- Handed back already (a retry): the new entry exists; only the old one needs removing.
   redis.call('XACK', KEYS[2], ARGV[4], ARGV[3])
@@ -136,23 +144,14 @@ redis.call('HSET', KEYS[1], 'status', 'queued', 'entry', entry, 'worker', '', 's
 return 'requeued'
 """
 
-_DEAD_LETTER = """
+_DEAD_LETTER = _END_REQUEST + """
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[9], '*', 'job', ARGV[2], 'request_id', ARGV[10],
   'reason', ARGV[3], 'worker', ARGV[1], 'failed_at', ARGV[4])
 redis.call('XACK', KEYS[3], ARGV[7], ARGV[6])
 redis.call('XDEL', KEYS[3], ARGV[6])
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'queued' and status ~= 'running' then return 0 end
-local seq = tonumber(redis.call('HGET', KEYS[1], 'seq')) + 1
-local done = cmsgpack.pack({seq = seq, text = '', finish_reason = 'error', error = ARGV[3],
-  prompt_tokens = tonumber(redis.call('HGET', KEYS[1], 'prompt_tokens')),
-  completion_tokens = tonumber(redis.call('HGET', KEYS[1], 'completion_tokens'))})
-redis.call('RPUSH', KEYS[2], done)
-redis.call('HSET', KEYS[1], 'status', 'failed', 'finish_reason', 'error', 'error', ARGV[3], 'seq', seq,
-  'finished_at', ARGV[4])
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('EXPIRE', KEYS[2], ARGV[5])
-redis.call('PUBLISH', ARGV[8], done)
+end_request('failed', 'error', ARGV[3], ARGV[4], ARGV[5], ARGV[8])
 return 1
 """
 
