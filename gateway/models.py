@@ -13,6 +13,9 @@ from common.protocol import ModelCard, TokenizerBundle, WorkerStatus
 from gateway.tokenization import PromptEncoder
 
 _CARDS_TTL_S = 2.0
+# A name missing from the cache may be a model registered since the last read: re-read, but no more often
+# than this, so a client hammering an unknown name costs one HGETALL per interval, not one per request.
+_MISSING_RECHECK_S = 0.2
 
 
 class ModelRegistry:
@@ -24,17 +27,23 @@ class ModelRegistry:
         self._encoders: dict[str, tuple[ModelCard, PromptEncoder]] = {}
         self._encoder_lock = asyncio.Lock()
 
-    async def cards(self) -> dict[str, ModelCard]:
-        if time.monotonic() - self._cards_at > _CARDS_TTL_S:
+    async def cards(self, expect: set[str] | frozenset[str] = frozenset()) -> dict[str, ModelCard]:
+        """The registered cards; `expect` names models the caller knows exist (a worker serves them, a
+        client asked for them), which triggers an early re-read when the cache lacks one."""
+        if self._stale(expect):
             async with self._cards_lock:  # one refresh for a burst of requests, not one each
-                if time.monotonic() - self._cards_at > _CARDS_TTL_S:
+                if self._stale(expect):
                     raw = await self._redis.hgetall(keys.MODELS)
                     self._cards = {k.decode(): ModelCard.unpack(v) for k, v in raw.items()}
                     self._cards_at = time.monotonic()
         return self._cards
 
+    def _stale(self, expect: set[str] | frozenset[str]) -> bool:
+        age = time.monotonic() - self._cards_at
+        return age > _CARDS_TTL_S or (age > _MISSING_RECHECK_S and not expect <= self._cards.keys())
+
     async def resolve(self, name: str | None) -> ModelCard:
-        cards = await self.cards()
+        cards = await self.cards({name} if name else frozenset())
         if name is None:
             if len(cards) == 1:
                 return next(iter(cards.values()))

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from common import keys
+from common.errors import NotFound
+from common.protocol import ModelCard
+from gateway.models import ModelRegistry
 from tests.conftest import TEST_MODEL, StartFleet
 
 
@@ -94,3 +99,22 @@ async def test_ready_names_the_model_that_failed_to_load(start_fleet: StartFleet
     assert TEST_MODEL in reply["reason"] and "not a number" in reply["reason"]
     (model,) = (await fleet.get("/v1/models"))[1]["data"]
     assert model["state"] == "failed" and "not a number" in model["workers"][0]["error"]
+
+
+async def test_a_model_registered_after_a_cached_read_is_seen_at_once(redis) -> None:
+    """The gateway caches model cards for 2 s; a model registered inside that window (a worker that just
+    finished loading) must not 404 or list without its card until the cache expires (CI caught
+    `max_model_len: None` on a just-ready model)."""
+    registry = ModelRegistry(redis)
+    await redis.delete(keys.MODELS)
+    assert await registry.cards() == {}  # cached: empty
+    card = ModelCard(name="late-model", engine="test", max_model_len=512)
+    await redis.hset(keys.MODELS, card.name, card.pack())
+    await asyncio.sleep(0.25)  # past the re-check interval, well inside the 2 s TTL
+    assert await registry.cards() == {}  # nothing expected: the cache is still trusted
+    assert (await registry.cards({"late-model"}))["late-model"] == card
+    await redis.hdel(keys.MODELS, card.name)
+    assert await registry.resolve("late-model") == card  # cached now
+    await asyncio.sleep(0.25)
+    with pytest.raises(NotFound):
+        await registry.resolve("gone-model")
