@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from common import keys
-from common.protocol import ModelCard, WorkerStatus
+from common.protocol import WorkerStatus
 
 
 async def live_workers(redis: Redis) -> list[WorkerStatus]:
@@ -26,9 +26,14 @@ async def live_workers(redis: Redis) -> list[WorkerStatus]:
     return [WorkerStatus.unpack(r) for r in raw if r is not None]
 
 
+async def model_names(redis: Redis) -> list[str]:
+    """Every model a worker ever registered (the card outlives an unload)."""
+    return sorted(name.decode() for name in await redis.hkeys(keys.MODELS))
+
+
 async def queues(redis: Redis) -> dict[str, dict[str, Any]]:
     """Per registered model: outstanding jobs (XLEN), of which held by workers (pending), dead letters."""
-    names = sorted(ModelCard.unpack(v).name for v in (await redis.hgetall(keys.MODELS)).values())
+    names = await model_names(redis)
     async with redis.pipeline(transaction=False) as pipe:
         for name in names:
             pipe.xlen(keys.job_stream(name))

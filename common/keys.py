@@ -10,6 +10,7 @@ CONSUMER_GROUP = "workers"  # one group per model stream
 WORKERS = "workers"  # set of worker ids that have heartbeated; stale ones are pruned by readers
 MODELS = "models"  # hash: served model name -> packed ModelCard
 CANCELS = "cancels"  # pub/sub channel: request ids cancelled while possibly running
+DEAD_LETTER_STATS = "stats:dead_letters"  # hash: model -> msgpack {count, new, newest_reason, at} (cron)
 API_KEYS = "api_keys"  # hash: sha256 of an API key -> packed ApiKey (the key itself is never stored)
 
 

@@ -128,6 +128,11 @@ class ModelState(StrEnum):
     LOADING = "loading"
     READY = "ready"
     FAILED = "failed"
+    UNLOADING = "unloading"  # stopped reading; finishing or handing back its jobs, then freed
+
+
+# States in which a worker counts as serving a model: requests for it may be queued.
+SERVING_STATES = frozenset({ModelState.LOADING, ModelState.READY})
 
 
 @dataclass(slots=True)
@@ -159,3 +164,4 @@ class WorkerStatus(Packed):
     # {"available": bool, "reason"?: str, "devices"?: [{index, name, memory_used_bytes, ...}]}
     gpu: dict[str, Any] = field(default_factory=dict)
     tokens_out: int = 0  # output tokens generated since the process started (rates: diff two beats)
+    catalogue: list[str] = field(default_factory=list)  # models this worker may load (admin load checks it)

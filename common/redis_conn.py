@@ -18,7 +18,14 @@ def connect(url: str, *, timeout_s: float, blocking_ms: int = 0, max_connections
 
     The pool blocks (up to `timeout_s`) for a free connection when all `max_connections` are
     busy, instead of failing with "Too many connections": a burst of requests queues briefly."""
-    pool = aioredis.BlockingConnectionPool.from_url(
+    return aioredis.Redis.from_pool(connection_pool(url, timeout_s=timeout_s, blocking_ms=blocking_ms,
+                                                    max_connections=max_connections))
+
+
+def connection_pool(url: str, *, timeout_s: float, blocking_ms: int = 0,
+                    max_connections: int = 512) -> aioredis.BlockingConnectionPool:
+    """The pool behind `connect`, for clients of another class (arq's ArqRedis)."""
+    return aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
         timeout=timeout_s,
@@ -28,4 +35,3 @@ def connect(url: str, *, timeout_s: float, blocking_ms: int = 0, max_connections
         retry=Retry(NoBackoff(), retries=1),
         health_check_interval=30,
     )
-    return aioredis.Redis.from_pool(pool)

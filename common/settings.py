@@ -80,6 +80,11 @@ class GatewaySettings(_FromEnv):
     stream_resync_s: float = 2.0
     # A live stream pauses through a Redis outage this long before it reports 503 to its client.
     stream_outage_grace_s: float = 30.0
+    # A request for a model that live workers exist for but none serves gets 503. Set this where
+    # workers of a model scale to zero (KEDA): the request must queue, so that the lag scales them up.
+    queue_unserved_models: bool = False
+    # `"wait": true` on an admin load/unload: the most the call waits for the workers' answers.
+    control_wait_timeout_s: float = 600.0
 
 
 def default_worker_id() -> str:
@@ -90,6 +95,7 @@ def default_worker_id() -> str:
 class WorkerSettings(_FromEnv):
     redis_url: str = DEFAULT_REDIS_URL
     worker_id: str = field(default_factory=default_worker_id)
+    # Models loaded at start; others in the catalogue can be loaded later (POST /admin/models/{name}/load).
     models: list[str] = field(default_factory=lambda: ["smollm2-135m"])
     # Optional JSON file that adds to or overrides the built-in model catalogue.
     catalogue: str | None = None
@@ -113,6 +119,13 @@ class WorkerSettings(_FromEnv):
     # `dead:{model}` and its request fails.
     max_attempts: int = 3
     max_dead_letters: int = 10_000
+    # Dead letters older than this are trimmed by the housekeeping cron.
+    dead_letter_ttl_s: int = 7 * 24 * 3600
+    # A control job (load, unload) may run this long: a large model loads for minutes.
+    control_job_timeout_s: float = 1800.0
+    # The worker's own HTTP endpoint: /health, /ready (a model is loaded), /metrics. None: off.
+    http_host: str = "127.0.0.1"
+    http_port: int | None = None
     cache_dir: str = str(Path.home() / ".cache" / "llm-fleet")
 
 

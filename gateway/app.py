@@ -7,11 +7,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
+from common.control import arq_client
 from common.errors import FleetError, Overloaded, PayloadTooLarge, Unavailable
 from common.redis_conn import REDIS_DOWN_ERRORS, connect
 from common.request_store import RequestStore
 from common.settings import GatewaySettings
-from gateway import admin_api, health, http_api, openai_api, openapi, ws
+from gateway import admin_api, admin_models, health, http_api, openai_api, openapi, ws
 from gateway.auth import Authenticator, guard
 from gateway.context import GATEWAY_KEY, REQUEST_ID_KEY, Gateway
 from gateway.models import ModelRegistry
@@ -87,6 +88,9 @@ def create_app(settings: GatewaySettings) -> web.Application:
         web.post("/admin/keys", admin_api.create_key),
         web.get("/admin/keys", admin_api.list_keys),
         web.delete("/admin/keys/{name}", admin_api.revoke_key),
+        web.get("/admin/workers", admin_models.list_workers),
+        web.post("/admin/models/{name}/load", admin_models.load_model),
+        web.post("/admin/models/{name}/unload", admin_models.unload_model),
     ]
     app.add_routes(routes)
     app.cleanup_ctx.append(_lifecycle(settings))
@@ -105,13 +109,15 @@ def _lifecycle(settings: GatewaySettings) -> Callable[[web.Application], AsyncIt
         redis = connect(settings.redis_url, timeout_s=settings.redis_timeout_s,
                         max_connections=settings.redis_max_connections)
         store = RequestStore(redis)
-        registry = ModelRegistry(redis)
+        registry = ModelRegistry(redis, queue_unserved=settings.queue_unserved_models)
+        arq = arq_client(settings.redis_url, timeout_s=settings.redis_timeout_s)
         relay = Relay(redis, store, resync_s=settings.stream_resync_s, outage_grace_s=settings.stream_outage_grace_s)
         await relay.start()
         app[GATEWAY_KEY] = Gateway(settings, redis, store, registry, Submitter(settings, store, registry), relay,
-                                   Authenticator(redis, settings.auth_cache_s))
+                                   Authenticator(redis, settings.auth_cache_s), arq)
         yield
         await relay.close()
         await redis.aclose()
+        await arq.connection_pool.disconnect()
 
     return lifecycle

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from aiohttp import web
+from arq.connections import ArqRedis
 from redis.asyncio import Redis
 
 from common.errors import NotFound
@@ -26,6 +27,7 @@ class Gateway:
     submitter: Submitter
     relay: Relay
     auth: Authenticator
+    arq: ArqRedis  # the control plane's client: load/unload jobs on workers' queues
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
     # Shutting down (a restart, a deploy): open sockets are closed with "going away" and their
     # requests keep running, for the client to re-attach elsewhere; they are not abandoned.

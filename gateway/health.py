@@ -36,7 +36,7 @@ async def models(request: web.Request) -> web.Response:
     """OpenAI's list shape, with each model's state on every live worker."""
     gateway = Gateway.of(request)
     workers = await gateway.registry.live_workers()
-    cards = await gateway.registry.cards({name for w in workers for name in w.models})
+    cards = await gateway.registry.cards(fresh=True)
     data: list[dict[str, Any]] = []
     for name in sorted(set(cards) | {n for w in workers for n in w.models}):
         card = cards.get(name)

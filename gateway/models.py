@@ -9,41 +9,38 @@ from redis.asyncio import Redis
 
 from common import fleet_state, keys
 from common.errors import NotFound, Unavailable, Unprocessable
-from common.protocol import ModelCard, TokenizerBundle, WorkerStatus
+from common.protocol import SERVING_STATES, ModelCard, TokenizerBundle, WorkerStatus
 from gateway.tokenization import PromptEncoder
 
 _CARDS_TTL_S = 2.0
-# A name missing from the cache may be a model registered since the last read: re-read, but no more often
-# than this, so a client hammering an unknown name costs one HGETALL per interval, not one per request.
-_MISSING_RECHECK_S = 0.2
+# Which models live workers serve, read at most this often (the submit path checks it per request).
+_SERVED_TTL_S = 1.0
 
 
 class ModelRegistry:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, *, queue_unserved: bool = False) -> None:
         self._redis = redis
+        self._queue_unserved = queue_unserved
+        self._served: tuple[int, frozenset[str]] = (0, frozenset())  # live workers, models they serve
+        self._served_at = 0.0
         self._cards: dict[str, ModelCard] = {}
         self._cards_at = 0.0
         self._cards_lock = asyncio.Lock()
         self._encoders: dict[str, tuple[ModelCard, PromptEncoder]] = {}
         self._encoder_lock = asyncio.Lock()
 
-    async def cards(self, expect: set[str] | frozenset[str] = frozenset()) -> dict[str, ModelCard]:
-        """The registered cards; `expect` names models the caller knows exist (a worker serves them, a
-        client asked for them), which triggers an early re-read when the cache lacks one."""
-        if self._stale(expect):
+    async def cards(self, *, fresh: bool = False) -> dict[str, ModelCard]:
+        """The registered cards, at most `_CARDS_TTL_S` old (`fresh`: read now, for listings)."""
+        if fresh or time.monotonic() - self._cards_at > _CARDS_TTL_S:
             async with self._cards_lock:  # one refresh for a burst of requests, not one each
-                if self._stale(expect):
+                if fresh or time.monotonic() - self._cards_at > _CARDS_TTL_S:
                     raw = await self._redis.hgetall(keys.MODELS)
                     self._cards = {k.decode(): ModelCard.unpack(v) for k, v in raw.items()}
                     self._cards_at = time.monotonic()
         return self._cards
 
-    def _stale(self, expect: set[str] | frozenset[str]) -> bool:
-        age = time.monotonic() - self._cards_at
-        return age > _CARDS_TTL_S or (age > _MISSING_RECHECK_S and not expect <= self._cards.keys())
-
     async def resolve(self, name: str | None) -> ModelCard:
-        cards = await self.cards({name} if name else frozenset())
+        cards = await self.cards()
         if name is None:
             if len(cards) == 1:
                 return next(iter(cards.values()))
@@ -52,9 +49,29 @@ class ModelRegistry:
             raise Unprocessable(f"`model` is required; served models: {', '.join(sorted(cards))}", param="model")
         card = cards.get(name)
         if card is None:
-            raise NotFound(f"model {name!r} does not exist; served models: {', '.join(sorted(cards))}",
-                           param="model")
+            # Registered since the cache was filled (a worker just loaded it)? One HGET tells.
+            raw = await self._redis.hget(keys.MODELS, name)
+            if raw is None:
+                raise NotFound(f"model {name!r} does not exist; served models: {', '.join(sorted(cards))}",
+                               param="model")
+            card = cards[name] = ModelCard.unpack(raw)
         return card
+
+    async def check_served(self, card: ModelCard) -> None:
+        """503 for a model that is known (a worker registered it once) but that no live worker loads or
+        serves while other workers are live: an operator unloaded it, so queueing would wait forever.
+        With no live worker at all, requests queue (a restart, a scale-up from zero brings workers)."""
+        if self._queue_unserved:
+            return
+        if time.monotonic() - self._served_at > _SERVED_TTL_S:
+            workers = await self.live_workers()
+            self._served = (len(workers), frozenset(name for w in workers for name, m in w.models.items()
+                                                    if m["state"] in SERVING_STATES))
+            self._served_at = time.monotonic()
+        live, served = self._served
+        if live and card.name not in served:
+            raise Unavailable(f"model {card.name!r} is not loaded on any of the {live} live worker(s); an operator "
+                              f"can load it with POST /admin/models/{card.name}/load")
 
     async def encoder(self, card: ModelCard) -> PromptEncoder:
         cached = self._encoders.get(card.name)

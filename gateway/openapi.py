@@ -45,6 +45,8 @@ _COMPLETION = {"description": "The completion", "content": {
     "application/json": {"schema": {"type": "object"}},
     "text/event-stream": {"schema": {"type": "object", "required": ["data"],
                                      "properties": {"data": {"type": "string"}}}}}}
+_MODEL_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+_CONTROL = {"$ref": "#/components/schemas/ControlReply"}
 _REQUEST_ID = {"name": "request_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 SPEC: dict[str, Any] = {
@@ -80,6 +82,15 @@ SPEC: dict[str, Any] = {
                                                  **_SAMPLING}},
             "ChatRequest": {"type": "object", "required": ["messages"],
                             "properties": {"messages": _MESSAGES, "stream": {"type": "boolean"}, **_SAMPLING}},
+            "LoadRequest": {"type": "object", "additionalProperties": False, "properties": {
+                "workers": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+                "replicas": {"type": "integer", "minimum": 1}, "wait": {"type": "boolean"}}},
+            "UnloadRequest": {"type": "object", "additionalProperties": False, "properties": {
+                "workers": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+                "wait": {"type": "boolean"}}},
+            "ControlReply": {"type": "object", "required": ["model", "action", "workers"], "properties": {
+                "model": {"type": "string"}, "action": {"type": "string"},
+                "workers": {"type": "array", "items": {"type": "object", "required": ["worker_id", "job_id"]}}}},
             "ApiKeyRequest": {"type": "object", "required": ["name"], "additionalProperties": False,
                               "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 64},
                                              "admin": {"type": "boolean"},
@@ -139,6 +150,26 @@ SPEC: dict[str, Any] = {
             "get": {"summary": "List API keys (names and limits, never the keys)", "operationId": "listKeys",
                     "responses": {"200": _json({"type": "object", "required": ["keys"]}, "Keys"),
                                   **_errors(401, 403, 429, 503)}}},
+        "/admin/workers": {"get": {
+            "summary": "Live workers: state, models (state, progress, KV), catalogue, GPU (admin)",
+            "operationId": "listWorkers",
+            "responses": {"200": _json({"type": "object", "required": ["workers"]}, "Workers"),
+                          **_errors(401, 403, 429, 503)}}},
+        "/admin/models/{name}/load": {"post": {
+            "summary": "Load a catalogue model on named workers or up to N replicas (admin)",
+            "operationId": "loadModel", "parameters": [_MODEL_NAME],
+            "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/LoadRequest"}}}},
+            "responses": {"200": _json(_CONTROL, "Done (wait) or nothing to do"),
+                          "202": _json(_CONTROL, "Control jobs enqueued"),
+                          **_errors(400, 401, 403, 404, 413, 422, 429, 503)}}},
+        "/admin/models/{name}/unload": {"post": {
+            "summary": "Unload a model from named workers or all that have it (admin)",
+            "operationId": "unloadModel", "parameters": [_MODEL_NAME],
+            "requestBody": {"content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/UnloadRequest"}}}},
+            "responses": {"200": _json(_CONTROL, "Done (wait) or nothing to do"),
+                          "202": _json(_CONTROL, "Control jobs enqueued"),
+                          **_errors(400, 401, 403, 404, 413, 422, 429, 503)}}},
         "/admin/keys/{name}": {"delete": {
             "summary": "Revoke an API key (admin)", "operationId": "revokeKey",
             "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],

@@ -31,6 +31,7 @@ class Submitter:
     async def prepare(self, request: GenerateRequest, request_id: str | None = None) -> Job:
         """Everything short of enqueueing: raises the 404/413/422 a bad request deserves."""
         card = await self._registry.resolve(request.model)
+        await self._registry.check_served(card)
         encoder = await self._registry.encoder(card)
         if request.prompt is not None:
             if len(request.prompt) > _INLINE_TOKENIZE_CHARS:

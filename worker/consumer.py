@@ -1,10 +1,11 @@
 """The worker's life, top to bottom (after arq's Worker):
 
-main -> _serve_model (per model: register; reclaim dead workers' jobs, read the stream, as the
-                      KV budget allows)
+main -> load (per model, at start or from a control job) -> _serve_model (register; reclaim dead
+        workers' jobs, read the stream, as the KV budget allows)
      -> _run_job (engine stream -> publisher -> finish -> XACK+XDEL)
-plus heartbeat, the cancel listener, and a SIGTERM path: stop reading, let in-flight jobs finish
-for `drain_timeout_s`, hand back (re-queue, to be continued elsewhere) what is left, exit.
+plus heartbeat, the cancel listener, the control plane (arq: load/unload, housekeeping cron), and
+a SIGTERM path: stop reading, let in-flight jobs finish for `drain_timeout_s`, hand back (re-queue,
+to be continued elsewhere) what is left, exit. Unloading one model is the same path for one model.
 
 Every stream entry this worker holds (read or claimed, not yet acked) is in `_held`, so a drain
 knows what to hand back.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -27,12 +29,13 @@ from redis.exceptions import ResponseError
 from tokenizers import Tokenizer
 
 from common import keys
-from common.protocol import FinishReason, Job, WorkerStatus
+from common.protocol import FinishReason, Job, ModelState, WorkerStatus
 from common.redis_conn import REDIS_DOWN_ERRORS, connect
 from common.request_store import RequestStore
 from common.settings import ModelSpec, WorkerSettings
 from worker import heartbeat
 from worker.continuation import Continuation, Decode, fresh, resume
+from worker.control_plane import run_control_plane
 from worker.engines.base import Engine, EngineOutput
 from worker.gpu_stats import GpuProbe
 from worker.kv_budget import KvBudget
@@ -52,15 +55,16 @@ T = TypeVar("T")
 
 class Worker:
     def __init__(self, settings: WorkerSettings, catalogue: dict[str, ModelSpec]) -> None:
-        unknown = [name for name in settings.models if name not in catalogue]
+        unknown = [name for name in settings.models if name not in catalogue]  # fail at start, not at load
         if unknown:
             raise ValueError(f"models not in the catalogue: {', '.join(unknown)}")
         self.settings = settings
-        self.specs = [catalogue[name] for name in settings.models]
+        self.catalogue = catalogue
         self.worker_id = settings.worker_id
         self.redis: Redis = connect(settings.redis_url, timeout_s=5.0, blocking_ms=settings.read_block_ms)
         self.store = RequestStore(self.redis)
-        self.loader = ModelLoader(settings.cache_dir)
+        self.loader = ModelLoader(settings.cache_dir, on_loaded=lambda engine: self._retrying(
+            lambda: self._register(engine)))
         self.publisher = ChunkPublisher(
             self.redis, self.store, self.worker_id,
             flush_interval_s=settings.flush_interval_ms / 1000,
@@ -74,10 +78,12 @@ class Worker:
         self._held: dict[str, dict[bytes, Job]] = {}  # stream -> entries read or claimed, not yet acked
         self._handing_back: set[str] = set()  # request ids aborted to be re-queued (drain)
         self._decoders: dict[str, Decode] = {}  # model -> detokenizer, for continuations
-        self._jobs: set[asyncio.Task[None]] = set()
+        self._readers: dict[str, asyncio.Task[None]] = {}  # model -> its _serve_model task
+        self._jobs: dict[str, set[asyncio.Task[None]]] = {}  # model -> its running _run_job tasks
         self._state = "starting"
         self._started_at = time.time()
         self._stop = asyncio.Event()
+        self._beat_now = asyncio.Event()  # set: heartbeat at once (a model's state changed)
         self._gpu = GpuProbe()
         self.exit_code = 0  # 1 once an engine died: the supervisor (fleet, Kubernetes) restarts us
 
@@ -86,27 +92,24 @@ class Worker:
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 asyncio.get_running_loop().add_signal_handler(sig, self.stop)
-        log.info("worker %s starting, models: %s", self.worker_id, [s.name for s in self.specs])
-        for spec in self.specs:
-            self.loader.start(spec)
+        log.info("worker %s starting, models: %s", self.worker_id, self.settings.models)
+        for name in self.settings.models:
+            self._start_model(name)
         background = [
             asyncio.create_task(heartbeat.heartbeat(self.redis, self.status, self.settings.heartbeat_interval_s,
-                                                    self.settings.heartbeat_ttl_s)),
+                                                    self.settings.heartbeat_ttl_s, self._beat_now)),
             asyncio.create_task(self.publisher.run()),
             asyncio.create_task(self._listen_for_cancels()),
         ]
-        readers = [asyncio.create_task(self._serve_model(spec)) for spec in self.specs]
+        control = asyncio.create_task(run_control_plane(self, self.worker_id, self.settings), name="control")
         self._state = "serving"
         await self._stop.wait()
 
         self._state = "draining"
-        log.info("draining %d in-flight jobs", len(self._jobs))
-        for task in readers:
-            task.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
-        if self._jobs:
-            await asyncio.wait(self._jobs, timeout=self.settings.drain_timeout_s)
-        await self._hand_back_all()
+        control.cancel()  # no loads during a drain
+        await asyncio.gather(control, return_exceptions=True)
+        log.info("draining %d in-flight jobs", sum(len(jobs) for jobs in self._jobs.values()))
+        await asyncio.gather(*(self._stop_model(name) for name in list(self._readers)))
         for task in background:
             task.cancel()
         with contextlib.suppress(*REDIS_DOWN_ERRORS):
@@ -115,21 +118,77 @@ class Worker:
         await self.redis.aclose()
         log.info("worker %s stopped", self.worker_id)
 
-    async def _hand_back_all(self) -> None:
-        """Past the grace period: abort what still runs and re-queue every held job, with what it
-        emitted so far, so another worker continues it. Scaling in loses nothing."""
-        if self._jobs:
-            log.warning("handing back %d unfinished job(s)", len(self._jobs))
+    async def _stop_model(self, name: str) -> None:
+        """Stop reading the model's stream, let its jobs finish for `drain_timeout_s`, then abort what
+        still runs and re-queue every held job, with what it emitted so far, so another worker
+        continues it. Scaling in or unloading loses nothing."""
+        reader = self._readers.pop(name, None)
+        if reader is not None:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+        jobs = self._jobs.get(name, set())
+        if jobs:
+            await asyncio.wait(jobs, timeout=self.settings.drain_timeout_s)
+        if jobs:
+            log.warning("handing back %d unfinished %s job(s)", len(jobs), name)
             for request_id, engine in list(self._running.items()):
-                self._handing_back.add(request_id)
-                engine.abort(request_id)  # its _run_job flushes what it has, then hands it back
-            _, late = await asyncio.wait(self._jobs, timeout=_HAND_BACK_TIMEOUT_S)
+                if engine.card.name == name:
+                    self._handing_back.add(request_id)
+                    engine.abort(request_id)  # its _run_job flushes what it has, then hands it back
+            _, late = await asyncio.wait(jobs, timeout=_HAND_BACK_TIMEOUT_S)
             for task in late:
                 task.cancel()
-        for stream, held in self._held.items():  # read but never started (waiting for KV budget)
-            for entry_id, job in list(held.items()):
-                with contextlib.suppress(*REDIS_DOWN_ERRORS):
-                    await self._hand_back(stream, entry_id, job)
+        stream = keys.job_stream(name)
+        for entry_id, job in list(self._held.get(stream, {}).items()):  # read, never started (no KV room)
+            with contextlib.suppress(*REDIS_DOWN_ERRORS):
+                await self._hand_back(stream, entry_id, job)
+
+    # -- models: load at start or on a control job, unload on a control job ------------------
+    def _start_model(self, name: str) -> None:
+        self.loader.start(self.catalogue[name])
+        self._readers[name] = asyncio.create_task(self._serve_model(self.catalogue[name]), name=f"serve:{name}")
+
+    async def load(self, name: str) -> dict[str, object]:
+        """Load a catalogue model (a no-op when it is loaded or loading) and serve it once ready.
+        Returns the model's status; raises with the reason when the load fails."""
+        if name not in self.catalogue:
+            raise ValueError(f"model {name!r} is not in this worker's catalogue "
+                             f"({', '.join(sorted(self.catalogue))})")
+        if self._stop.is_set():
+            raise RuntimeError("the worker is shutting down")
+        status = self.loader.status.get(name)
+        if status is not None and status.state == ModelState.UNLOADING:
+            raise RuntimeError(f"model {name!r} is unloading; load it again once that is done")
+        if status is None or status.state == ModelState.FAILED:
+            if status is not None:
+                await self._stop_model(name)
+                await self.loader.unload(name)
+            log.info("loading model %s", name)
+            self._start_model(name)
+        self._beat_now.set()
+        try:
+            await self.loader.ready(name)
+        finally:
+            self._beat_now.set()
+        return dataclasses.asdict(self.loader.status[name])
+
+    async def unload(self, name: str) -> dict[str, object]:
+        """Stop serving a model: its running jobs finish within `drain_timeout_s` or are handed back
+        to be continued elsewhere; then the engine is freed. The card stays in `models` (the gateway
+        keeps knowing the model and answers 503 while no worker serves it)."""
+        status = self.loader.status.get(name)
+        if status is None:
+            return {"state": "not loaded"}
+        log.info("unloading model %s", name)
+        status.state = ModelState.UNLOADING
+        self._beat_now.set()
+        await self._stop_model(name)
+        await self.loader.unload(name)
+        self.budgets.pop(name, None)
+        self._decoders.pop(name, None)
+        self._beat_now.set()
+        log.info("model %s unloaded", name)
+        return {"state": "unloaded"}
 
     def stop(self) -> None:
         self._stop.set()
@@ -150,6 +209,7 @@ class Worker:
             worker_id=self.worker_id, host=socket.gethostname(), pid=os.getpid(), state=self._state,
             started_at=self._started_at, heartbeat_at=time.time(), models=heartbeat.model_statuses(models),
             gpu=await asyncio.to_thread(self._gpu.read), tokens_out=self.publisher.tokens_out,
+            catalogue=sorted(self.catalogue),
         )
 
     # -- one model's stream -------------------------------------------------------------
@@ -158,7 +218,6 @@ class Worker:
             engine = await self.loader.ready(spec.name)
         except Exception:
             return  # the loader logged it; the heartbeat reports the model as failed
-        await self._retrying(lambda: self._register(engine))
         budget = self.budgets[spec.name] = KvBudget(engine.kv_capacity_tokens, engine.max_num_seqs,
                                                     engine.kv_block_size)
         stream = keys.job_stream(spec.name)
@@ -203,7 +262,8 @@ class Worker:
             await self.redis.xgroup_create(stream, keys.CONSUMER_GROUP, id="0", mkstream=True)
 
     async def _register(self, engine: Engine) -> None:
-        """Publish the model card and tokenizer, so gateways can validate and tokenize."""
+        """Publish the model card and tokenizer, so gateways can validate and tokenize (before the model
+        reports ready: a gateway that sees it ready finds its card)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(keys.MODELS, engine.card.name, engine.card.pack())
             pipe.set(keys.tokenizer(engine.card.name), engine.tokenizer.pack())
@@ -247,8 +307,9 @@ class Worker:
                 plan = resume(job, start.chunks, await self._decoder(engine))
                 log.info("continuing job after %d tokens", plan.tokens_done, extra={"request_id": job.request_id})
             task = asyncio.create_task(self._run_job(engine, budget, stream, entry_id, job, start.last_seq, plan))
-            self._jobs.add(task)
-            task.add_done_callback(self._jobs.discard)
+            jobs = self._jobs.setdefault(engine.card.name, set())
+            jobs.add(task)
+            task.add_done_callback(jobs.discard)
 
     async def _run_job(self, engine: Engine, budget: KvBudget, stream: str, entry_id: bytes, job: Job,
                        last_seq: int, plan: Continuation) -> None:

@@ -7,6 +7,7 @@ its pending jobs may be reclaimed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -22,9 +23,13 @@ log = logging.getLogger(__name__)
 
 
 async def heartbeat(
-    redis: Redis, status: Callable[[], Awaitable[WorkerStatus]], interval_s: float, ttl_s: float
+    redis: Redis, status: Callable[[], Awaitable[WorkerStatus]], interval_s: float, ttl_s: float,
+    wake: asyncio.Event | None = None,
 ) -> None:
+    """Beat every `interval_s`, and at once when `wake` is set (a model's state changed)."""
+    wake = wake or asyncio.Event()
     while True:
+        wake.clear()
         current = await status()
         current.heartbeat_at = time.time()
         try:
@@ -34,7 +39,8 @@ async def heartbeat(
                 await pipe.execute()
         except REDIS_DOWN_ERRORS as exc:
             log.warning("heartbeat failed: %s", exc)
-        await asyncio.sleep(interval_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), interval_s)
 
 
 async def remove(redis: Redis, worker_id: str) -> None:

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 from common.protocol import ModelState, WorkerModelStatus
 from common.settings import ModelSpec
@@ -33,10 +35,11 @@ async def build_engine(spec: ModelSpec, cache_dir: str, status: WorkerModelStatu
 
 
 class ModelLoader:
-    """Loads each configured model once; `status[name]` is what the heartbeat reports."""
+    """Loads and unloads models; `status[name]` is what the heartbeat reports for each."""
 
-    def __init__(self, cache_dir: str) -> None:
+    def __init__(self, cache_dir: str, on_loaded: Callable[[Engine], Awaitable[None]]) -> None:
         self.cache_dir = cache_dir
+        self._on_loaded = on_loaded  # runs before the model reports ready (registers it for gateways)
         self.status: dict[str, WorkerModelStatus] = {}
         self.engines: dict[str, Engine] = {}
         self._ready: dict[str, asyncio.Future[Engine]] = {}
@@ -50,6 +53,7 @@ class ModelLoader:
         async def load() -> None:
             try:
                 engine = await build_engine(spec, self.cache_dir, status)
+                await self._on_loaded(engine)
             except Exception as exc:
                 log.exception("loading model %s failed", spec.name)
                 status.state, status.error = ModelState.FAILED, str(exc)
@@ -65,8 +69,20 @@ class ModelLoader:
         task.add_done_callback(self._tasks.discard)
 
     async def ready(self, name: str) -> Engine:
-        return await self._ready[name]
+        return await asyncio.shield(self._ready[name])
+
+    async def unload(self, name: str) -> None:
+        """Forget the model and free its engine (a load still running is waited for first: an engine
+        being built in a thread cannot be interrupted)."""
+        future = self._ready.pop(name, None)
+        if future is not None and not future.done():
+            with contextlib.suppress(Exception):
+                await future
+        self.status.pop(name, None)
+        engine = self.engines.pop(name, None)
+        if engine is not None:
+            await engine.close()
 
     async def close(self) -> None:
-        for engine in self.engines.values():
-            await engine.close()
+        for name in list(self._ready):
+            await self.unload(name)

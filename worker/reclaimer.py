@@ -6,7 +6,7 @@ on two looks in a row is dead (one missing look may be a heartbeat lapsing acros
 restart); its pending entries are claimed with XCLAIM, up to the free slots. XCLAIM's min-idle
 guard makes two reclaimers racing for the same entry harmless: the first claim resets the
 idle time, so the second claims nothing. A live worker's jobs are never claimed, however long
-they run. A dead consumer with nothing pending is removed from the group.
+they run. (Dead consumers with nothing pending are removed by the housekeeping sweep.)
 """
 
 from __future__ import annotations
@@ -57,7 +57,6 @@ class Reclaimer:
         claimed: list[Claimed] = []
         for name in sorted(dead):
             if consumers[name] == 0:
-                await self._redis.xgroup_delconsumer(stream, keys.CONSUMER_GROUP, name)
                 continue
             if len(claimed) >= count:
                 break

@@ -1,0 +1,90 @@
+"""Admin routes (admin API key) of the model control plane: list workers, load and unload models.
+
+A load or unload becomes an arq job on each chosen worker's own queue (common/control.py). The
+reply is 202 with the job ids at once; with `"wait": true` the call waits (up to
+`control_wait_timeout_s`) and answers 200 with each worker's outcome. Models are loaded only from
+a worker's catalogue: the name is checked against what live workers advertise, never used as a path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+from aiohttp import web
+from arq.jobs import Job
+
+from common import control
+from common.errors import Unprocessable
+from gateway.context import Gateway
+from gateway.validation import int_field, parse_json_object
+
+_LOAD_FIELDS = frozenset({"workers", "replicas", "wait"})
+_UNLOAD_FIELDS = frozenset({"workers", "wait"})
+
+
+async def list_workers(request: web.Request) -> web.Response:
+    workers = await Gateway.of(request).registry.live_workers()
+    return web.json_response({"workers": [dataclasses.asdict(w) for w in
+                                          sorted(workers, key=lambda w: w.worker_id)]})
+
+
+async def load_model(request: web.Request) -> web.Response:
+    gateway, model = Gateway.of(request), request.match_info["name"]
+    body = _body(await request.read(), _LOAD_FIELDS)
+    worker_ids = _worker_ids(body)
+    replicas = int_field(body, "replicas", minimum=1, maximum=10_000)
+    if worker_ids is not None and replicas is not None:
+        raise Unprocessable("give `workers` or `replicas`, not both", param="replicas")
+    targets = control.plan_load(await gateway.registry.live_workers(), model, worker_ids=worker_ids,
+                                replicas=replicas)
+    return await _dispatch(gateway, control.LOAD_MODEL, model, targets, wait=body.get("wait", False))
+
+
+async def unload_model(request: web.Request) -> web.Response:
+    gateway, model = Gateway.of(request), request.match_info["name"]
+    body = _body(await request.read(), _UNLOAD_FIELDS)
+    targets = control.plan_unload(await gateway.registry.live_workers(), model, worker_ids=_worker_ids(body))
+    return await _dispatch(gateway, control.UNLOAD_MODEL, model, targets, wait=body.get("wait", False))
+
+
+async def _dispatch(gateway: Gateway, action: str, model: str, targets: list[str], *, wait: bool) -> web.Response:
+    jobs = await control.send(gateway.arq, action, model, targets)
+    reply: dict[str, Any] = {"model": model, "action": action}
+    if not wait:
+        reply["workers"] = [{"worker_id": w, "job_id": j.job_id} for w, j in zip(targets, jobs, strict=True)]
+        return web.json_response(reply, status=202 if jobs else 200)
+    outcomes = await asyncio.gather(*(_outcome(j, gateway.settings.control_wait_timeout_s) for j in jobs))
+    reply["workers"] = [{"worker_id": w, "job_id": j.job_id, **o} for w, j, o in zip(targets, jobs, outcomes,
+                                                                                     strict=True)]
+    return web.json_response(reply)
+
+
+async def _outcome(job: Job, timeout_s: float) -> dict[str, Any]:
+    try:
+        result = await job.result(timeout=timeout_s, poll_delay=0.2)
+    except TimeoutError:
+        return {"ok": False, "error": f"no answer within {timeout_s:g}s; the job may still be running"}
+    except Exception as exc:  # the worker's exception, re-raised by arq: its message is the reason
+        return {"ok": False, "error": str(exc) or type(exc).__name__}
+    return {"ok": True, "result": result}
+
+
+def _body(raw: bytes, allowed: frozenset[str]) -> dict[str, Any]:
+    body = parse_json_object(raw) if raw.strip() else {}
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise Unprocessable(f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
+    if not isinstance(body.get("wait", False), bool):
+        raise Unprocessable("`wait` must be a boolean", param="wait")
+    return body
+
+
+def _worker_ids(body: dict[str, Any]) -> list[str] | None:
+    ids = body.get("workers")
+    if ids is None:
+        return None
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) and i for i in ids):
+        raise Unprocessable("`workers` must be a non-empty list of worker ids", param="workers")
+    return list(dict.fromkeys(ids))

@@ -1,0 +1,121 @@
+"""Fleet-wide housekeeping, run as arq cron jobs: each tick runs on exactly one worker (arq's unique
+cron job ids), whichever enqueues it first.
+
+- sweep: drop expired workers from the `workers` set and dead consumers that hold nothing from
+  the model groups (consumers that hold jobs stay: reclaimers claim them); warn about jobs held
+  by dead workers of a model no live worker serves (nobody can reclaim them until one does).
+- expire: queued jobs whose request expired (its `req:{id}` is gone: the client can no longer
+  read a result) leave the stream, so they stop counting against `max_outstanding`; dead
+  letters older than `dead_letter_ttl_s` are trimmed.
+- dead_letter_stats: per model, the dead-letter count, how many arrived since the last run and
+  the newest reason, in `stats:dead_letters` (shown by `llm-fleet status`), logged when it grows.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import msgpack
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from common import fleet_state, keys
+from common.protocol import SERVING_STATES, Job, unpack
+
+log = logging.getLogger(__name__)
+
+# A consumer must be silent this long, on top of a missing heartbeat, before it is deleted: a worker
+# that just joined reads within a second, so this never races a newcomer.
+_DEAD_CONSUMER_IDLE_MS = 60_000
+# Queued entries looked at per model and run; a backlog beyond this is finished on later runs.
+_EXPIRE_SCAN = 2_000
+
+
+async def sweep(redis: Redis, *, dead_consumer_idle_ms: int = _DEAD_CONSUMER_IDLE_MS) -> dict[str, int]:
+    workers = await fleet_state.live_workers(redis)  # prunes expired ids from `workers`
+    live = {w.worker_id for w in workers}
+    served = {name for w in workers for name, m in w.models.items() if m["state"] in SERVING_STATES}
+    removed = stranded = 0
+    for model in await fleet_state.model_names(redis):
+        stream = keys.job_stream(model)
+        try:
+            consumers = await redis.xinfo_consumers(stream, keys.CONSUMER_GROUP)
+        except ResponseError:  # no stream or group yet
+            continue
+        for consumer in consumers:
+            name = _text(consumer["name"])
+            if name in live:
+                continue
+            if int(consumer["pending"]):
+                if model not in served:
+                    stranded += int(consumer["pending"])
+            elif int(consumer["idle"]) >= dead_consumer_idle_ms:
+                await redis.xgroup_delconsumer(stream, keys.CONSUMER_GROUP, name)
+                removed += 1
+        if stranded:
+            log.warning("%d job(s) of %s are held by dead workers and no live worker serves the model: "
+                        "they wait until one loads it", stranded, model)
+    return {"live_workers": len(live), "consumers_removed": removed, "stranded_jobs": stranded}
+
+
+async def expire(redis: Redis, *, dead_letter_ttl_s: int) -> dict[str, int]:
+    expired = trimmed = 0
+    min_id = f"{int((time.time() - dead_letter_ttl_s) * 1000)}-0"
+    for model in await fleet_state.model_names(redis):
+        stream = keys.job_stream(model)
+        expired += await _expire_queued(redis, stream)
+        trimmed += await redis.xtrim(keys.dead_letters(model), minid=min_id, approximate=False)
+    if expired or trimmed:
+        log.info("housekeeping: %d expired queued job(s) removed, %d old dead letter(s) trimmed", expired, trimmed)
+    return {"expired_jobs": expired, "dead_letters_trimmed": trimmed}
+
+
+async def _expire_queued(redis: Redis, stream: str) -> int:
+    """Entries after the group's last-delivered id were never read by a worker: those whose request
+    expired are deleted. Delivered ones are the workers' and reclaimers' business."""
+    try:
+        groups = await redis.xinfo_groups(stream)
+    except ResponseError:
+        return 0
+    group = next((g for g in groups if _text(g["name"]) == keys.CONSUMER_GROUP), None)
+    start = f"({_text(group['last-delivered-id'])}" if group else "-"
+    entries = await redis.xrange(stream, min=start, max="+", count=_EXPIRE_SCAN)
+    if not entries:
+        return 0
+    request_ids = [Job.unpack(fields[b"job"]).request_id for _, fields in entries]
+    async with redis.pipeline(transaction=False) as pipe:
+        for request_id in request_ids:
+            pipe.exists(keys.request(request_id))
+        exists = await pipe.execute()
+    gone = [entry_id for (entry_id, _), found in zip(entries, exists, strict=True) if not found]
+    if gone:
+        await redis.xdel(stream, *gone)
+    return len(gone)
+
+
+async def dead_letter_stats(redis: Redis) -> dict[str, dict[str, Any]]:
+    stats: dict[str, dict[str, Any]] = {}
+    previous = {k.decode(): unpack(v) for k, v in (await redis.hgetall(keys.DEAD_LETTER_STATS)).items()}
+    for model in await fleet_state.model_names(redis):
+        stream = keys.dead_letters(model)
+        count = await redis.xlen(stream)
+        newest = await redis.xrevrange(stream, count=1)
+        fields = newest[0][1] if newest else {}
+        stats[model] = {
+            "count": count,
+            "new": max(0, count - previous.get(model, {}).get("count", 0)),
+            "newest_reason": _text(fields[b"reason"]) if b"reason" in fields else None,
+            "at": time.time(),
+        }
+        if stats[model]["new"]:
+            log.warning("%d new dead letter(s) for %s (%d kept); newest: %s", stats[model]["new"], model, count,
+                        stats[model]["newest_reason"])
+    if stats:
+        await redis.hset(keys.DEAD_LETTER_STATS, mapping={m: msgpack.packb(s) for m, s in stats.items()})
+    return stats
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
