@@ -16,6 +16,7 @@ _PARTS = {
     "worker": ("worker.main", "run one worker against a Redis"),
     "keys": ("common.keys_cli", "create, list or revoke API keys"),
     "status": ("common.status_cli", "workers, models, KV use, queues and tokens/s, from Redis"),
+    "models": ("common.models_cli", "load or unload a model on running workers (control plane)"),
 }
 
 

@@ -6,6 +6,8 @@ The gateway's admin API enqueues `load_model` / `unload_model` on one worker's o
 
 from __future__ import annotations
 
+from typing import Any
+
 from arq.connections import ArqRedis
 from arq.jobs import Job
 
@@ -70,6 +72,17 @@ async def send(arq: ArqRedis, action: str, model: str, worker_ids: list[str]) ->
         assert job is not None  # only a caller-chosen duplicate _job_id returns None
         jobs.append(job)
     return jobs
+
+
+async def outcome(job: Job, timeout_s: float) -> dict[str, Any]:
+    """A control job's result as `{ok, result}` or `{ok: false, error}` (the worker's exception message)."""
+    try:
+        result = await job.result(timeout=timeout_s, poll_delay=0.2)
+    except TimeoutError:
+        return {"ok": False, "error": f"no answer within {timeout_s:g}s; the job may still be running"}
+    except Exception as exc:  # the worker's exception, re-raised by arq: its message is the reason
+        return {"ok": False, "error": str(exc) or type(exc).__name__}
+    return {"ok": True, "result": result}
 
 
 def _serves(worker: WorkerStatus, model: str) -> bool:

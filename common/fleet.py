@@ -8,6 +8,7 @@ a client once the fleet is ready; restarts a part that dies; on Ctrl-C stops wor
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import shutil
 import signal
@@ -19,7 +20,12 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import redis.asyncio as aioredis
+
+from common import fleet_state
 from common.embedded_redis import EmbeddedValkey
+from common.progress import advance, load_bar, load_fraction
+from common.redis_conn import REDIS_DOWN_ERRORS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-url", help="use this Redis instead of starting an embedded Valkey")
     parser.add_argument("--catalogue", help="JSON model catalogue passed to the workers")
     parser.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for /ready")
+    parser.add_argument("--worker-http-port", type=int, default=None,
+                        help="first worker's /metrics port; worker i gets +i (default: gateway port + 1)")
 
 
 @dataclass
@@ -76,7 +84,9 @@ def run(args: argparse.Namespace) -> None:
         worker_flags += ["--catalogue", args.catalogue]
     # No --worker-id: each process (a restarted one too) gets a fresh id, so the jobs a killed
     # worker held belong to a consumer whose heartbeat is gone, and are reclaimed.
-    workers = [Part(f"worker-{i}", [*exe, "worker", "--redis-url", redis_url, *worker_flags])
+    first_port = args.worker_http_port or args.port + 1
+    workers = [Part(f"worker-{i}", [*exe, "worker", "--redis-url", redis_url, *worker_flags,
+                                    "--http-host", args.host, "--http-port", str(first_port + i)])
                for i in range(args.workers)]
     stopping = False
 
@@ -90,11 +100,17 @@ def run(args: argparse.Namespace) -> None:
     for part in [gateway, *workers]:
         part.start()
     _say(f"gateway on {base_url}; {len(workers)} worker(s) loading {', '.join(models)} ...")
+    _say(f"metrics: {base_url}/metrics (gateway), http://{args.host}:{first_port}/metrics"
+         f"{f' .. :{first_port + len(workers) - 1}' if len(workers) > 1 else ''} (workers)")
     ready = False
+    bar = load_bar(f"loading {', '.join(models)}")
     try:
         while not stopping:
+            if not ready:
+                advance(bar, _load_fraction(redis_url))
             if not ready and _is_ready(base_url):
                 ready = True
+                bar.close()
                 _say(f"ready in {time.monotonic() - started:.1f}s. Point a client at {base_url}")
                 _say(f"  curl -s {base_url}/v1/generate -d '{{\"prompt\": \"Hello, how are you?\", "
                      f"\"max_tokens\": 32}}'")
@@ -112,6 +128,7 @@ def run(args: argparse.Namespace) -> None:
                     part.start()
             time.sleep(0.2)
     finally:
+        bar.close()
         _say("stopping: workers finish their jobs first ...")
         _stop_all(workers, timeout_s=60.0)
         _stop_all([gateway], timeout_s=10.0)
@@ -150,6 +167,21 @@ def _stop_all(parts: list[Part], timeout_s: float) -> None:
         except subprocess.TimeoutExpired:
             part.process.kill()
             part.process.wait()
+
+
+def _load_fraction(redis_url: str) -> float:
+    """How far the workers' model loads are (0..1), from their heartbeats; 0 while Redis is not up."""
+    async def read() -> float:
+        redis = aioredis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=1)
+        try:
+            return load_fraction(await fleet_state.live_workers(redis))
+        finally:
+            await redis.aclose()
+
+    try:
+        return asyncio.run(read())
+    except REDIS_DOWN_ERRORS:
+        return 0.0
 
 
 def _is_ready(base_url: str) -> bool:

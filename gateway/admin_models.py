@@ -13,7 +13,6 @@ import dataclasses
 from typing import Any
 
 from aiohttp import web
-from arq.jobs import Job
 
 from common import control
 from common.errors import Unprocessable
@@ -55,20 +54,10 @@ async def _dispatch(gateway: Gateway, action: str, model: str, targets: list[str
     if not wait:
         reply["workers"] = [{"worker_id": w, "job_id": j.job_id} for w, j in zip(targets, jobs, strict=True)]
         return web.json_response(reply, status=202 if jobs else 200)
-    outcomes = await asyncio.gather(*(_outcome(j, gateway.settings.control_wait_timeout_s) for j in jobs))
+    outcomes = await asyncio.gather(*(control.outcome(j, gateway.settings.control_wait_timeout_s) for j in jobs))
     reply["workers"] = [{"worker_id": w, "job_id": j.job_id, **o} for w, j, o in zip(targets, jobs, outcomes,
                                                                                      strict=True)]
     return web.json_response(reply)
-
-
-async def _outcome(job: Job, timeout_s: float) -> dict[str, Any]:
-    try:
-        result = await job.result(timeout=timeout_s, poll_delay=0.2)
-    except TimeoutError:
-        return {"ok": False, "error": f"no answer within {timeout_s:g}s; the job may still be running"}
-    except Exception as exc:  # the worker's exception, re-raised by arq: its message is the reason
-        return {"ok": False, "error": str(exc) or type(exc).__name__}
-    return {"ok": True, "result": result}
 
 
 def _body(raw: bytes, allowed: frozenset[str]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from common.errors import FleetError, Overloaded, PayloadTooLarge, Unavailable
 from common.redis_conn import REDIS_DOWN_ERRORS, connect
 from common.request_store import RequestStore
 from common.settings import GatewaySettings
-from gateway import admin_api, admin_models, health, http_api, openai_api, openapi, ws
+from gateway import admin_api, admin_models, health, http_api, metrics, openai_api, openapi, ws
 from gateway.auth import Authenticator, guard
 from gateway.context import GATEWAY_KEY, REQUEST_ID_KEY, Gateway
 from gateway.models import ModelRegistry
@@ -71,7 +71,8 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
 
 def create_app(settings: GatewaySettings) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes,
-                          middlewares=[request_id_header, errors_as_json, api_keys])
+                          middlewares=[metrics.count_requests, request_id_header, errors_as_json, api_keys])
+    app[metrics.METRICS_KEY] = gateway_metrics = metrics.GatewayMetrics()
     routes = [
         web.post("/v1/generate", http_api.generate),
         web.post("/generate", http_api.generate),
@@ -85,6 +86,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
         web.get("/v1/models", health.models),
         web.get("/models", health.models),
         web.get("/openapi.json", openapi.openapi_json),
+        web.get("/metrics", metrics.metrics_endpoint),
         web.post("/admin/keys", admin_api.create_key),
         web.get("/admin/keys", admin_api.list_keys),
         web.delete("/admin/keys/{name}", admin_api.revoke_key),
@@ -93,7 +95,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
         web.post("/admin/models/{name}/unload", admin_models.unload_model),
     ]
     app.add_routes(routes)
-    app.cleanup_ctx.append(_lifecycle(settings))
+    app.cleanup_ctx.append(_lifecycle(settings, gateway_metrics))
     app.on_shutdown.append(_going_away)
     return app
 
@@ -104,7 +106,8 @@ async def _going_away(app: web.Application) -> None:
     await ws.close_all(gateway)
 
 
-def _lifecycle(settings: GatewaySettings) -> Callable[[web.Application], AsyncIterator[None]]:
+def _lifecycle(settings: GatewaySettings,
+               gateway_metrics: metrics.GatewayMetrics) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         redis = connect(settings.redis_url, timeout_s=settings.redis_timeout_s,
                         max_connections=settings.redis_max_connections)
@@ -113,7 +116,9 @@ def _lifecycle(settings: GatewaySettings) -> Callable[[web.Application], AsyncIt
         arq = arq_client(settings.redis_url, timeout_s=settings.redis_timeout_s)
         relay = Relay(redis, store, resync_s=settings.stream_resync_s, outage_grace_s=settings.stream_outage_grace_s)
         await relay.start()
-        app[GATEWAY_KEY] = Gateway(settings, redis, store, registry, Submitter(settings, store, registry), relay,
+        submitter = Submitter(settings, store, registry,
+                              on_rejected=lambda model: gateway_metrics.rejected.labels(model).inc())
+        app[GATEWAY_KEY] = Gateway(settings, redis, store, registry, submitter, relay,
                                    Authenticator(redis, settings.auth_cache_s), arq)
         yield
         await relay.close()

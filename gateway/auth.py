@@ -23,7 +23,7 @@ from common.errors import Forbidden, Overloaded, Unauthorized
 from common.protocol import TERMINAL_STATUSES
 
 _CACHE_S = 5.0
-PUBLIC_PATHS = frozenset({"/health", "/ready", "/openapi.json"})
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/openapi.json", "/metrics"})
 
 
 @dataclass(slots=True)

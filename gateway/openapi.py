@@ -21,7 +21,8 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 def _errors(*statuses: int) -> dict[str, Any]:
     reasons = {400: "Malformed request", 401: "Missing or invalid API key", 403: "Not allowed",
                404: "Unknown model or request", 413: "Body or prompt too large", 422: "Invalid field",
-               429: "Over capacity or over the key's limits (see Retry-After)", 503: "Queue (Redis) unreachable"}
+               429: "Over capacity or over the key's limits (see Retry-After)",
+               503: "Queue (Redis) unreachable, or the model is not loaded on any worker"}
     return {str(s): _json(_ERROR, reasons[s]) for s in statuses}
 
 
@@ -137,6 +138,9 @@ SPEC: dict[str, Any] = {
                            "responses": {"200": _json({"type": "object"}, "Ready"),
                                          "503": _json({"type": "object", "required": ["ready", "reason"]},
                                                       "Not ready, and why")}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics (text exposition format)", "operationId": "metrics",
+                             "security": [], "responses": {"200": {"description": "Metrics", "content": {
+                                 "text/plain": {"schema": {"type": "string"}}}}, **_errors(503)}}},
         "/ws/generate": {"get": {"summary": "WebSocket: generate, cancel, attach (see gateway/ws.py)",
                                  "operationId": "websocket",
                                  "responses": {"101": {"description": "Switching protocols"},

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import time
 import uuid
+from collections.abc import Callable
 
 from common.errors import Overloaded, PayloadTooLarge, Unprocessable
 from common.protocol import Job, SamplingParams
@@ -23,8 +24,10 @@ def new_request_id() -> str:
 
 
 class Submitter:
-    def __init__(self, settings: GatewaySettings, store: RequestStore, registry: ModelRegistry) -> None:
+    def __init__(self, settings: GatewaySettings, store: RequestStore, registry: ModelRegistry, *,
+                 on_rejected: Callable[[str], None] = lambda model: None) -> None:
         self._settings = settings
+        self._on_rejected = on_rejected  # a model's queue was full (counted in /metrics)
         self._store = store
         self._registry = registry
 
@@ -76,6 +79,7 @@ class Submitter:
             job, max_outstanding=self._settings.max_outstanding, ttl_s=self._settings.request_ttl_s
         )
         if not admitted:
+            self._on_rejected(job.model)
             raise Overloaded(
                 f"model {job.model!r} is at capacity ({self._settings.max_outstanding} outstanding requests); "
                 "retry later",

@@ -74,6 +74,8 @@ class Fleet:
         settings overridden."""
         settings_ = WorkerSettings(**{"redis_url": self.redis_url, "models": [TEST_MODEL],
                                       "worker_id": f"w{len(self.workers)}", "flush_interval_ms": 5,
+                                      # A stopping reader finishes its blocked read first: keep it short.
+                                      "read_block_ms": 100,
                                       "catalogue": self.write_catalogue(**options), **(settings or {})})
         worker = Worker(settings_, load_catalogue(settings_.catalogue))
         self.workers.append(worker)

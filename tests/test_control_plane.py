@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from dataclasses import replace as dataclass_replace
 from pathlib import Path
@@ -14,7 +15,8 @@ import pytest
 
 from common import api_keys, keys
 from common.api_keys import ApiKey
-from common.protocol import Job
+from common.progress import load_fraction
+from common.protocol import Job, WorkerStatus
 from common.request_store import RequestStore
 from tests.conftest import TEST_MODEL, Fleet, StartFleet
 from worker import housekeeping
@@ -196,3 +198,36 @@ async def test_housekeeping_runs_as_a_cron_job_on_a_worker(start_fleet: StartFle
 def echo(prompt: str, tokens: int) -> str:
     """What the test engine answers: the (ASCII) prompt repeated, one byte per token."""
     return (prompt * (tokens // len(prompt) + 1))[:tokens]
+
+
+async def test_models_cli_loads_and_unloads_through_the_control_plane(start_fleet: StartFleet, redis,
+                                                                      tmp_path: Path) -> None:
+    fleet = await admin_fleet(start_fleet, redis, tmp_path, workers=1)
+
+    async def cli(*args: str) -> tuple[int, list[dict[str, Any]], str]:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "common.cli", "models", "--redis-url", fleet.redis_url, *args,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=Path(__file__).parent.parent)
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+        return process.returncode or 0, [json.loads(line) for line in out.decode().splitlines()], err.decode()
+
+    code, lines, _ = await cli("load", OTHER, "--workers", "w0")
+    assert code == 0 and lines == [{"worker_id": "w0", "ok": True, "result": lines[0]["result"]}]
+    assert lines[0]["result"]["state"] == "ready" and fleet.workers[0].loader.status[OTHER].state == "ready"
+    code, lines, err = await cli("load", "no-such-model")
+    assert code == 1 and "no live worker has model 'no-such-model'" in err
+    code, lines, _ = await cli("unload", OTHER)
+    assert code == 0 and lines[0]["result"] == {"state": "unloaded"} and OTHER not in fleet.workers[0].loader.status
+
+
+def test_load_fraction_counts_ready_as_done_and_missing_as_zero() -> None:
+    def worker(worker_id: str, **models: dict[str, Any]) -> WorkerStatus:
+        return WorkerStatus(worker_id=worker_id, host="h", pid=1, state="serving", started_at=0, heartbeat_at=0,
+                            models=models)
+
+    workers = [worker("a", m={"state": "loading", "progress": 0.5}), worker("b", m={"state": "ready", "progress": 1}),
+               worker("c")]
+    assert load_fraction(workers, "m") == (0.5 + 1 + 0) / 3
+    assert load_fraction(workers, "m", {"a", "b"}) == 0.75
+    assert load_fraction(workers) == 0.75  # every model each worker lists
+    assert load_fraction([worker("d", m={"state": "failed", "progress": 0.9})], "m") == 0

@@ -21,7 +21,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
 from redis.asyncio import Redis
@@ -33,13 +33,14 @@ from common.protocol import FinishReason, Job, ModelState, WorkerStatus
 from common.redis_conn import REDIS_DOWN_ERRORS, connect
 from common.request_store import RequestStore
 from common.settings import ModelSpec, WorkerSettings
-from worker import heartbeat
+from worker import heartbeat, http_server
 from worker.continuation import Continuation, Decode, fresh, resume
 from worker.control_plane import run_control_plane
 from worker.engines.base import Engine, EngineOutput
 from worker.gpu_stats import GpuProbe
 from worker.kv_budget import KvBudget
 from worker.loader import ModelLoader
+from worker.metrics import WorkerMetrics
 from worker.publisher import ChunkPublisher
 from worker.reclaimer import Reclaimer
 
@@ -79,6 +80,8 @@ class Worker:
         self._handing_back: set[str] = set()  # request ids aborted to be re-queued (drain)
         self._decoders: dict[str, Decode] = {}  # model -> detokenizer, for continuations
         self._readers: dict[str, asyncio.Task[None]] = {}  # model -> its _serve_model task
+        self._closing: set[str] = set()  # models whose reader is to stop after its current read
+        self._in_redis: set[str] = set()  # models whose reader is in a stream read or claim now
         self._jobs: dict[str, set[asyncio.Task[None]]] = {}  # model -> its running _run_job tasks
         self._state = "starting"
         self._started_at = time.time()
@@ -86,6 +89,8 @@ class Worker:
         self._beat_now = asyncio.Event()  # set: heartbeat at once (a model's state changed)
         self._gpu = GpuProbe()
         self.exit_code = 0  # 1 once an engine died: the supervisor (fleet, Kubernetes) restarts us
+        self.metrics = WorkerMetrics(self.worker_id)
+        self.http_port: int | None = None  # where /health, /ready, /metrics listen (when http_port is set)
 
     # -- life ---------------------------------------------------------------------------
     async def main(self, *, handle_signals: bool = True) -> None:
@@ -93,6 +98,11 @@ class Worker:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 asyncio.get_running_loop().add_signal_handler(sig, self.stop)
         log.info("worker %s starting, models: %s", self.worker_id, self.settings.models)
+        http = None
+        if self.settings.http_port is not None:
+            http = await http_server.serve(self.settings.http_host, self.settings.http_port, self.status, self.metrics)
+            self.http_port = http_server.bound_port(http)
+            log.info("worker HTTP (/health, /ready, /metrics) on %s:%d", self.settings.http_host, self.http_port)
         for name in self.settings.models:
             self._start_model(name)
         background = [
@@ -115,6 +125,8 @@ class Worker:
         with contextlib.suppress(*REDIS_DOWN_ERRORS):
             await heartbeat.remove(self.redis, self.worker_id)
         await self.loader.close()
+        if http is not None:
+            await http.cleanup()
         await self.redis.aclose()
         log.info("worker %s stopped", self.worker_id)
 
@@ -124,6 +136,12 @@ class Worker:
         continues it. Scaling in or unloading loses nothing."""
         reader = self._readers.pop(name, None)
         if reader is not None:
+            # Let a read in flight return (XREADGROUP blocks read_block_ms at most) rather than cancel it:
+            # redis-py 5 can lose the cancellation of a blocked read and hang. A reader waiting for KV
+            # room, not on Redis, is cancelled at once.
+            self._closing.add(name)
+            if name in self._in_redis:
+                await asyncio.wait({reader}, timeout=self.settings.read_block_ms / 1000 + 2.0)
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
         jobs = self._jobs.get(name, set())
@@ -145,6 +163,7 @@ class Worker:
 
     # -- models: load at start or on a control job, unload on a control job ------------------
     def _start_model(self, name: str) -> None:
+        self._closing.discard(name)
         self.loader.start(self.catalogue[name])
         self._readers[name] = asyncio.create_task(self._serve_model(self.catalogue[name]), name=f"serve:{name}")
 
@@ -224,25 +243,40 @@ class Worker:
         held = self._held.setdefault(stream, {})
         log.info("model %s ready: %d KV tokens, %d sequences", spec.name, budget.capacity_tokens, budget.max_seqs)
         next_reclaim = 0.0
-        while True:
+        while spec.name not in self._closing:
             await budget.wait_for_slot()
             free = min(budget.free_seqs, _MAX_READ_BATCH)
             try:
+                claimed = []
                 if time.monotonic() >= next_reclaim:
                     next_reclaim = time.monotonic() + self.settings.reclaim_interval_s
-                    claimed = await self.reclaimer.claim(stream, free)
+                    with self._redis_call(spec.name):
+                        claimed = await self.reclaimer.claim(stream, free)
+                if claimed:
                     held.update((c.entry_id, c.job) for c in claimed)
-                    if claimed:
-                        await self._start_jobs(engine, budget, stream, [(c.entry_id, c.job) for c in claimed])
-                        continue
-                entries = await self._read(stream, free)
+                    self.metrics.reclaimed.labels(spec.name).inc(len(claimed))
+                    await self._start_jobs(engine, budget, stream, [(c.entry_id, c.job) for c in claimed])
+                    continue
+                with self._redis_call(spec.name):
+                    entries = await self._read(stream, free)
             except REDIS_DOWN_ERRORS as exc:
                 log.warning("reading %s failed: %s", stream, exc)
                 await asyncio.sleep(1.0)
                 continue
             jobs = [(entry_id, Job.unpack(fields[b"job"])) for entry_id, fields in entries]
             held.update(jobs)
+            if spec.name in self._closing:
+                return  # _stop_model hands back what was just read
             await self._start_jobs(engine, budget, stream, jobs)
+
+    @contextlib.contextmanager
+    def _redis_call(self, model: str) -> Iterator[None]:
+        """Marks the model's reader as inside a stream read or claim (see _stop_model)."""
+        self._in_redis.add(model)
+        try:
+            yield
+        finally:
+            self._in_redis.discard(model)
 
     async def _read(self, stream: str, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
         try:
@@ -315,20 +349,26 @@ class Worker:
                        last_seq: int, plan: Continuation) -> None:
         request_id = job.request_id
         self._running[request_id] = engine
-        self.publisher.open(request_id, last_seq, len(job.prompt_token_ids), completion_tokens=plan.tokens_done)
+        started_at, finish_reason = time.time(), FinishReason.ERROR
+        published = self.publisher.open(request_id, last_seq, len(job.prompt_token_ids),
+                                        completion_tokens=plan.tokens_done)
         try:
             if plan.unsent_text:
                 self.publisher.add(EngineOutput(request_id, plan.unsent_text))
             if plan.request is None:  # every token was out already: only the final chunk is missing
+                finish_reason = FinishReason.LENGTH
                 await self.publisher.finish(EngineOutput(request_id, "", finish_reason=FinishReason.LENGTH))
             else:
                 async for output in engine.generate(plan.request):
                     if output.finish_reason is None:
                         self.publisher.add(output)
                     elif output.finish_reason != FinishReason.CANCELLED:
+                        finish_reason = output.finish_reason
                         await self.publisher.finish(output)
-                    elif request_id in self._handing_back:
-                        await self.publisher.settle(request_id)
+                    else:
+                        finish_reason = FinishReason.CANCELLED
+                        if request_id in self._handing_back:
+                            await self.publisher.settle(request_id)
         except Exception as exc:
             log.exception("job failed", extra={"request_id": request_id})
             await self.publisher.finish(
@@ -338,6 +378,12 @@ class Worker:
             self._running.pop(request_id, None)
             still_ours = self.publisher.close(request_id)
             budget.release(request_id)
+            if request_id not in self._handing_back:
+                self.metrics.job_done(job.model, enqueued_at=job.enqueued_at, started_at=started_at,
+                                      first_output_at=published.first_output_at, finished_at=time.time(),
+                                      prompt_tokens=0 if plan.tokens_done else len(job.prompt_token_ids),
+                                      new_tokens=published.completion_tokens - plan.tokens_done,
+                                      finish_reason=finish_reason)
         if request_id in self._handing_back:
             await self._retrying(lambda: self._hand_back(stream, entry_id, job))
         elif still_ours:
@@ -361,6 +407,7 @@ class Worker:
     async def _hand_back(self, stream: str, entry_id: bytes, job: Job) -> None:
         outcome = await self.store.hand_back(job, entry_id, self.worker_id)
         self._held[stream].pop(entry_id, None)
+        self.metrics.handed_back.labels(job.model).inc()
         log.info("handed back (%s)", outcome, extra={"request_id": job.request_id})
 
     async def _dead_letter(self, stream: str, entry_id: bytes, job: Job, *, deaths: int) -> None:
@@ -372,6 +419,7 @@ class Worker:
             job, entry_id, self.worker_id, reason, result_ttl_s=self.settings.result_ttl_s,
             max_dead_letters=self.settings.max_dead_letters))
         self._held[stream].pop(entry_id, None)
+        self.metrics.dead_lettered.labels(job.model).inc()
 
     async def _refuse(self, stream: str, entry_id: bytes, job: Job, reason: str) -> None:
         """End a job that can never run here as failed, with the reason."""

@@ -16,13 +16,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action="append", dest="models", help="served model name (repeatable)")
     parser.add_argument("--worker-id", help="unique id (default: host-pid-random)")
     parser.add_argument("--catalogue", help="JSON file adding models to the built-in catalogue")
+    parser.add_argument("--http-port", type=int, help="serve /health, /ready, /metrics on this port (0: any free)")
+    parser.add_argument("--http-host", help="bind address for --http-port (default 127.0.0.1)")
     parser.add_argument("--log-level", default="INFO")
 
 
 def run(args: argparse.Namespace) -> None:
     setup_logging("worker", args.log_level)
     settings = WorkerSettings.from_env(
-        redis_url=args.redis_url, models=args.models, worker_id=args.worker_id, catalogue=args.catalogue
+        redis_url=args.redis_url, models=args.models, worker_id=args.worker_id, catalogue=args.catalogue,
+        http_port=args.http_port, http_host=args.http_host,
     )
     worker = Worker(settings, load_catalogue(settings.catalogue))
     with asyncio.Runner(loop_factory=new_event_loop) as runner:

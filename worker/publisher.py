@@ -24,10 +24,11 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class _Open:
+class OpenRequest:
     last_seq: int
     prompt_tokens: int
     completion_tokens: int = 0
+    first_output_at: float | None = None  # wall clock of this run's first output (TTFT, ITL metrics)
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     final: EngineOutput | None = None
@@ -62,23 +63,26 @@ class ChunkPublisher:
         self._request_ttl = request_ttl_s
         self._result_ttl = result_ttl_s
         self._on_lost = on_lost  # the request is no longer ours (cancelled, reclaimed): abort it
-        self._open: dict[str, _Open] = {}
+        self._open: dict[str, OpenRequest] = {}
         # Requests with something to write: a flush looks at these only, not at every open one.
-        self._dirty: dict[str, _Open] = {}
+        self._dirty: dict[str, OpenRequest] = {}
         self._wakeup = asyncio.Event()
         self._urgent = False
         self.tokens_out = 0  # every output token this process generated, for the heartbeat
 
-    def open(self, request_id: str, last_seq: int, prompt_tokens: int, completion_tokens: int = 0) -> None:
+    def open(self, request_id: str, last_seq: int, prompt_tokens: int, completion_tokens: int = 0) -> OpenRequest:
         """Start publishing a request; a continuation passes the seq and token count it reached."""
-        self._open[request_id] = _Open(last_seq=last_seq, prompt_tokens=prompt_tokens,
-                                       completion_tokens=completion_tokens)
+        state = self._open[request_id] = OpenRequest(last_seq=last_seq, prompt_tokens=prompt_tokens,
+                                                     completion_tokens=completion_tokens)
+        return state
 
     def add(self, output: EngineOutput) -> None:
         state = self._open.get(output.request_id)
         if state is None:
             return
         if output.request_id not in self._dirty:
+            if state.first_output_at is None:
+                state.first_output_at = time.time()
             if state.last_seq == 0:
                 self._urgent = True  # first output of a request: no coalescing delay
             self._dirty[output.request_id] = state
@@ -102,7 +106,7 @@ class ChunkPublisher:
         if request_id in self._dirty or state.unconfirmed is not None:
             await self._flushed(request_id, state)
 
-    def _flushed(self, request_id: str, state: _Open) -> asyncio.Future[int]:
+    def _flushed(self, request_id: str, state: OpenRequest) -> asyncio.Future[int]:
         self._dirty[request_id] = state
         if state.waiter is None:
             state.waiter = asyncio.get_running_loop().create_future()
@@ -139,7 +143,7 @@ class ChunkPublisher:
         # Take each request's buffered output out before the first await: engine output that
         # arrives while the pipeline is in flight goes into the next flush.
         dirty, self._dirty = self._dirty, {}
-        sent: list[tuple[str, _Open]] = []
+        sent: list[tuple[str, OpenRequest]] = []
         for request_id, state in dirty.items():
             if state.taken:  # nothing more is written for it; a finish learns so at once
                 if state.waiter is not None and not state.waiter.done():
@@ -173,7 +177,7 @@ class ChunkPublisher:
             if reply != 1 and chunk.finish_reason is None:
                 self._on_lost(request_id)
 
-    def _next_chunk(self, request_id: str, state: _Open) -> tuple[ScriptCall, Chunk]:
+    def _next_chunk(self, request_id: str, state: OpenRequest) -> tuple[ScriptCall, Chunk]:
         """Everything buffered for the request as its next chunk (the final one if it finished)."""
         chunk = Chunk(seq=state.last_seq + 1, text="".join(state.text), token_ids=state.token_ids)
         state.text, state.token_ids = [], []

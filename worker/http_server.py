@@ -1,0 +1,54 @@
+"""The worker's own small HTTP endpoint, for Kubernetes probes and Prometheus.
+
+/health: the process is up (liveness). /ready: a model is loaded and the worker is not draining
+(readiness: Kubernetes sends no traffic to a worker, but a rollout waits for this). /metrics:
+Prometheus exposition. Off unless `http_port` is set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from common.protocol import ModelState, WorkerStatus
+from worker.metrics import WorkerMetrics
+
+_STATUS_KEY = web.AppKey("status", Callable[[], Awaitable[WorkerStatus]])
+_METRICS_KEY = web.AppKey("metrics", WorkerMetrics)
+
+
+async def _health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _ready(request: web.Request) -> web.Response:
+    status = await request.app[_STATUS_KEY]()
+    ready = sorted(name for name, m in status.models.items() if m["state"] == ModelState.READY)
+    if status.state != "serving" or not ready:
+        reason = f"worker is {status.state}" if status.state != "serving" else "no model is ready yet"
+        return web.json_response({"ready": False, "reason": reason, "models": status.models}, status=503)
+    return web.json_response({"ready": True, "models": ready})
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = request.app[_METRICS_KEY].render(await request.app[_STATUS_KEY]())
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def serve(host: str, port: int, status: Callable[[], Awaitable[WorkerStatus]],
+                metrics: WorkerMetrics) -> web.AppRunner:
+    """Start serving; the caller cleans up the returned runner. Port 0 picks a free port."""
+    app = web.Application()
+    app[_STATUS_KEY], app[_METRICS_KEY] = status, metrics
+    app.add_routes([web.get("/health", _health), web.get("/ready", _ready), web.get("/metrics", _metrics)])
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    (address, *_) = runner.addresses
+    return int(address[1])
