@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
+from pathlib import Path
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -103,3 +106,19 @@ async def test_worker_metrics_and_probes(start_fleet: StartFleet) -> None:
     assert value(unloaded, "llm_fleet_model_state", state="ready", **model) == 0  # its series are gone
     assert value(unloaded, "llm_fleet_generation_tokens_total", **model) == value(
         after, "llm_fleet_generation_tokens_total", **model)  # counters keep their history
+
+
+async def test_the_grafana_dashboard_queries_only_metrics_the_fleet_exports(start_fleet: StartFleet) -> None:
+    fleet = await start_fleet(workers=0)
+    worker = await fleet.start_worker(settings={"http_port": 0})
+    await fleet.wait_ready()
+    exported: set[str] = set()
+    for url in (fleet.base_url + "/metrics", f"http://127.0.0.1:{worker.http_port}/metrics"):
+        async with fleet.http.get(url) as response:
+            for family in text_string_to_metric_families(await response.text()):
+                exported |= {family.name + suffix for suffix in ("", "_total", "_bucket", "_count", "_sum")}
+    dashboard = json.loads((Path(__file__).parent.parent / "helm/llm-fleet/files/grafana-dashboard.json").read_text())
+    queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"llm_fleet_[a-z0-9_]+", target["expr"])}
+    assert len(dashboard["panels"]) >= 12 and len(queried) >= 20
+    assert queried <= exported, sorted(queried - exported)
