@@ -237,6 +237,7 @@ def start_fleet(args: argparse.Namespace, redis_url: str, port: int) -> subproce
     log = open(args.fleet_log, "a") if args.fleet_log else subprocess.DEVNULL
     return subprocess.Popen(
         [sys.executable, "-m", "common.cli", "up", "--redis-url", redis_url, "--port", str(port),
+            "--worker-http-port", "0",
          "--workers", str(args.workers), "--model", args.model, "--catalogue", str(catalogue)],
         cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL, stderr=log,
         env={**os.environ, "LLM_FLEET_MAX_OUTSTANDING": str(args.requests)},

@@ -71,7 +71,8 @@ def main() -> None:
     port = free_port()
     exe = str(Path(sys.executable).parent / "llm-fleet")
     started = time.perf_counter()
-    fleet = subprocess.Popen([exe, "up", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    fleet = subprocess.Popen([exe, "up", "--port", str(port),
+        "--worker-http-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                              text=True)
     try:
         for line in fleet.stdout:  # type: ignore[union-attr]

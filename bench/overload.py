@@ -42,7 +42,8 @@ def start_fleet(redis_url: str, port: int, step_ms: float, max_outstanding: int)
     catalogue.write_text(json.dumps({MODEL: {"engine": "test", "options": {
         "max_model_len": 4096, "max_num_seqs": 64, "kv_cache_tokens": 65536, "step_delay_ms": step_ms}}}))
     return subprocess.Popen(
-        [sys.executable, "-m", "common.cli", "up", "--redis-url", redis_url, "--port", str(port), "--model", MODEL,
+        [sys.executable, "-m", "common.cli", "up", "--redis-url", redis_url, "--port", str(port),
+            "--worker-http-port", "0", "--model", MODEL,
          "--catalogue", str(catalogue)],
         cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         env={**os.environ, "LLM_FLEET_MAX_OUTSTANDING": str(max_outstanding)})

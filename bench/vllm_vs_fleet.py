@@ -256,7 +256,8 @@ def main() -> None:
         fleet_env = {**env, "LLM_FLEET_MAX_OUTSTANDING": str(4 * max(args.concurrency))}
         if args.flush_interval_ms is not None:
             fleet_env["LLM_FLEET_FLUSH_INTERVAL_MS"] = str(args.flush_interval_ms)
-        argv = [*FLEET_CLI, "up", "--port", str(port), "--model", args.model, "--catalogue", str(catalogue)]
+        argv = [*FLEET_CLI, "up", "--port", str(port),
+            "--worker-http-port", "0", "--model", args.model, "--catalogue", str(catalogue)]
         with server(argv, f"http://127.0.0.1:{port}/ready", out / f"{args.model}-llm-fleet.log", fleet_env,
                     600) as pid:
             rows += measure("llm-fleet", f"http://127.0.0.1:{port}", pid, args, work)

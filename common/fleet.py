@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--catalogue", help="JSON model catalogue passed to the workers")
     parser.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for /ready")
     parser.add_argument("--worker-http-port", type=int, default=None,
-                        help="first worker's /metrics port; worker i gets +i (default: gateway port + 1)")
+                        help="first worker's /metrics port, worker i gets +i (default: gateway port + 1; 0: any free)")
 
 
 @dataclass
@@ -84,9 +84,9 @@ def run(args: argparse.Namespace) -> None:
         worker_flags += ["--catalogue", args.catalogue]
     # No --worker-id: each process (a restarted one too) gets a fresh id, so the jobs a killed
     # worker held belong to a consumer whose heartbeat is gone, and are reclaimed.
-    first_port = args.worker_http_port or args.port + 1
-    workers = [Part(f"worker-{i}", [*exe, "worker", "--redis-url", redis_url, *worker_flags,
-                                    "--http-host", args.host, "--http-port", str(first_port + i)])
+    first_port = args.port + 1 if args.worker_http_port is None else args.worker_http_port
+    workers = [Part(f"worker-{i}", [*exe, "worker", "--redis-url", redis_url, *worker_flags, "--http-host", args.host,
+                                    "--http-port", str(first_port + i if first_port else 0)])
                for i in range(args.workers)]
     stopping = False
 
@@ -100,8 +100,9 @@ def run(args: argparse.Namespace) -> None:
     for part in [gateway, *workers]:
         part.start()
     _say(f"gateway on {base_url}; {len(workers)} worker(s) loading {', '.join(models)} ...")
-    _say(f"metrics: {base_url}/metrics (gateway), http://{args.host}:{first_port}/metrics"
-         f"{f' .. :{first_port + len(workers) - 1}' if len(workers) > 1 else ''} (workers)")
+    if first_port:
+        _say(f"metrics: {base_url}/metrics (gateway), http://{args.host}:{first_port}/metrics"
+             f"{f' .. :{first_port + len(workers) - 1}' if len(workers) > 1 else ''} (workers)")
     ready = False
     bar = load_bar(f"loading {', '.join(models)}")
     try:

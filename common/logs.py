@@ -35,5 +35,6 @@ def setup_logging(component: str, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("aiohttp.access", "transformers", "httpx"):
+    # arq logs every job, cron ticks included (housekeeping every 10 s); our own lines say what matters.
+    for noisy in ("aiohttp.access", "transformers", "httpx", "arq.worker"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -23,6 +23,7 @@ class ModelRegistry:
         self._queue_unserved = queue_unserved
         self._served: tuple[int, frozenset[str]] = (0, frozenset())  # live workers, models they serve
         self._served_at = 0.0
+        self._served_lock = asyncio.Lock()
         self._cards: dict[str, ModelCard] = {}
         self._cards_at = 0.0
         self._cards_lock = asyncio.Lock()
@@ -63,11 +64,14 @@ class ModelRegistry:
         With no live worker at all, requests queue (a restart, a scale-up from zero brings workers)."""
         if self._queue_unserved:
             return
-        if time.monotonic() - self._served_at > _SERVED_TTL_S:
-            workers = await self.live_workers()
-            self._served = (len(workers), frozenset(name for w in workers for name, m in w.models.items()
-                                                    if m["state"] in SERVING_STATES))
-            self._served_at = time.monotonic()
+        if time.monotonic() - self._served_at > _SERVED_TTL_S and not self._served_lock.locked():
+            # One refresh at a time; meanwhile other requests use the last answer (a burst of a
+            # thousand requests must not become a thousand reads of every worker's heartbeat).
+            async with self._served_lock:
+                workers = await self.live_workers()
+                self._served = (len(workers), frozenset(name for w in workers for name, m in w.models.items()
+                                                        if m["state"] in SERVING_STATES))
+                self._served_at = time.monotonic()
         live, served = self._served
         if live and card.name not in served:
             raise Unavailable(f"model {card.name!r} is not loaded on any of the {live} live worker(s); an operator "

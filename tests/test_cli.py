@@ -37,7 +37,7 @@ def test_up_starts_the_fleet_prints_where_to_point_a_client_and_stops_on_ctrl_c(
     port = free_port()
     fleet = subprocess.Popen(
         [sys.executable, "-c", "from common.cli import main; main()",
-         "up", "--port", str(port), "--workers", "2", "--model", "test-echo"],
+         "up", "--port", str(port), "--worker-http-port", "0", "--workers", "2", "--model", "test-echo"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:

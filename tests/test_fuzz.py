@@ -72,7 +72,8 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzTarget]:
                              check=True, capture_output=True, text=True, cwd=REPO, env=env)
     admin_key = created.stdout.strip()
     port = free_port()
-    fleet = subprocess.Popen([*cli, "up", "--redis-url", valkey.url, "--port", str(port), "--model", TEST_MODEL,
+    fleet = subprocess.Popen([*cli, "up", "--redis-url", valkey.url, "--port", str(port),
+        "--worker-http-port", "0", "--model", TEST_MODEL,
                               "--catalogue", str(catalogue)], cwd=REPO, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base_url = f"http://127.0.0.1:{port}"

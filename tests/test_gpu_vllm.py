@@ -51,6 +51,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_why_skip() is not None, reaso
 class GpuFleet:
     base_url: str
     redis_url: str
+    worker_url: str  # the worker's /metrics, /ready
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +60,10 @@ def gpu_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GpuFleet]:
     catalogue = tmp_path_factory.mktemp("gpu") / "catalogue.json"
     catalogue.write_text(json.dumps({MODEL: {"engine": "vllm", "source": str(MODEL_DIR), "options": {
         "dtype": "bfloat16", "max_model_len": 2048, "gpu_memory_utilization": 0.4, "enforce_eager": True}}}))
-    port = free_port()
+    port, worker_port = free_port(), free_port()
     fleet = subprocess.Popen(
         [sys.executable, "-c", "from common.cli import main; main()", "up", "--port", str(port),
-         "--model", MODEL, "--catalogue", str(catalogue)],
+         "--worker-http-port", str(worker_port), "--model", MODEL, "--catalogue", str(catalogue)],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
@@ -77,7 +78,7 @@ def gpu_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GpuFleet]:
         assert "ready in" in output, "the vLLM worker became ready"
         redis_url = re.search(r"embedded Valkey on (\S+)", output)
         assert redis_url is not None
-        yield GpuFleet(f"http://127.0.0.1:{port}", redis_url.group(1))
+        yield GpuFleet(f"http://127.0.0.1:{port}", redis_url.group(1), f"http://127.0.0.1:{worker_port}")
     finally:
         interrupt(fleet, 120)
 
@@ -185,3 +186,74 @@ async def test_cancel_aborts_in_vllm_and_frees_the_kv_budget(gpu_fleet: GpuFleet
             "model": MODEL, "prompt": "Hi", "max_tokens": 4, "ignore_eos": True}) as response:
             follow_up = (await response.json())["request_id"]
         assert (await _poll(http, base_url, follow_up, {"completed", "failed"}))["status"] == "completed"
+
+
+async def _scrape(http: aiohttp.ClientSession, url: str) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with http.get(url + "/metrics") as response:
+        assert response.status == 200
+        text = await response.text()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+async def _generate(http: aiohttp.ClientSession, base_url: str, prompt: str, max_tokens: int) -> dict:
+    async with http.post(f"{base_url}/v1/generate", json={"model": MODEL, "prompt": prompt, "max_tokens": max_tokens,
+                                                           "ignore_eos": True}) as response:
+        reply = await response.json()
+        if response.status != 202:
+            return {"status": response.status, **reply}
+    return await _poll(http, base_url, reply["request_id"], {"completed", "failed"})
+
+
+async def test_worker_metrics_report_the_gpu_kv_and_latencies(gpu_fleet: GpuFleet) -> None:
+    model = (("model", MODEL),)
+    async with aiohttp.ClientSession() as http:
+        before = await _scrape(http, gpu_fleet.worker_url)
+        results = await asyncio.gather(*(_generate(http, gpu_fleet.base_url, f"metrics {i}", 16) for i in range(4)))
+        after = await _scrape(http, gpu_fleet.worker_url)
+        gateway = await _scrape(http, gpu_fleet.base_url)
+    assert [r["status"] for r in results] == ["completed"] * 4
+    print({k: v for k, v in after.items() if "gpu" in k[0] or "kv" in k[0]})
+    assert after[("llm_fleet_gpu_available", ())] == 1
+    assert after[("llm_fleet_gpu_memory_used_bytes", (("gpu", "0"),))] > 1e9
+    assert 0 <= after[("llm_fleet_gpu_utilization_ratio", (("gpu", "0"),))] <= 1
+    assert after[("llm_fleet_kv_cache_capacity_tokens", model)] > 10_000
+    assert after[("llm_fleet_generation_tokens_total", model)] - before.get(
+        ("llm_fleet_generation_tokens_total", model), 0) == 64
+    ttft = ("llm_fleet_time_to_first_token_seconds_count", model)
+    assert after[ttft] - before.get(ttft, 0) == 4
+    assert gateway[("llm_fleet_model_ready_workers", model)] == 1
+
+
+async def test_hot_unload_frees_the_gpu_and_a_reload_serves_again(gpu_fleet: GpuFleet) -> None:
+    """`llm-fleet models unload` / `load` (the arq control plane) on a live vLLM worker."""
+    gpu = ("llm_fleet_gpu_memory_used_bytes", (("gpu", "0"),))
+
+    async def models_cli(*args: str) -> tuple[int, str]:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "from common.cli import main; main()", "models", "--redis-url", gpu_fleet.redis_url,
+            *args, stdout=asyncio.subprocess.PIPE)
+        out, _ = await asyncio.wait_for(process.communicate(), 600)
+        return process.returncode or 0, out.decode()
+
+    async with aiohttp.ClientSession() as http:
+        loaded = (await _scrape(http, gpu_fleet.worker_url))[gpu]
+        code, out = await models_cli("unload", MODEL)
+        assert code == 0 and '"state": "unloaded"' in out, out
+        await asyncio.sleep(2.0)
+        unloaded = (await _scrape(http, gpu_fleet.worker_url))[gpu]
+        print(f"GPU memory used: loaded {loaded / 1e9:.1f} GB, unloaded {unloaded / 1e9:.1f} GB")
+        assert unloaded < loaded - 1e9  # the engine's weights and KV cache were freed
+        async with http.get(gpu_fleet.worker_url + "/ready") as response:
+            assert response.status == 503
+        await asyncio.sleep(1.1)  # the gateway's view of what is served is at most 1 s old
+        refused = await _generate(http, gpu_fleet.base_url, "nobody serves me", 4)
+        assert refused["status"] == 503 and "not loaded on any" in refused["error"]["message"]
+
+        started = time.monotonic()
+        code, out = await models_cli("load", MODEL)
+        assert code == 0 and '"state": "ready"' in out, out
+        print(f"reload took {time.monotonic() - started:.1f}s")
+        assert (await _generate(http, gpu_fleet.base_url, "back again", 8))["status"] == "completed"

@@ -115,3 +115,23 @@ async def test_a_model_registered_after_a_cached_read_is_seen_at_once(redis) -> 
     assert (await registry.cards(fresh=True))["late-model"] == card  # listings read fresh
     with pytest.raises(NotFound):
         await registry.resolve("never-registered")
+
+
+async def test_a_burst_of_requests_reads_the_served_models_once(redis) -> None:
+    """The per-request 'is this model served?' check reads workers' heartbeats at most once per second,
+    and a burst that finds the answer stale makes one read, not one per request (at c=1000 on the GPU
+    machine, a thousand concurrent reads exhausted the gateway's Redis pool: 22 requests got 503)."""
+    reads = 0
+
+    class CountingRegistry(ModelRegistry):
+        async def live_workers(self) -> list:
+            nonlocal reads
+            reads += 1
+            return await super().live_workers()
+
+    registry = CountingRegistry(redis)
+    card = ModelCard(name="m", engine="test", max_model_len=512)
+    await asyncio.gather(*(registry.check_served(card) for _ in range(500)))
+    assert reads == 1
+    await asyncio.gather(*(registry.check_served(card) for _ in range(500)))
+    assert reads == 1  # fresh for a second

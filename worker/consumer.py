@@ -458,8 +458,11 @@ class Worker:
             try:
                 async with self.redis.pubsub() as pubsub:
                     await pubsub.subscribe(keys.CANCELS)
-                    async for message in pubsub.listen():
-                        if message["type"] == "message":
+                    while True:
+                        # A bounded wait, not listen(): an idle listen() hits the socket timeout and
+                        # would reconnect (and could miss a cancel) every few seconds.
+                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                        if message is not None and message["type"] == "message":
                             self._abort(message["data"].decode())
             except REDIS_DOWN_ERRORS as exc:
                 log.warning("cancel listener lost Redis: %s", exc)
