@@ -52,6 +52,8 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
     try:
         return await handler(request)
     except FleetError as exc:
+        log.info("refused %d: %s", exc.status, exc.message,
+                 extra={"request_id": request.get(REQUEST_ID_KEY), "path": request.path})
         return error_response(exc)
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[GATEWAY_KEY].settings.max_body_bytes

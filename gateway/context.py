@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -16,6 +17,8 @@ from gateway.auth import Authenticator, Caller
 from gateway.models import ModelRegistry
 from gateway.relay import Relay, Subscription
 from gateway.submit import Submitter
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,6 +48,9 @@ class Gateway:
         except BaseException:
             await self.auth.release(caller, job.request_id)
             raise
+        log.info("accepted", extra={"request_id": job.request_id, "model": job.model,
+                                    "prompt_tokens": len(job.prompt_token_ids),
+                                    "max_tokens": job.sampling["max_tokens"]})
 
     async def submit_streaming(self, job: Job, caller: Caller | None) -> Subscription:
         """Enqueue a job whose output this process relays. Subscribes first: a worker may publish

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 
 import pytest
 
 from common import keys
 from common.errors import NotFound
+from common.logs import JsonFormatter
 from common.protocol import ModelCard
 from gateway.models import ModelRegistry
 from tests.conftest import TEST_MODEL, StartFleet
@@ -135,3 +138,18 @@ async def test_a_burst_of_requests_reads_the_served_models_once(redis) -> None:
     assert reads == 1
     await asyncio.gather(*(registry.check_served(card) for _ in range(500)))
     assert reads == 1  # fresh for a second
+
+
+async def test_log_lines_about_a_request_carry_its_request_id(start_fleet: StartFleet,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gateway")
+    fleet = await start_fleet()
+    request_id = await fleet.submit(prompt="logged", max_tokens=2)
+    status, _, response = await fleet.post("/v1/generate", {"model": "no-such-model", "prompt": "x"})
+    assert status == 404
+    lines = [json.loads(JsonFormatter("gateway").format(r)) for r in caplog.records if r.name.startswith("gateway")]
+    accepted = [line for line in lines if line["msg"] == "accepted"]
+    assert accepted == [{**accepted[0], "request_id": request_id, "model": TEST_MODEL, "max_tokens": 2,
+                         "prompt_tokens": len("logged")}]
+    refused = [line for line in lines if line["msg"].startswith("refused 404")]
+    assert refused and refused[0]["request_id"] == response.headers["X-Request-Id"]
