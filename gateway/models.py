@@ -15,6 +15,8 @@ from gateway.tokenization import PromptEncoder
 _CARDS_TTL_S = 2.0
 # Which models live workers serve, read at most this often (the submit path checks it per request).
 _SERVED_TTL_S = 1.0
+# ...and re-read before answering 503 when older than this (at most a few reads/s for an unserved model).
+_UNSERVED_RECHECK_S = 0.2
 
 
 class ModelRegistry:
@@ -67,15 +69,23 @@ class ModelRegistry:
         if time.monotonic() - self._served_at > _SERVED_TTL_S and not self._served_lock.locked():
             # One refresh at a time; meanwhile other requests use the last answer (a burst of a
             # thousand requests must not become a thousand reads of every worker's heartbeat).
-            async with self._served_lock:
-                workers = await self.live_workers()
-                self._served = (len(workers), frozenset(name for w in workers for name, m in w.models.items()
-                                                        if m["state"] in SERVING_STATES))
-                self._served_at = time.monotonic()
+            await self._refresh_served(_SERVED_TTL_S)
         live, served = self._served
+        if live and card.name not in served:
+            await self._refresh_served(_UNSERVED_RECHECK_S)  # before a 503, a fresher answer: a load may just be done
+            live, served = self._served
         if live and card.name not in served:
             raise Unavailable(f"model {card.name!r} is not loaded on any of the {live} live worker(s); an operator "
                               f"can load it with POST /admin/models/{card.name}/load")
+
+    async def _refresh_served(self, max_age_s: float) -> None:
+        async with self._served_lock:
+            if time.monotonic() - self._served_at <= max_age_s:
+                return  # refreshed by another request while this one waited
+            workers = await self.live_workers()
+            self._served = (len(workers), frozenset(name for w in workers for name, m in w.models.items()
+                                                    if m["state"] in SERVING_STATES))
+            self._served_at = time.monotonic()
 
     async def encoder(self, card: ModelCard) -> PromptEncoder:
         cached = self._encoders.get(card.name)

@@ -9,9 +9,9 @@ import logging
 import pytest
 
 from common import keys
-from common.errors import NotFound
+from common.errors import NotFound, Unavailable
 from common.logs import JsonFormatter
-from common.protocol import ModelCard
+from common.protocol import ModelCard, WorkerStatus
 from gateway.models import ModelRegistry
 from tests.conftest import TEST_MODEL, StartFleet
 
@@ -153,3 +153,23 @@ async def test_log_lines_about_a_request_carry_its_request_id(start_fleet: Start
                          "prompt_tokens": len("logged")}]
     refused = [line for line in lines if line["msg"].startswith("refused 404")]
     assert refused and refused[0]["request_id"] == response.headers["X-Request-Id"]
+
+
+async def test_a_model_loaded_a_moment_ago_is_not_refused(redis) -> None:
+    """Before answering 503 ("not loaded on any worker"), the gateway re-reads the workers if its answer
+    is older than 0.2 s: a model that finished loading just now is served, not refused for a second."""
+    registry = ModelRegistry(redis)
+    card = ModelCard(name="m", engine="test", max_model_len=512)
+
+    async def heartbeat(models: dict) -> None:
+        status = WorkerStatus(worker_id="w", host="h", pid=1, state="serving", started_at=0, heartbeat_at=0,
+                              models=models)
+        await redis.set(keys.worker("w"), status.pack(), px=60_000)
+        await redis.sadd(keys.WORKERS, "w")
+
+    await heartbeat({})
+    with pytest.raises(Unavailable, match="not loaded on any of the 1 live worker"):
+        await registry.check_served(card)
+    await heartbeat({"m": {"state": "loading", "progress": 0.5}})
+    await asyncio.sleep(0.25)
+    await registry.check_served(card)  # within the 1 s cache, yet not refused
