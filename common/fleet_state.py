@@ -13,6 +13,7 @@ from redis.exceptions import ResponseError
 
 from common import keys
 from common.protocol import WorkerStatus
+from common.redis_conn import as_text
 
 
 async def live_workers(redis: Redis) -> list[WorkerStatus]:
@@ -51,21 +52,18 @@ async def queues(redis: Redis) -> dict[str, dict[str, Any]]:
         result[name] = {"outstanding": int(outstanding), "held_by_workers": held,
                         "waiting": max(0, int(outstanding) - held), "dead_letters": int(dead),
                         "oldest_waiting_s": 0.0}
-        if result[name]["waiting"]:
-            oldest = await _oldest_unread(redis, name, groups)
-            if oldest is not None:
-                result[name]["oldest_waiting_s"] = round(max(0.0, now_ms - oldest) / 1000, 3)
+        if result[name]["waiting"] and not isinstance(groups, ResponseError):
+            oldest = await unread_entries(redis, keys.job_stream(name), groups, count=1)
+            if oldest:  # stream ids are millisecond times
+                added_ms = int(as_text(oldest[0][0]).split("-")[0])
+                result[name]["oldest_waiting_s"] = round(max(0.0, now_ms - added_ms) / 1000, 3)
     return result
 
 
-async def _oldest_unread(redis: Redis, model: str, groups: Any) -> int | None:
-    """The ms timestamp of the first entry after the group's last-delivered id (stream ids are times)."""
-    group = None if isinstance(groups, ResponseError) else next(
-        (g for g in groups if g["name"] in (keys.CONSUMER_GROUP, keys.CONSUMER_GROUP.encode())), None)
-    start = "-" if group is None else "(" + _text(group["last-delivered-id"])
-    entries = await redis.xrange(keys.job_stream(model), min=start, max="+", count=1)
-    return int(_text(entries[0][0]).split("-")[0]) if entries else None
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+async def unread_entries(redis: Redis, stream: str, groups: list[dict[str, Any]], *,
+                         count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """The first `count` entries no worker has read yet: those after the workers group's last-delivered
+    id (`groups` is XINFO GROUPS of the stream; without the group, every entry is unread)."""
+    group = next((g for g in groups if as_text(g["name"]) == keys.CONSUMER_GROUP), None)
+    start = "-" if group is None else "(" + as_text(group["last-delivered-id"])
+    return await redis.xrange(stream, min=start, max="+", count=count)

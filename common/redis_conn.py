@@ -35,3 +35,8 @@ def connection_pool(url: str, *, timeout_s: float, blocking_ms: int = 0,
         retry=Retry(NoBackoff(), retries=1),
         health_check_interval=30,
     )
+
+
+def as_text(value: bytes | str) -> str:
+    """A reply field as text (replies are bytes unless the client decodes them)."""
+    return value.decode() if isinstance(value, bytes) else value

@@ -32,6 +32,7 @@ from redis.exceptions import NoScriptError
 
 from common import keys
 from common.protocol import Chunk, FinishReason, Job, RequestStatus
+from common.redis_conn import as_text
 
 _ENQUEUE = """
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
@@ -193,7 +194,7 @@ class RequestStore:
             keys=[keys.request(request_id), keys.request_chunks(request_id), keys.job_stream(model)],
             args=[result_ttl_s, time.time(), keys.chunk_channel(request_id), keys.CANCELS, request_id],
         )
-        return None if status is None else _text(status)
+        return None if status is None else as_text(status)
 
     async def read(self, request_id: str) -> tuple[dict[str, str], list[Chunk]] | None:
         """The request's state and all its chunks, in one round trip."""
@@ -203,11 +204,11 @@ class RequestStore:
             state, raw_chunks = await pipe.execute()
         if not state:
             return None
-        return {_text(k): _text(v) for k, v in state.items()}, [Chunk.unpack(c) for c in raw_chunks]
+        return {as_text(k): as_text(v) for k, v in state.items()}, [Chunk.unpack(c) for c in raw_chunks]
 
     async def model_of(self, request_id: str) -> str | None:
         model = await self.redis.hget(keys.request(request_id), "model")
-        return None if model is None else _text(model)
+        return None if model is None else as_text(model)
 
     async def chunks_after(self, request_id: str, last_seq: int) -> list[Chunk]:
         raw = await self.redis.lrange(keys.request_chunks(request_id), last_seq, -1)
@@ -225,7 +226,7 @@ class RequestStore:
             ScriptCall(_START, [keys.request(request_id), keys.request_chunks(request_id)],
                        [worker_id, now, max_attempts])
             for request_id in request_ids])
-        return [StartResult(_text(status), int(seq), [Chunk.unpack(c) for c in chunks])
+        return [StartResult(as_text(status), int(seq), [Chunk.unpack(c) for c in chunks])
                 for status, seq, chunks in replies]
 
     async def hand_back(self, job: Job, entry_id: bytes | str, worker_id: str) -> str:
@@ -235,7 +236,7 @@ class RequestStore:
         [reply] = await self.run_scripts([ScriptCall(
             _HAND_BACK, [keys.request(job.request_id), keys.job_stream(job.model)],
             [worker_id, job.pack(), entry_id, keys.CONSUMER_GROUP])])
-        return _text(reply)
+        return as_text(reply)
 
     async def dead_letter(self, job: Job, entry_id: bytes | str, worker_id: str, reason: str, *,
                           result_ttl_s: int, max_dead_letters: int) -> None:
@@ -296,7 +297,3 @@ class ScriptCall:
 
 _SHAS = {script: hashlib.sha1(script.encode()).hexdigest()
          for script in (_START, _APPEND, _FINISH, _HAND_BACK, _DEAD_LETTER)}
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -23,6 +23,7 @@ from redis.exceptions import ResponseError
 
 from common import fleet_state, keys
 from common.protocol import SERVING_STATES, Job, unpack
+from common.redis_conn import as_text
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ async def sweep(redis: Redis, *, dead_consumer_idle_ms: int = _DEAD_CONSUMER_IDL
         except ResponseError:  # no stream or group yet
             continue
         for consumer in consumers:
-            name = _text(consumer["name"])
+            name = as_text(consumer["name"])
             if name in live:
                 continue
             if int(consumer["pending"]):
@@ -77,11 +78,9 @@ async def _expire_queued(redis: Redis, stream: str) -> int:
     expired are deleted. Delivered ones are the workers' and reclaimers' business."""
     try:
         groups = await redis.xinfo_groups(stream)
-    except ResponseError:
+    except ResponseError:  # no stream yet
         return 0
-    group = next((g for g in groups if _text(g["name"]) == keys.CONSUMER_GROUP), None)
-    start = f"({_text(group['last-delivered-id'])}" if group else "-"
-    entries = await redis.xrange(stream, min=start, max="+", count=_EXPIRE_SCAN)
+    entries = await fleet_state.unread_entries(redis, stream, groups, count=_EXPIRE_SCAN)
     if not entries:
         return 0
     request_ids = [Job.unpack(fields[b"job"]).request_id for _, fields in entries]
@@ -106,7 +105,7 @@ async def dead_letter_stats(redis: Redis) -> dict[str, dict[str, Any]]:
         stats[model] = {
             "count": count,
             "new": max(0, count - previous.get(model, {}).get("count", 0)),
-            "newest_reason": _text(fields[b"reason"]) if b"reason" in fields else None,
+            "newest_reason": as_text(fields[b"reason"]) if b"reason" in fields else None,
             "at": time.time(),
         }
         if stats[model]["new"]:
@@ -115,7 +114,3 @@ async def dead_letter_stats(redis: Redis) -> dict[str, dict[str, Any]]:
     if stats:
         await redis.hset(keys.DEAD_LETTER_STATS, mapping={m: msgpack.packb(s) for m, s in stats.items()})
     return stats
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

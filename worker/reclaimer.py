@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 
 from common import keys
 from common.protocol import Job
+from common.redis_conn import as_text
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class Reclaimer:
         self._suspects: dict[str, set[str]] = defaultdict(set)  # stream -> consumers last seen without heartbeat
 
     async def claim(self, stream: str, count: int) -> list[Claimed]:
-        consumers = {_text(c["name"]): int(c["pending"])
+        consumers = {as_text(c["name"]): int(c["pending"])
                      for c in await self._redis.xinfo_consumers(stream, keys.CONSUMER_GROUP)}
         consumers.pop(self._worker_id, None)
         if not consumers:
@@ -72,7 +73,3 @@ class Reclaimer:
                     claimed.append(Claimed(entry_id, Job.unpack(fields[b"job"])))
             log.warning("reclaimed %d job(s) of dead worker %s", len(entries), name)
         return claimed
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
