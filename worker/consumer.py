@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 _MAX_READ_BATCH = 64
 # After the drain's grace period: how long handing back the remaining jobs may take.
 _HAND_BACK_TIMEOUT_S = 10.0
+# How long a cancelled task may take to end before a stop goes on without it.
+_CANCEL_TIMEOUT_S = 5.0
 
 T = TypeVar("T")
 
@@ -116,8 +118,7 @@ class Worker:
         await self._stop.wait()
 
         self._state = "draining"
-        control.cancel()  # no loads during a drain
-        await asyncio.gather(control, return_exceptions=True)
+        await _cancel(control)  # no loads during a drain
         log.info("draining %d in-flight jobs", sum(len(jobs) for jobs in self._jobs.values()))
         await asyncio.gather(*(self._stop_model(name) for name in list(self._readers)))
         for task in background:
@@ -142,8 +143,7 @@ class Worker:
             self._closing.add(name)
             if name in self._in_redis:
                 await asyncio.wait({reader}, timeout=self.settings.read_block_ms / 1000 + 2.0)
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
+            await _cancel(reader)
         jobs = self._jobs.get(name, set())
         if jobs:
             await asyncio.wait(jobs, timeout=self.settings.drain_timeout_s)
@@ -478,3 +478,14 @@ class Worker:
                 log.warning("redis call failed, retrying: %s", exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    """Cancel a task and wait (bounded) for it to end. redis-py 5 can lose a cancellation that lands
+    in a connection attempt while Redis is down; a stop must not hang on that."""
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=_CANCEL_TIMEOUT_S)
+    if not done:
+        log.warning("task %s did not end within %.0fs of its cancellation; going on without it",
+                    task.get_name(), _CANCEL_TIMEOUT_S)
+        task.cancel()
