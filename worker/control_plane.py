@@ -62,7 +62,7 @@ CRON_JOBS = [
 
 async def run_control_plane(host: ModelHost, worker_id: str, settings: WorkerSettings) -> None:
     """Serve control jobs until cancelled."""
-    delay = 0.5
+    delay = 0.25
     while True:
         started = time.monotonic()
         redis = arq_client(settings.redis_url, timeout_s=5.0)
@@ -74,12 +74,14 @@ async def run_control_plane(host: ModelHost, worker_id: str, settings: WorkerSet
         )
         try:
             await arq.main()
-        except REDIS_DOWN_ERRORS as exc:
-            log.warning("control plane lost Redis, restarting in %.1fs: %s", delay, exc)
+        except Exception as exc:  # Redis gone, or an arq error: restart, never take the worker down
+            # Back off while it lasts; start over from 0.5 s after a run of a minute or more.
+            delay = 0.5 if time.monotonic() - started > 60 else min(delay * 2, 10.0)
+            log.warning("control plane stopped, restarting in %.1fs: %s", delay, exc,
+                        exc_info=not isinstance(exc, REDIS_DOWN_ERRORS))
         finally:
             for task in list(arq.tasks.values()):
                 task.cancel()
             with contextlib.suppress(*REDIS_DOWN_ERRORS):
                 await redis.connection_pool.disconnect()
-        delay = 0.5 if time.monotonic() - started > 60 else min(delay * 2, 10.0)
         await asyncio.sleep(delay)
