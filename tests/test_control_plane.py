@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from common import api_keys, keys
 from common.api_keys import ApiKey
+from common.embedded_redis import EmbeddedValkey
 from common.progress import load_fraction
 from common.protocol import Job, WorkerStatus
 from common.request_store import RequestStore
@@ -231,3 +233,27 @@ def test_load_fraction_counts_ready_as_done_and_missing_as_zero() -> None:
     assert load_fraction(workers, "m", {"a", "b"}) == 0.75
     assert load_fraction(workers) == 0.75  # every model each worker lists
     assert load_fraction([worker("d", m={"state": "failed", "progress": 0.9})], "m") == 0
+
+
+async def test_control_jobs_work_again_after_a_redis_restart(start_fleet: StartFleet, tmp_path: Path) -> None:
+    """arq's poll loop dies with its connection; the worker restarts it, so an admin load still works."""
+    server = EmbeddedValkey(data_dir=tmp_path / "valkey")
+    server.start()
+    try:
+        fleet = await start_fleet(workers=0, redis_url=server.url, redis_timeout_s=0.5, auth=True,
+                                  control_wait_timeout_s=20)
+        client = aioredis.from_url(server.url)
+        admin = await api_keys.create(client, ApiKey(name="ops", admin=True))
+        await client.aclose()
+        fleet.headers = {"Authorization": f"Bearer {admin}"}
+        await fleet.start_worker(settings={"catalogue": catalogue(tmp_path)})
+        await fleet.wait_ready()
+        server.stop()
+        await asyncio.sleep(2.0)  # the control plane's loop fails and backs off meanwhile
+        server.start()
+        await fleet.wait_ready()
+        status, reply = await control(fleet, "load", OTHER, {"wait": True})
+        assert status == 200 and reply["workers"][0]["ok"], reply
+        assert fleet.workers[0].loader.status[OTHER].state == "ready"
+    finally:
+        server.stop()
