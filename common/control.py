@@ -31,6 +31,7 @@ def plan_load(workers: list[WorkerStatus], model: str, *, worker_ids: list[str] 
               replicas: int | None) -> list[str]:
     """The workers that should load `model`: the named ones, or enough more to make `replicas` serve it
     (those serving fewest models first). Raises NotFound / Unprocessable with the reason."""
+    workers = _controllable(workers)
     by_id = {w.worker_id: w for w in workers}
     able = [w for w in workers if model in w.catalogue]
     if not able:
@@ -55,6 +56,7 @@ def plan_load(workers: list[WorkerStatus], model: str, *, worker_ids: list[str] 
 
 def plan_unload(workers: list[WorkerStatus], model: str, *, worker_ids: list[str] | None) -> list[str]:
     """The workers that should unload `model`: the named ones, or every one that has it."""
+    workers = _controllable(workers)
     by_id = {w.worker_id: w for w in workers}
     if worker_ids is None:
         return [w.worker_id for w in workers if model in w.models]
@@ -83,6 +85,11 @@ async def outcome(job: Job, timeout_s: float) -> dict[str, Any]:
     except Exception as exc:  # the worker's exception, re-raised by arq: its message is the reason
         return {"ok": False, "error": str(exc) or type(exc).__name__}
     return {"ok": True, "result": result}
+
+
+def _controllable(workers: list[WorkerStatus]) -> list[WorkerStatus]:
+    """Workers that take control jobs: a front-end process loads and unloads with its worker's model."""
+    return [w for w in workers if not w.frontend_of]
 
 
 def _serves(worker: WorkerStatus, model: str) -> bool:

@@ -165,3 +165,4 @@ class WorkerStatus(Packed):
     gpu: dict[str, Any] = field(default_factory=dict)
     tokens_out: int = 0  # output tokens generated since the process started (rates: diff two beats)
     catalogue: list[str] = field(default_factory=list)  # models this worker may load (admin load checks it)
+    frontend_of: str = ""  # a front-end process of this worker's model (worker/frontends.py); no control jobs

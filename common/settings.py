@@ -129,6 +129,9 @@ class WorkerSettings(_FromEnv):
     cache_dir: str = str(Path.home() / ".cache" / "llm-fleet")
 
 
+MAX_FRONTENDS = 16
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """One entry of a worker's model catalogue. Requests name models; only this names files."""
@@ -137,6 +140,14 @@ class ModelSpec:
     engine: str  # "cpu" | "vllm" | "test"
     source: str = ""  # engine-specific: a package, a directory, ...
     options: dict[str, Any] = field(default_factory=dict)
+    # Worker processes sharing the one engine (worker/frontends.py): more than 1 where a single
+    # process's output handling, not the GPU, limits throughput (vLLM at high concurrency).
+    frontends: int = 1
+
+    def __post_init__(self) -> None:
+        count = self.frontends
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_FRONTENDS:
+            raise ValueError(f"model {self.name!r}: frontends must be an integer from 1 to {MAX_FRONTENDS}")
 
 
 BUILTIN_CATALOGUE: dict[str, ModelSpec] = {

@@ -89,10 +89,12 @@ class Fleet:
         self.workers.clear()
         self._worker_tasks.clear()
 
-    def spawn_worker(self, worker_id: str, env: dict[str, str] | None = None, **options: Any) -> subprocess.Popen:
+    def spawn_worker(self, worker_id: str, env: dict[str, str] | None = None, catalogue: str | None = None,
+                     **options: Any) -> subprocess.Popen:
         """A worker in its own process (to SIGKILL or SIGTERM), with fast failure detection:
-        heartbeat TTL 2 s, reclaim looks every 0.5 s. Settings can be overridden with `env`."""
-        catalogue = self.write_catalogue(**options)
+        heartbeat TTL 2 s, reclaim looks every 0.5 s. Settings can be overridden with `env`; the
+        catalogue is a file, or test-echo with these engine options."""
+        catalogue = catalogue or self.write_catalogue(**options)
         environment = {**os.environ, "LLM_FLEET_HEARTBEAT_INTERVAL_S": "0.5", "LLM_FLEET_HEARTBEAT_TTL_S": "2",
                        "LLM_FLEET_RECLAIM_INTERVAL_S": "0.5", "LLM_FLEET_FLUSH_INTERVAL_MS": "5", **(env or {})}
         process = subprocess.Popen(

@@ -37,9 +37,10 @@ from worker import heartbeat, http_server
 from worker.continuation import Continuation, Decode, fresh, resume
 from worker.control_plane import run_control_plane
 from worker.engines.base import Engine, EngineOutput
+from worker.frontends import FrontendProcess
 from worker.gpu_stats import GpuProbe
 from worker.kv_budget import KvBudget
-from worker.loader import ModelLoader
+from worker.loader import ModelLoader, frontend_share
 from worker.metrics import WorkerMetrics
 from worker.publisher import ChunkPublisher
 from worker.reclaimer import Reclaimer
@@ -52,12 +53,15 @@ _MAX_READ_BATCH = 64
 _HAND_BACK_TIMEOUT_S = 10.0
 # How long a cancelled task may take to end before a stop goes on without it.
 _CANCEL_TIMEOUT_S = 5.0
+# How often the worker checks that its engines (and their front-end processes) are alive.
+_ENGINE_CHECK_INTERVAL_S = 1.0
 
 T = TypeVar("T")
 
 
 class Worker:
-    def __init__(self, settings: WorkerSettings, catalogue: dict[str, ModelSpec]) -> None:
+    def __init__(self, settings: WorkerSettings, catalogue: dict[str, ModelSpec],
+                 frontend: FrontendProcess | None = None) -> None:
         unknown = [name for name in settings.models if name not in catalogue]  # fail at start, not at load
         if unknown:
             raise ValueError(f"models not in the catalogue: {', '.join(unknown)}")
@@ -66,8 +70,11 @@ class Worker:
         self.worker_id = settings.worker_id
         self.redis: Redis = connect(settings.redis_url, timeout_s=5.0, blocking_ms=settings.read_block_ms)
         self.store = RequestStore(self.redis)
-        self.loader = ModelLoader(settings.cache_dir, on_loaded=lambda engine: self._retrying(
-            lambda: self._register(engine)))
+        # A front-end process of another worker's model (worker/frontends.py): it serves that one model
+        # and takes no control jobs; its worker loads, unloads and stops it.
+        self.frontend = frontend
+        self.loader = ModelLoader(settings, on_loaded=lambda engine: self._retrying(lambda: self._register(engine)),
+                                  role=frontend.role if frontend else None)
         self.publisher = ChunkPublisher(
             self.redis, self.store, self.worker_id,
             flush_interval_s=settings.flush_interval_ms / 1000,
@@ -112,13 +119,16 @@ class Worker:
                                                     self.settings.heartbeat_ttl_s, self._beat_now)),
             asyncio.create_task(self.publisher.run()),
             asyncio.create_task(self._listen_for_cancels()),
+            asyncio.create_task(self._watch_engines()),
         ]
-        control = asyncio.create_task(run_control_plane(self, self.worker_id, self.settings), name="control")
+        control = (None if self.frontend else
+                   asyncio.create_task(run_control_plane(self, self.worker_id, self.settings), name="control"))
         self._state = "serving"
         await self._stop.wait()
 
         self._state = "draining"
-        await _cancel(control)  # no loads during a drain
+        if control is not None:
+            await _cancel(control)  # no loads during a drain
         log.info("draining %d in-flight jobs", sum(len(jobs) for jobs in self._jobs.values()))
         await asyncio.gather(*(self._stop_model(name) for name in list(self._readers)))
         for task in background:
@@ -135,6 +145,7 @@ class Worker:
         """Stop reading the model's stream, let its jobs finish for `drain_timeout_s`, then abort what
         still runs and re-queue every held job, with what it emitted so far, so another worker
         continues it. Scaling in or unloading loses nothing."""
+        self.loader.begin_unload(name)
         reader = self._readers.pop(name, None)
         if reader is not None:
             # Let a read in flight return (XREADGROUP blocks read_block_ms at most) rather than cancel it:
@@ -228,7 +239,8 @@ class Worker:
             worker_id=self.worker_id, host=socket.gethostname(), pid=os.getpid(), state=self._state,
             started_at=self._started_at, heartbeat_at=time.time(), models=heartbeat.model_statuses(models),
             gpu=await asyncio.to_thread(self._gpu.read), tokens_out=self.publisher.tokens_out,
-            catalogue=sorted(self.catalogue),
+            catalogue=[] if self.frontend else sorted(self.catalogue),
+            frontend_of=self.frontend.parent_id if self.frontend else "",
         )
 
     # -- one model's stream -------------------------------------------------------------
@@ -236,9 +248,11 @@ class Worker:
         try:
             engine = await self.loader.ready(spec.name)
         except Exception:
+            if self.frontend is not None:  # a front-end is its model or nothing: its worker restarts the group
+                self.exit_code = 1
+                self.stop()
             return  # the loader logged it; the heartbeat reports the model as failed
-        budget = self.budgets[spec.name] = KvBudget(engine.kv_capacity_tokens, engine.max_num_seqs,
-                                                    engine.kv_block_size)
+        budget = self.budgets[spec.name] = KvBudget(*frontend_share(engine, spec), engine.kv_block_size)
         stream = keys.job_stream(spec.name)
         held = self._held.setdefault(stream, {})
         log.info("model %s ready: %d KV tokens, %d sequences", spec.name, budget.capacity_tokens, budget.max_seqs)
@@ -391,10 +405,18 @@ class Worker:
         else:  # reclaimed by a live worker while this one counted as dead: the entry is theirs
             self._held[stream].pop(entry_id, None)
             log.warning("job was reclaimed by another worker; dropped here", extra={"request_id": request_id})
-        if engine.dead_error is not None and not self._stop.is_set():
-            log.error("%s; stopping the worker so that it is restarted", engine.dead_error)
-            self.exit_code = 1
-            self.stop()
+
+    async def _watch_engines(self) -> None:
+        """An engine (or a front-end of one) that died serves nothing more: stop, so that the supervisor
+        (fleet, Kubernetes) restarts the worker; its jobs are handed back or reclaimed meanwhile."""
+        while not self._stop.is_set():
+            await asyncio.sleep(_ENGINE_CHECK_INTERVAL_S)
+            for name in list(self.loader.engines):
+                error = self.loader.dead_error(name)
+                if error is not None and not self._stop.is_set():
+                    log.error("%s; stopping the worker so that it is restarted", error)
+                    self.exit_code = 1
+                    self.stop()
 
     async def _decoder(self, engine: Engine) -> Decode:
         """The model's detokenizer, built once per model (off the loop: a big tokenizer takes a while)."""

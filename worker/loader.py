@@ -1,5 +1,6 @@
 """The async model loader: builds engines in the background, so the worker heartbeats
-`loading` (with progress) and keeps answering while weights load."""
+`loading` (with progress) and keeps answering while weights load. A model with `frontends: N`
+gets its N-1 front-end processes started here once its engine is up (worker/frontends.py)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,33 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from common.protocol import ModelState, WorkerModelStatus
-from common.settings import ModelSpec
+from common.settings import ModelSpec, WorkerSettings
 from worker.engines.base import Engine
+from worker.frontends import FrontendGroup, FrontendRole
 
 log = logging.getLogger(__name__)
 
+# A front-end's stop takes its drain plus handing back and closing; past this margin it is killed.
+_FRONTEND_STOP_MARGIN_S = 30.0
 
-async def build_engine(spec: ModelSpec, cache_dir: str, status: WorkerModelStatus) -> Engine:
+# Engines one engine instance of which several front-end processes can share. The test engine
+# stands in for it in tests: each of its front-ends runs its own copy.
+SHAREABLE_ENGINES = frozenset({"vllm", "test"})
+
+
+def frontend_share(engine: Engine, spec: ModelSpec) -> tuple[int, int]:
+    """The KV tokens and sequences each of the model's front-ends admits: 1/N of the engine, so that
+    together they never overfill it."""
+    return engine.kv_capacity_tokens // spec.frontends, max(1, engine.max_num_seqs // spec.frontends)
+
+
+async def build_engine(spec: ModelSpec, cache_dir: str, status: WorkerModelStatus, role: FrontendRole) -> Engine:
     def progress(fraction: float) -> None:
         status.progress = round(fraction, 3)
 
+    if spec.frontends > 1 and spec.engine not in SHAREABLE_ENGINES:
+        raise ValueError(f"model {spec.name!r}: the {spec.engine} engine cannot be shared by several front-ends "
+                         f"(frontends: {spec.frontends}); only {', '.join(sorted(SHAREABLE_ENGINES))} can")
     if spec.engine == "test":
         from worker.engines.test_echo import load_test_engine
 
@@ -30,18 +48,21 @@ async def build_engine(spec: ModelSpec, cache_dir: str, status: WorkerModelStatu
     if spec.engine == "vllm":
         from worker.engines.vllm_async import load_vllm_engine
 
-        return await load_vllm_engine(spec, progress)
+        return await load_vllm_engine(spec, progress, role)
     raise ValueError(f"model {spec.name!r}: unknown engine {spec.engine!r}")
 
 
 class ModelLoader:
     """Loads and unloads models; `status[name]` is what the heartbeat reports for each."""
 
-    def __init__(self, cache_dir: str, on_loaded: Callable[[Engine], Awaitable[None]]) -> None:
-        self.cache_dir = cache_dir
+    def __init__(self, settings: WorkerSettings, on_loaded: Callable[[Engine], Awaitable[None]],
+                 role: FrontendRole | None = None) -> None:
+        self.settings = settings
         self._on_loaded = on_loaded  # runs before the model reports ready (registers it for gateways)
+        self._role = role  # set in a front-end process: it attaches to its worker's engine
         self.status: dict[str, WorkerModelStatus] = {}
         self.engines: dict[str, Engine] = {}
+        self.frontends: dict[str, FrontendGroup] = {}
         self._ready: dict[str, asyncio.Future[Engine]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -52,7 +73,15 @@ class ModelLoader:
 
         async def load() -> None:
             try:
-                engine = await build_engine(spec, self.cache_dir, status)
+                role = self._role or FrontendRole(index=0, count=spec.frontends)
+                engine = await build_engine(spec, self.settings.cache_dir, status, role)
+                if self._role is None and spec.frontends > 1:
+                    try:
+                        self.frontends[spec.name] = FrontendGroup.start(
+                            self.settings, spec, [engine.attach_info(i) for i in range(1, spec.frontends)])
+                    except BaseException:
+                        await engine.close()
+                        raise
                 await self._on_loaded(engine)
             except Exception as exc:
                 log.exception("loading model %s failed", spec.name)
@@ -61,7 +90,7 @@ class ModelLoader:
                 return
             self.engines[spec.name] = engine
             status.state, status.progress = ModelState.READY, 1.0
-            status.kv_capacity_tokens, status.max_num_seqs = engine.kv_capacity_tokens, engine.max_num_seqs
+            status.kv_capacity_tokens, status.max_num_seqs = frontend_share(engine, spec)
             future.set_result(engine)
 
         task = asyncio.create_task(load(), name=f"load:{spec.name}")
@@ -71,6 +100,17 @@ class ModelLoader:
     async def ready(self, name: str) -> Engine:
         return await asyncio.shield(self._ready[name])
 
+    def dead_error(self, name: str) -> str | None:
+        """Why the model can serve nothing more here: its engine or one of its front-ends died."""
+        engine, group = self.engines.get(name), self.frontends.get(name)
+        return (engine.dead_error if engine is not None else None) or (group.dead_error if group else None)
+
+    def begin_unload(self, name: str) -> None:
+        """The model stops serving: its front-end processes start their drain now, with this worker's."""
+        group = self.frontends.get(name)
+        if group is not None:
+            group.begin_stop()
+
     async def unload(self, name: str) -> None:
         """Forget the model and free its engine (a load still running is waited for first: an engine
         being built in a thread cannot be interrupted)."""
@@ -79,6 +119,9 @@ class ModelLoader:
             with contextlib.suppress(Exception):
                 await future
         self.status.pop(name, None)
+        group = self.frontends.pop(name, None)
+        if group is not None:  # they drain like a worker, then the engine they share can go
+            await asyncio.to_thread(group.wait, self.settings.drain_timeout_s + _FRONTEND_STOP_MARGIN_S)
         engine = self.engines.pop(name, None)
         if engine is not None:
             await engine.close()

@@ -9,6 +9,7 @@ from common.event_loop import new_event_loop
 from common.logs import setup_logging
 from common.settings import WorkerSettings, load_catalogue
 from worker.consumer import Worker
+from worker.frontends import FrontendProcess
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,11 +24,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     setup_logging("worker", args.log_level)
-    settings = WorkerSettings.from_env(
-        redis_url=args.redis_url, models=args.models, worker_id=args.worker_id, catalogue=args.catalogue,
-        http_port=args.http_port, http_host=args.http_host,
-    )
-    worker = Worker(settings, load_catalogue(settings.catalogue))
+    frontend = FrontendProcess.from_env()
+    if frontend is not None:  # started by another worker for its model (worker/frontends.py)
+        frontend.die_with_parent()
+        worker = Worker(frontend.settings, {frontend.spec.name: frontend.spec}, frontend)
+    else:
+        settings = WorkerSettings.from_env(
+            redis_url=args.redis_url, models=args.models, worker_id=args.worker_id, catalogue=args.catalogue,
+            http_port=args.http_port, http_host=args.http_host,
+        )
+        worker = Worker(settings, load_catalogue(settings.catalogue))
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         runner.run(worker.main())
     raise SystemExit(worker.exit_code)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from common.protocol import ModelCard, SamplingParams, TokenizerBundle
 
@@ -59,6 +60,10 @@ class Engine(ABC):
 
     def stats(self) -> EngineStats:
         return EngineStats()
+
+    def attach_info(self, index: int) -> dict[str, Any]:
+        """What front-end process `index` needs to reach this engine (see worker/frontends.py)."""
+        raise ValueError(f"the {self.card.engine} engine cannot be shared by several front-ends")
 
     @property
     def dead_error(self) -> str | None:

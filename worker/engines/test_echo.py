@@ -6,6 +6,9 @@ has a real (byte-level) tokenizer so the gateway's token counting is exercised f
 A continuation (a reclaimed job) echoes on from where the earlier output stopped, so its
 whole text is exactly what an uninterrupted run gives: tests check "no gap, no duplicate".
 
+Several front-ends (`frontends: N`, worker/frontends.py) each run their own copy: the test engine
+stands in for a shared engine, so that the fleet side of front-ends is tested without a GPU.
+
 Fault injection, for the failure tests only: `die_on_prompt` (a string) makes the worker
 process exit at once, as if killed, when it decodes a prompt that contains it.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -87,6 +91,9 @@ class TestEchoEngine(QueuedEngine):
                     del self._running[seq.request_id]
                 outputs.append(output)
             self._deliver(outputs)
+
+    def attach_info(self, index: int) -> dict[str, Any]:
+        return {}  # each front-end builds its own copy
 
     async def close(self) -> None:
         self._loop_task.cancel()

@@ -3,7 +3,8 @@
 vLLM does the continuous batching, paged KV cache and prefix caching. This module maps our
 jobs onto it: token-id prompts (the gateway already tokenized them), DELTA outputs (only new
 text per step), abort on cancel, and the real KV capacity read once the engine is up, so the
-worker's KvBudget admits only what vLLM can hold without preemption.
+worker's KvBudget admits only what vLLM can hold without preemption. With `frontends: N` the
+engine core is shared by N worker processes (worker/engines/vllm_shared.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from common.protocol import FinishReason, ModelCard
 from common.settings import ModelSpec
 from worker.engines.base import Engine, EngineOutput, EngineRequest, EngineStats, ProgressCallback
 from worker.engines.hf_tokenizer import tokenizer_bundle
+from worker.engines.vllm_shared import SharedEngineCore, attach_client, start_engine_core
+from worker.frontends import FrontendRole
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,8 @@ class _LatestSchedulerStats(StatLoggerBase):
 
 
 class VllmEngine(Engine):
-    def __init__(self, spec: ModelSpec, llm: AsyncLLM, hf_tokenizer: Any, stats: _LatestSchedulerStats) -> None:
+    def __init__(self, spec: ModelSpec, llm: AsyncLLM, hf_tokenizer: Any, stats: _LatestSchedulerStats,
+                 core: SharedEngineCore | None = None) -> None:
         config = llm.vllm_config
         self.card = ModelCard(name=spec.name, engine="vllm", max_model_len=config.model_config.max_model_len)
         self.tokenizer = tokenizer_bundle(hf_tokenizer)
@@ -59,6 +63,7 @@ class VllmEngine(Engine):
         self.kv_capacity_tokens = int(config.cache_config.num_gpu_blocks or 0) * self.kv_block_size
         self.max_num_seqs = config.scheduler_config.max_num_seqs
         self._llm = llm
+        self._core = core  # the engine core this process started for several front-ends, if it did
         self._stats = stats
         self._aborts: set[asyncio.Task[None]] = set()
         self._active: set[str] = set()
@@ -99,12 +104,21 @@ class VllmEngine(Engine):
         return EngineStats(running=latest.num_running_reqs, waiting=latest.num_waiting_reqs,
                            kv_usage=float(latest.kv_cache_usage))
 
+    def attach_info(self, index: int) -> dict[str, Any]:
+        if self._core is None:
+            raise ValueError(f"model {self.card.name!r}: this engine core was not started for several front-ends")
+        return self._core.attach_info(index)
+
     @property
     def dead_error(self) -> str | None:
-        return f"vLLM engine died: {self._llm.dead_error}" if self._llm.errored else None
+        if self._llm.errored:
+            return f"vLLM engine died: {self._llm.dead_error}"
+        return self._core.dead_error if self._core is not None else None
 
     async def close(self) -> None:
         await asyncio.to_thread(self._llm.shutdown)
+        if self._core is not None:  # after the other front-ends stopped (the loader waits for them)
+            await asyncio.to_thread(self._core.shutdown)
 
 
 def engine_args(spec: ModelSpec) -> AsyncEngineArgs:
@@ -119,9 +133,10 @@ def engine_args(spec: ModelSpec) -> AsyncEngineArgs:
     return AsyncEngineArgs(model=spec.source, served_model_name=spec.name, disable_log_stats=True, **spec.options)
 
 
-async def load_vllm_engine(spec: ModelSpec, progress: ProgressCallback) -> VllmEngine:
+async def load_vllm_engine(spec: ModelSpec, progress: ProgressCallback, role: FrontendRole) -> VllmEngine:
     """Build the engine off the event loop: vLLM starts its engine-core process and waits for
-    weights, profiling, torch.compile and CUDA graphs there (minutes), while the worker heartbeats."""
+    weights, profiling, torch.compile and CUDA graphs there (minutes), while the worker heartbeats.
+    Front-end 0 of several starts the shared engine core; the others attach to it."""
     from transformers import AutoTokenizer
 
     args = engine_args(spec)
@@ -134,10 +149,22 @@ async def load_vllm_engine(spec: ModelSpec, progress: ProgressCallback) -> VllmE
     progress(0.05)
     hf_tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, args.tokenizer or spec.source)
     progress(0.1)
-    # OPENAI_API_SERVER: the same scheduler defaults (max_num_seqs, batched tokens) as `vllm serve`.
-    llm = await asyncio.to_thread(
-        AsyncLLM.from_engine_args, args, usage_context=UsageContext.OPENAI_API_SERVER, stat_loggers=[stats_logger]
-    )
+    core: SharedEngineCore | None = None
+    if role.count == 1:
+        # OPENAI_API_SERVER: the same scheduler defaults (max_num_seqs, batched tokens) as `vllm serve`.
+        llm = await asyncio.to_thread(
+            AsyncLLM.from_engine_args, args, usage_context=UsageContext.OPENAI_API_SERVER, stat_loggers=[stats_logger]
+        )
+    else:
+        if role.index == 0:
+            core = await asyncio.to_thread(start_engine_core, args, role.count)
+        attach = core.attach_info(0) if core is not None else role.attach
+        try:
+            llm = await asyncio.to_thread(attach_client, args, role.index, role.count, attach, [stats_logger])
+        except BaseException:
+            if core is not None:
+                await asyncio.to_thread(core.shutdown)
+            raise
     progress(0.95)
     try:
         # A first round trip on this event loop: starts vLLM's output tasks here and proves the
@@ -147,8 +174,11 @@ async def load_vllm_engine(spec: ModelSpec, progress: ProgressCallback) -> VllmE
             raise ValueError(f"model {spec.name!r} cannot generate text (vLLM supports: {', '.join(tasks)})")
     except BaseException:
         await asyncio.to_thread(llm.shutdown)
+        if core is not None:
+            await asyncio.to_thread(core.shutdown)
         raise
-    engine = VllmEngine(spec, llm, hf_tokenizer, holder[0])
-    log.info("vLLM engine %s up: %d KV blocks x %d tokens, max_num_seqs %d", spec.name,
-             engine.kv_capacity_tokens // engine.kv_block_size, engine.kv_block_size, engine.max_num_seqs)
+    engine = VllmEngine(spec, llm, hf_tokenizer, holder[0], core)
+    log.info("vLLM engine %s up: %d KV blocks x %d tokens, max_num_seqs %d (front-end %d of %d)", spec.name,
+             engine.kv_capacity_tokens // engine.kv_block_size, engine.kv_block_size, engine.max_num_seqs,
+             role.index, role.count)
     return engine
