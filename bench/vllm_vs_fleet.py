@@ -41,8 +41,10 @@ def log(message: str) -> None:
 
 
 @contextlib.contextmanager
-def server(argv: list[str], ready_url: str, log_path: Path, env: dict[str, str], timeout_s: float) -> Iterator[int]:
-    """Start a server in its own process group, wait until `ready_url` answers 200, stop it after."""
+def server(argv: list[str], ready_url: str, log_path: Path, env: dict[str, str], timeout_s: float,
+           ready: Callable[[str], bool] = lambda body: True) -> Iterator[int]:
+    """Start a server in its own process group, wait until `ready_url` answers 200 with a body that
+    `ready` accepts, stop it after."""
     with open(log_path, "w") as log_file:
         process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     started = time.monotonic()
@@ -53,7 +55,7 @@ def server(argv: list[str], ready_url: str, log_path: Path, env: dict[str, str],
                                    + log_path.read_text()[-3000:])
             try:
                 with urllib.request.urlopen(ready_url, timeout=2) as response:
-                    if response.status == 200:
+                    if response.status == 200 and ready(response.read().decode(errors="replace")):
                         break
             except urllib.error.HTTPError as exc:  # the fleet's /ready says why it is not ready
                 reason = exc.read().decode(errors="replace")
@@ -94,9 +96,10 @@ def process_tree(root_pid: int) -> dict[str, psutil.Process]:
                     "valkey" if "valkey" in cmd else
                     "gateway" if " gateway " in f"{cmd} " else
                     "worker" if " worker " in f"{cmd} " else
-                    "vllm-api-server" if "serve" in cmd and process.pid == root_pid else None)
-            if role and role not in roles:
-                roles[role] = process
+                    "vllm-api-server" if ("serve" in cmd and process.pid == root_pid) or "ApiServer" in name
+                    else None)
+            if role:  # several of a kind (front-ends, API servers): worker, worker-2, ...
+                roles[role if role not in roles else f"{role}-{sum(r.startswith(role) for r in roles) + 1}"] = process
     return roles
 
 
@@ -205,8 +208,11 @@ def table(model: str, rows: list[dict]) -> str:
         lines.append(f"| {row['server']} | {row['concurrency']} | "
                      + " | ".join(f"{row[k]:,.{d}f}" if row[k] is not None else "-" for k, _, d in METRICS)
                      + f" | {row['completed']} |")
+    servers = {r["server"] for r in rows}
+    fleet_label = next((s for s in servers if s.startswith("llm-fleet")), None)
+    vllm_label = next((s for s in servers if s.startswith("vllm-serve")), None)
     for concurrency in sorted({r["concurrency"] for r in rows}):
-        fleet, vllm = by_key.get(("llm-fleet", concurrency)), by_key.get(("vllm-serve", concurrency))
+        fleet, vllm = by_key.get((fleet_label, concurrency)), by_key.get((vllm_label, concurrency))
         if fleet and vllm:
             lines.append(f"| fleet/vllm | {concurrency} | " + " | ".join(
                 f"{fleet[k] / vllm[k]:.2f}" if fleet[k] and vllm[k] else "-" for k, _, _ in METRICS) + " | |")
@@ -226,6 +232,8 @@ def main() -> None:
     parser.add_argument("--flush-interval-ms", type=float, help="the worker's chunk coalescing interval")
     parser.add_argument("--stream-interval", type=int, default=1,
                         help="vLLM's stream_interval (tokens per output), the same on both sides")
+    parser.add_argument("--frontends", type=int, default=1, help="the fleet's front-end processes for the engine")
+    parser.add_argument("--api-server-count", type=int, default=1, help="`vllm serve`'s API server processes")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     args = parser.parse_args()
     args.model_dir = args.model_dir or f"/tmp/models/{args.model}"
@@ -238,18 +246,21 @@ def main() -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     rows: list[dict] = []
 
+    vllm_label = "vllm-serve" if args.api_server_count == 1 else f"vllm-serve-x{args.api_server_count}"
+    fleet_label = "llm-fleet" if args.frontends == 1 else f"llm-fleet-fe{args.frontends}"
     if args.only in (None, "vllm-serve"):
         port = 8100
         argv = [*VLLM_CLI, "serve", args.model_dir, "--served-model-name", args.model, "--port", str(port),
                 "--load-format", args.load_format, "--tokenizer", args.tokenizer,
-                "--stream-interval", str(args.stream_interval)]
+                "--stream-interval", str(args.stream_interval), "--api-server-count", str(args.api_server_count)]
         with server(argv, f"http://127.0.0.1:{port}/v1/models", out / f"{args.model}-vllm-serve.log", env, 600) as pid:
-            rows += measure("vllm-serve", f"http://127.0.0.1:{port}", pid, args, work)
+            rows += measure(vllm_label, f"http://127.0.0.1:{port}", pid, args, work)
 
     if args.only in (None, "llm-fleet"):
         port = 8200
         catalogue = work / "catalogue.json"
         catalogue.write_text(json.dumps({args.model: {"engine": "vllm", "source": args.model_dir,
+                                                      "frontends": args.frontends,
                                                       "options": {"load_format": args.load_format,
                                                                   "tokenizer": args.tokenizer,
                                                                   "stream_interval": args.stream_interval}}}))
@@ -258,13 +269,22 @@ def main() -> None:
             fleet_env["LLM_FLEET_FLUSH_INTERVAL_MS"] = str(args.flush_interval_ms)
         argv = [*FLEET_CLI, "up", "--port", str(port),
             "--worker-http-port", "0", "--model", args.model, "--catalogue", str(catalogue)]
-        with server(argv, f"http://127.0.0.1:{port}/ready", out / f"{args.model}-llm-fleet.log", fleet_env,
-                    600) as pid:
-            rows += measure("llm-fleet", f"http://127.0.0.1:{port}", pid, args, work)
+        # Ready once every front-end serves: the gateway's gauge of workers with the model ready.
+        gauge = f'llm_fleet_model_ready_workers{{model="{args.model}"}} '
+
+        def all_frontends(metrics: str) -> bool:
+            return any(line.startswith(gauge) and float(line.split()[-1]) >= args.frontends
+                       for line in metrics.splitlines())
+
+        with server(argv, f"http://127.0.0.1:{port}/metrics", out / f"{args.model}-{fleet_label}.log", fleet_env,
+                    600, ready=all_frontends) as pid:
+            rows += measure(fleet_label, f"http://127.0.0.1:{port}", pid, args, work)
 
     report = table(args.model, rows)
     print(report, flush=True)
-    suffix = "" if args.stream_interval == 1 else f"-si{args.stream_interval}"
+    suffix = ("" if args.stream_interval == 1 else f"-si{args.stream_interval}") + (
+        "" if args.frontends == 1 else f"-fe{args.frontends}") + (
+        "" if args.api_server_count == 1 else f"-api{args.api_server_count}")
     (out / f"{args.model}{suffix}.json").write_text(json.dumps({"model": args.model, "rows": rows, "table": report},
                                                        indent=1))
 

@@ -8,12 +8,15 @@ LLM_FLEET_TEST_VLLM_MODEL names the model directory (default /tmp/models/smollm2
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import importlib.util
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -54,12 +57,14 @@ class GpuFleet:
     worker_url: str  # the worker's /metrics, /ready
 
 
-@pytest.fixture(scope="module")
-def gpu_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GpuFleet]:
-    """`llm-fleet up` with the model served by vLLM instead of the CPU engine (same name)."""
-    catalogue = tmp_path_factory.mktemp("gpu") / "catalogue.json"
+@contextlib.contextmanager
+def start_gpu_fleet(directory: Path, **entry: object) -> Iterator[GpuFleet]:
+    """`llm-fleet up` with the model served by vLLM instead of the CPU engine (same name); `entry`
+    adds to its catalogue entry."""
+    catalogue = directory / "catalogue.json"
     catalogue.write_text(json.dumps({MODEL: {"engine": "vllm", "source": str(MODEL_DIR), "options": {
-        "dtype": "bfloat16", "max_model_len": 2048, "gpu_memory_utilization": 0.4, "enforce_eager": True}}}))
+        "dtype": "bfloat16", "max_model_len": 2048, "gpu_memory_utilization": 0.4, "enforce_eager": True},
+        **entry}}))
     port, worker_port = free_port(), free_port()
     fleet = subprocess.Popen(
         [sys.executable, "-c", "from common.cli import main; main()", "up", "--port", str(port),
@@ -78,9 +83,17 @@ def gpu_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GpuFleet]:
         assert "ready in" in output, "the vLLM worker became ready"
         redis_url = re.search(r"embedded Valkey on (\S+)", output)
         assert redis_url is not None
+        # Keep reading its output: a full pipe would stall the fleet's logging, and the fleet with it.
+        threading.Thread(target=collections.deque, args=(fleet.stdout, 0), daemon=True).start()
         yield GpuFleet(f"http://127.0.0.1:{port}", redis_url.group(1), f"http://127.0.0.1:{worker_port}")
     finally:
         interrupt(fleet, 120)
+
+
+@pytest.fixture(scope="module")
+def gpu_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GpuFleet]:
+    with start_gpu_fleet(tmp_path_factory.mktemp("gpu")) as fleet:
+        yield fleet
 
 
 async def _poll(http: aiohttp.ClientSession, base_url: str, request_id: str, until: set[str]) -> dict:
