@@ -233,6 +233,7 @@ def main() -> None:
     parser.add_argument("--stream-interval", type=int, default=1,
                         help="vLLM's stream_interval (tokens per output), the same on both sides")
     parser.add_argument("--frontends", type=int, default=1, help="the fleet's front-end processes for the engine")
+    parser.add_argument("--gateways", type=int, default=1, help="the fleet's gateway processes (one port)")
     parser.add_argument("--api-server-count", type=int, default=1, help="`vllm serve`'s API server processes")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     args = parser.parse_args()
@@ -247,7 +248,8 @@ def main() -> None:
     rows: list[dict] = []
 
     vllm_label = "vllm-serve" if args.api_server_count == 1 else f"vllm-serve-x{args.api_server_count}"
-    fleet_label = "llm-fleet" if args.frontends == 1 else f"llm-fleet-fe{args.frontends}"
+    fleet_label = "llm-fleet" + (f"-fe{args.frontends}" if args.frontends > 1 else "") + (
+        f"-gw{args.gateways}" if args.gateways > 1 else "")
     if args.only in (None, "vllm-serve"):
         port = 8100
         argv = [*VLLM_CLI, "serve", args.model_dir, "--served-model-name", args.model, "--port", str(port),
@@ -267,8 +269,8 @@ def main() -> None:
         fleet_env = {**env, "LLM_FLEET_MAX_OUTSTANDING": str(4 * max(args.concurrency))}
         if args.flush_interval_ms is not None:
             fleet_env["LLM_FLEET_FLUSH_INTERVAL_MS"] = str(args.flush_interval_ms)
-        argv = [*FLEET_CLI, "up", "--port", str(port),
-            "--worker-http-port", "0", "--model", args.model, "--catalogue", str(catalogue)]
+        argv = [*FLEET_CLI, "up", "--port", str(port), "--gateways", str(args.gateways),
+                "--worker-http-port", "0", "--model", args.model, "--catalogue", str(catalogue)]
         # Ready once every front-end serves: the gateway's gauge of workers with the model ready.
         gauge = f'llm_fleet_model_ready_workers{{model="{args.model}"}} '
 
@@ -282,9 +284,9 @@ def main() -> None:
 
     report = table(args.model, rows)
     print(report, flush=True)
-    suffix = ("" if args.stream_interval == 1 else f"-si{args.stream_interval}") + (
-        "" if args.frontends == 1 else f"-fe{args.frontends}") + (
-        "" if args.api_server_count == 1 else f"-api{args.api_server_count}")
+    suffix = "".join(f"-{tag}{value}" for tag, value in (
+        ("si", args.stream_interval), ("fe", args.frontends), ("gw", args.gateways), ("api", args.api_server_count))
+        if value != 1)
     (out / f"{args.model}{suffix}.json").write_text(json.dumps({"model": args.model, "rows": rows, "table": report},
                                                        indent=1))
 

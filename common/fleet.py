@@ -1,8 +1,8 @@
 """`llm-fleet up`: the whole fleet on one machine, supervised.
 
-Embedded Valkey (unless --redis-url), one gateway, N worker processes. Prints where to point
-a client once the fleet is ready; restarts a part that dies; on Ctrl-C stops workers first
-(they finish their jobs), then the gateway, then Valkey.
+Embedded Valkey (unless --redis-url), one gateway (or several sharing the port), N worker
+processes. Prints where to point a client once the fleet is ready; restarts a part that dies;
+on Ctrl-C stops workers first (they finish their jobs), then the gateways, then Valkey.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
     parser.add_argument("--host", default="127.0.0.1", help="gateway bind address")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    parser.add_argument("--gateways", type=int, default=1,
+                        help="gateway processes sharing the port with SO_REUSEPORT (default 1)")
     parser.add_argument("--model", action="append", dest="models", help="model(s) each worker serves")
     parser.add_argument("--redis-url", help="use this Redis instead of starting an embedded Valkey")
     parser.add_argument("--catalogue", help="JSON model catalogue passed to the workers")
@@ -77,8 +79,12 @@ def run(args: argparse.Namespace) -> None:
         _say(f"embedded Valkey on {redis_url} (data in {valkey.data_dir})")
     models = args.models or ["smollm2-135m"]
     base_url = f"http://{args.host}:{args.port}"
-    gateway = Part("gateway", [*exe, "gateway", "--redis-url", redis_url, "--host", args.host,
-                               "--port", str(args.port)])
+    if args.gateways < 1:
+        raise SystemExit("--gateways must be at least 1")
+    reuse_port = ["--reuse-port"] if args.gateways > 1 else []
+    gateways = [Part(f"gateway-{i}" if args.gateways > 1 else "gateway",
+                     [*exe, "gateway", "--redis-url", redis_url, "--host", args.host, "--port", str(args.port),
+                      *reuse_port]) for i in range(args.gateways)]
     worker_flags = [flag for m in models for flag in ("--model", m)]
     if args.catalogue:
         worker_flags += ["--catalogue", args.catalogue]
@@ -97,9 +103,10 @@ def run(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     started = time.monotonic()
-    for part in [gateway, *workers]:
+    for part in [*gateways, *workers]:
         part.start()
-    _say(f"gateway on {base_url}; {len(workers)} worker(s) loading {', '.join(models)} ...")
+    _say(f"{'gateway' if len(gateways) == 1 else f'{len(gateways)} gateways'} on {base_url}; "
+         f"{len(workers)} worker(s) loading {', '.join(models)} ...")
     if first_port:
         _say(f"metrics: {base_url}/metrics (gateway), http://{args.host}:{first_port}/metrics"
              f"{f' .. :{first_port + len(workers) - 1}' if len(workers) > 1 else ''} (workers)")
@@ -120,7 +127,7 @@ def run(args: argparse.Namespace) -> None:
             elif not ready and time.monotonic() - started > args.ready_timeout:
                 _say(f"not ready after {args.ready_timeout:.0f}s; still waiting (see the logs above)")
                 started = time.monotonic()
-            for part in [gateway, *workers]:
+            for part in [*gateways, *workers]:
                 if not part.alive() and not stopping:
                     code = part.process.returncode if part.process else None
                     part.restarts += 1
@@ -132,7 +139,7 @@ def run(args: argparse.Namespace) -> None:
         bar.close()
         _say("stopping: workers finish their jobs first ...")
         _stop_all(workers, timeout_s=60.0)
-        _stop_all([gateway], timeout_s=10.0)
+        _stop_all(gateways, timeout_s=10.0)
         if valkey is not None:
             valkey.stop()
         _say("stopped")

@@ -17,6 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default 8000)")
     parser.add_argument("--max-outstanding", type=int, help="per-model queue cap before 429")
+    parser.add_argument("--reuse-port", action="store_true",
+                        help="SO_REUSEPORT: several gateway processes share the port (the kernel spreads connections)")
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -26,4 +28,4 @@ def run(args: argparse.Namespace) -> None:
         redis_url=args.redis_url, host=args.host, port=args.port, max_outstanding=args.max_outstanding
     )
     web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None,
-                shutdown_timeout=5.0, access_log=None, loop=new_event_loop())
+                shutdown_timeout=5.0, access_log=None, loop=new_event_loop(), reuse_port=args.reuse_port or None)

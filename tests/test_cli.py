@@ -72,3 +72,55 @@ def test_up_starts_the_fleet_prints_where_to_point_a_client_and_stops_on_ctrl_c(
     finally:
         if fleet.poll() is None:
             fleet.kill()
+
+
+def test_up_with_two_gateways_spreads_connections_and_survives_one_gateway_dying() -> None:
+    """`--gateways 2`: both processes listen on one port (SO_REUSEPORT) and take connections; one killed,
+    the other keeps serving while the supervisor restarts it."""
+    import http.client
+
+    import psutil
+
+    port = free_port()
+    fleet = subprocess.Popen(
+        [sys.executable, "-c", "from common.cli import main; main()", "up", "--port", str(port),
+         "--worker-http-port", "0", "--gateways", "2", "--model", "test-echo"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "ready in" not in fleet.stdout.readline():
+            pass
+        gateways = _children_with("llm-fleet gateway", fleet.pid)
+        assert len(gateways) == 2
+
+        connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=5) for _ in range(24)]
+        for connection in connections:  # kept alive: each stays with the process that accepted it
+            connection.request("GET", "/health")
+            assert connection.getresponse().read() == b'{"status": "ok"}'
+        held = {pid: sum(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port
+                         for c in psutil.Process(pid).net_connections("tcp")) for pid in gateways}
+        assert sum(held.values()) == 24 and all(held.values()), held
+        for connection in connections:
+            connection.close()
+
+        os.kill(gateways[0], signal.SIGKILL)
+        while psutil.pid_exists(gateways[0]) and psutil.Process(gateways[0]).status() != psutil.STATUS_ZOMBIE:
+            time.sleep(0.01)
+        # A connection that reached the killed process's listener in the moment it died is reset (as with
+        # any killed server); from then on the survivor, and soon the restarted one, serve every request.
+        time.sleep(0.1)
+        for i in range(20):
+            body = json.dumps({"prompt": f"still here {i}", "max_tokens": 4}).encode()
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/generate", data=body, timeout=5) as response:
+                assert response.status == 202
+            time.sleep(0.05)
+        deadline = time.monotonic() + 20
+        while len(_children_with("llm-fleet gateway", fleet.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(_children_with("llm-fleet gateway", fleet.pid)) == 2, "the supervisor restarted it"
+        fleet.send_signal(signal.SIGINT)
+        assert fleet.wait(60) == 0
+    finally:
+        if fleet.poll() is None:
+            fleet.kill()
