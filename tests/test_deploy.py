@@ -22,7 +22,7 @@ import yaml
 from compose_spec import PyCompose
 
 from common import keys
-from common.settings import ENV_PREFIX, GatewaySettings, WorkerSettings
+from common.settings import ENV_PREFIX, GatewaySettings, ModelSpec, WorkerSettings
 from tests.conftest import StartFleet
 
 ROOT = Path(__file__).parent.parent
@@ -33,6 +33,11 @@ CRD_SCHEMAS = {("keda.sh/v1alpha1", "ScaledObject"): "keda-scaledobject.json",
                ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor.json"}
 VALUES_FILES = ["default", *sorted(p.name for p in (CHART / "ci").glob("*.yaml"))]
 SETTINGS_FIELDS = {f.name for cls in (GatewaySettings, WorkerSettings) for f in dataclasses.fields(cls)}
+
+
+def assert_catalogue_loads(catalogue: dict[str, Any]) -> None:
+    for name, entry in catalogue.items():
+        ModelSpec(name=name, **entry)  # raises on an unknown field or a bad value
 
 
 def render(values_file: str) -> list[dict[str, Any]]:
@@ -74,6 +79,9 @@ def test_chart_renders_and_every_manifest_validates(values_file: str) -> None:
         assert_settings_exist(env_of(container))
         assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
         assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    # The catalogue the workers read is one load_catalogue accepts (frontends, engines, ...).
+    (config,) = [d for d in by_kind(docs, "ConfigMap") if "catalogue.json" in d.get("data", {})]
+    assert_catalogue_loads(json.loads(config["data"]["catalogue.json"]))
 
 
 def test_keda_scales_each_worker_group_on_its_model_streams_lag() -> None:
@@ -134,6 +142,7 @@ def test_without_keda_workers_get_cpu_hpas_and_the_bundled_valkey_keeps_an_aof()
                         "autoscaling": {"minReplicas": 0, "maxReplicas": 2, "lagCount": 4}}]}, "name"),
     ({"gatway": {"replicas": 2}}, "gatway"),
     ({"catalogue": {"m": {"engine": "llamacpp"}}}, "engine"),
+    ({"catalogue": {"m": {"engine": "vllm", "frontends": 0}}}, "frontends"),
 ])
 def test_values_schema_rejects_bad_values(change: dict[str, Any], words: str) -> None:
     with pytest.raises(helm.HelmValuesError, match=words):
@@ -171,6 +180,7 @@ def test_compose_file_is_a_valid_compose_spec() -> None:
     assert "/ready" in " ".join(services["worker-gpu"].healthcheck.test)
     catalogue = json.loads(data["configs"]["catalogue"]["content"])
     assert catalogue[data["services"]["worker-gpu"]["command"][2]]["engine"] == "vllm"
+    assert_catalogue_loads(catalogue)
 
 
 def test_images_pin_what_the_project_pins() -> None:

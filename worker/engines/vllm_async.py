@@ -15,7 +15,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from vllm import AsyncEngineArgs, SamplingParams
+from vllm import AsyncEngineArgs, SamplingParams, envs
 from vllm.sampling_params import RequestOutputKind
 from vllm.usage.usage_lib import UsageContext
 from vllm.v1.engine.async_llm import AsyncLLM
@@ -166,6 +166,10 @@ async def load_vllm_engine(spec: ModelSpec, progress: ProgressCallback, role: Fr
                 await asyncio.to_thread(core.shutdown)
             raise
     progress(0.95)
+    # Without its cache, every `vllm.envs.X` read parses os.environ again, and vLLM's output path reads
+    # some per request per token (py-spy: 10% of a front-end at c=1000). vLLM's engine core turns the
+    # cache on once it is up; its front end never does, so do it here: settings are fixed by now.
+    envs.enable_envs_cache()
     try:
         # A first round trip on this event loop: starts vLLM's output tasks here and proves the
         # engine core answers before the worker reads a single job.
