@@ -166,8 +166,27 @@ def bench_serve(base_url: str, model: str, tokenizer: str, concurrency: int, pro
     return json.loads(result.read_text())
 
 
+def pin_engine_core(root_pid: int) -> str:
+    """Give vLLM's engine core a physical core of its own (CPU 0 and its SMT siblings) and every other
+    process of the server, and this script with its client, the rest: is the engine core slowed by
+    busy neighbours? Returns what was done, for the log."""
+    siblings = Path("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list").read_text().strip()
+    own = {int(c) for part in siblings.split(",") for c in (
+        range(int(part.split("-")[0]), int(part.split("-")[-1]) + 1))}
+    rest = set(range(os.cpu_count() or 1)) - own
+    root = psutil.Process(root_pid)
+    engine = process_tree(root_pid)["engine-core"]
+    for process in [root, *root.children(recursive=True), psutil.Process()]:
+        with contextlib.suppress(psutil.Error, OSError):
+            for thread in process.threads():
+                os.sched_setaffinity(thread.id, own if process.pid == engine.pid else rest)
+    return f"engine core (pid {engine.pid}) on CPUs {sorted(own)}, everything else on {len(rest)} others"
+
+
 def measure(label: str, base_url: str, root_pid: int, args: argparse.Namespace, work: Path) -> list[dict]:
     rows = []
+    if args.pin_engine_core:
+        log(pin_engine_core(root_pid))
     for concurrency in args.concurrency:
         roles = process_tree(root_pid)
         sampler: list[CpuSampler] = []
@@ -234,6 +253,8 @@ def main() -> None:
                         help="vLLM's stream_interval (tokens per output), the same on both sides")
     parser.add_argument("--frontends", type=int, default=1, help="the fleet's front-end processes for the engine")
     parser.add_argument("--gateways", type=int, default=1, help="the fleet's gateway processes (one port)")
+    parser.add_argument("--pin-engine-core", action="store_true",
+                        help="run vLLM's engine core alone on CPU 0 (and its SMT siblings), the rest elsewhere")
     parser.add_argument("--api-server-count", type=int, default=1, help="`vllm serve`'s API server processes")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     args = parser.parse_args()
@@ -286,7 +307,7 @@ def main() -> None:
     print(report, flush=True)
     suffix = "".join(f"-{tag}{value}" for tag, value in (
         ("si", args.stream_interval), ("fe", args.frontends), ("gw", args.gateways), ("api", args.api_server_count))
-        if value != 1)
+        if value != 1) + ("-pinned" if args.pin_engine_core else "")
     (out / f"{args.model}{suffix}.json").write_text(json.dumps({"model": args.model, "rows": rows, "table": report},
                                                        indent=1))
 
