@@ -38,9 +38,11 @@ def frontend_catalogue(tmp_path: Path, frontends: int, engine: str = "test", **o
     return str(path)
 
 
-async def start_group(fleet: Fleet, tmp_path: Path, frontends: int = 3) -> tuple[Worker, dict[str, WorkerStatus]]:
+async def start_group(fleet: Fleet, tmp_path: Path, frontends: int = 3,
+                      **settings: Any) -> tuple[Worker, dict[str, WorkerStatus]]:
     """The loading worker w0 plus its front-ends, all serving; returns w0 and every live heartbeat."""
-    worker = await fleet.start_worker(settings={"catalogue": frontend_catalogue(tmp_path, frontends), **FAST})
+    worker = await fleet.start_worker(settings={"catalogue": frontend_catalogue(tmp_path, frontends), **FAST,
+                                                **settings})
     wanted = {"w0", *(f"w0-fe{i}" for i in range(1, frontends))}
     redis = aioredis.from_url(fleet.redis_url)
     try:
@@ -176,3 +178,29 @@ def test_control_jobs_go_to_the_loading_worker_not_to_its_frontends() -> None:
     assert plan_unload(workers, "m", worker_ids=None) == ["a"]
     # Two replicas: a (with its front-end) is one, b is the other.
     assert plan_load(workers, "m", worker_ids=None, replicas=2) == ["b"]
+
+
+async def test_the_workers_metrics_include_its_frontends(start_fleet: StartFleet, tmp_path: Path) -> None:
+    """Prometheus scrapes the worker's port only: per-process series of the front-ends are folded in
+    (labelled `frontend`), engine and GPU series are not repeated."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    fleet = await start_fleet(workers=0)
+    worker, _ = await start_group(fleet, tmp_path, frontends=2, http_port=0)
+    prompts = [f"metrics {i}. " for i in range(40)]
+    ids = await asyncio.gather(*(fleet.submit(prompt=p, max_tokens=60, ignore_eos=True) for p in prompts))
+    await asyncio.gather(*(fleet.wait_done(rid, timeout_s=60) for rid in ids))
+
+    async with fleet.http.get(f"http://127.0.0.1:{worker.http_port}/metrics") as response:
+        assert response.status == 200
+        families = {f.name: f for f in text_string_to_metric_families(await response.text())}
+    tokens = {s.labels.get("frontend", "0"): s.value for s in families["llm_fleet_generation_tokens"].samples
+              if s.name.endswith("_total")}
+    assert sum(tokens.values()) == 40 * 60 and tokens["0"] > 0 and tokens["1"] > 0, tokens
+    capacity = [s.value for s in families["llm_fleet_kv_cache_capacity_tokens"].samples]
+    assert sorted(capacity) == [15_000, 15_000]  # each its half; together the engine's 30,000
+    ttft_counts = [s.value for s in families["llm_fleet_time_to_first_token_seconds"].samples
+                   if s.name.endswith("_count")]
+    assert sum(ttft_counts) == 40
+    assert all("frontend" not in s.labels for s in families["llm_fleet_model_state"].samples)
+    assert all("frontend" not in s.labels for s in families["llm_fleet_gpu_available"].samples)

@@ -109,7 +109,9 @@ class Worker:
         log.info("worker %s starting, models: %s", self.worker_id, self.settings.models)
         http = None
         if self.settings.http_port is not None:
-            http = await http_server.serve(self.settings.http_host, self.settings.http_port, self.status, self.metrics)
+            http = await http_server.serve(
+                self.settings.http_host, self.settings.http_port, self.status, self.metrics,
+                lambda: [url for group in self.loader.frontends.values() for url in group.metrics_urls])
             self.http_port = http_server.bound_port(http)
             log.info("worker HTTP (/health, /ready, /metrics) on %s:%d", self.settings.http_host, self.http_port)
         for name in self.settings.models:

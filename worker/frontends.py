@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from common.embedded_redis import free_port
 from common.settings import ModelSpec, WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -83,9 +84,10 @@ def frontend_id(parent_id: str, index: int) -> str:
 class FrontendGroup:
     """The front-end processes 1..N-1 of one model, started by the worker that loaded it."""
 
-    def __init__(self, model: str, procs: list[subprocess.Popen[bytes]]) -> None:
+    def __init__(self, model: str, procs: list[subprocess.Popen[bytes]], metrics_ports: list[int | None]) -> None:
         self.model = model
         self._procs = procs
+        self._metrics_ports = metrics_ports
         self._stopping = False
 
     @classmethod
@@ -93,10 +95,13 @@ class FrontendGroup:
         """Start one front-end per `attach` entry (front-ends 1..len(attach))."""
         procs = []
         count = len(attach) + 1
-        for index, where in enumerate(attach, start=1):
+        # Where the worker serves /metrics, each front-end serves its own on a localhost port, for the
+        # worker to fold into its own (worker/frontend_metrics.py).
+        ports = [free_port() if settings.http_port is not None else None for _ in attach]
+        for index, (where, port) in enumerate(zip(attach, ports, strict=True), start=1):
             child_settings = dataclasses.replace(
                 settings, worker_id=frontend_id(settings.worker_id, index), models=[spec.name], catalogue=None,
-                http_port=None)
+                http_host="127.0.0.1", http_port=port)
             env = dict(os.environ)
             env[FRONTEND_ENV] = FrontendProcess(
                 parent_id=settings.worker_id, parent_pid=os.getpid(), role=FrontendRole(index, count, where),
@@ -106,11 +111,17 @@ class FrontendGroup:
                                           env=env))
         log.info("model %s: started %d more front-end process(es): %s", spec.name, len(procs),
                  ", ".join(str(p.pid) for p in procs))
-        return cls(spec.name, procs)
+        return cls(spec.name, procs, ports)
 
     @property
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs]
+
+    @property
+    def metrics_urls(self) -> list[tuple[str, str]]:
+        """(front-end index, its /metrics URL) for each front-end that serves one."""
+        return [(str(index), f"http://127.0.0.1:{port}/metrics")
+                for index, port in enumerate(self._metrics_ports, start=1) if port is not None]
 
     @property
     def dead_error(self) -> str | None:

@@ -2,7 +2,7 @@
 
 /health: the process is up (liveness). /ready: a model is loaded and the worker is not draining
 (readiness: Kubernetes sends no traffic to a worker, but a rollout waits for this). /metrics:
-Prometheus exposition. Off unless `http_port` is set.
+Prometheus exposition, with the worker's front-end processes folded in. Off unless `http_port` is set.
 """
 
 from __future__ import annotations
@@ -13,10 +13,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from common.protocol import ModelState, WorkerStatus
+from worker import frontend_metrics
 from worker.metrics import WorkerMetrics
 
+FrontendUrls = Callable[[], list[tuple[str, str]]]
 _STATUS_KEY = web.AppKey("status", Callable[[], Awaitable[WorkerStatus]])
 _METRICS_KEY = web.AppKey("metrics", WorkerMetrics)
+_FRONTENDS_KEY = web.AppKey("frontends", FrontendUrls)
 
 
 async def _health(request: web.Request) -> web.Response:
@@ -34,14 +37,18 @@ async def _ready(request: web.Request) -> web.Response:
 
 async def _metrics(request: web.Request) -> web.Response:
     body = request.app[_METRICS_KEY].render(await request.app[_STATUS_KEY]())
+    frontends = await frontend_metrics.scrape(request.app[_FRONTENDS_KEY]())
+    if frontends:
+        body = frontend_metrics.merge(body, frontends)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def serve(host: str, port: int, status: Callable[[], Awaitable[WorkerStatus]],
-                metrics: WorkerMetrics) -> web.AppRunner:
-    """Start serving; the caller cleans up the returned runner. Port 0 picks a free port."""
+                metrics: WorkerMetrics, frontends: FrontendUrls = list) -> web.AppRunner:
+    """Start serving; the caller cleans up the returned runner. Port 0 picks a free port. `frontends`
+    gives the /metrics URLs of the worker's front-end processes, by front-end index."""
     app = web.Application()
-    app[_STATUS_KEY], app[_METRICS_KEY] = status, metrics
+    app[_STATUS_KEY], app[_METRICS_KEY], app[_FRONTENDS_KEY] = status, metrics, frontends
     app.add_routes([web.get("/health", _health), web.get("/ready", _ready), web.get("/metrics", _metrics)])
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
