@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -183,6 +184,42 @@ def pin_engine_core(root_pid: int) -> str:
     return f"engine core (pid {engine.pid}) on CPUs {sorted(own)}, everything else on {len(rest)} others"
 
 
+def engine_running(base_url: str, fleet: bool) -> float | None:
+    """Requests running in vLLM's scheduler now: vllm serve's own gauge, or the fleet's (from the
+    heartbeat of the worker that gets the engine core's stats, via /v1/models)."""
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        if fleet:
+            with urllib.request.urlopen(f"{base_url}/v1/models", timeout=2) as response:
+                models = json.load(response)["data"]
+            return max(w.get("engine_running") or 0 for m in models for w in m["workers"])
+        with urllib.request.urlopen(f"{base_url}/metrics", timeout=2) as response:
+            lines = response.read().decode().splitlines()
+        return sum(float(line.split()[-1]) for line in lines if line.startswith("vllm:num_requests_running"))
+    return None
+
+
+class RunningSampler(threading.Thread):
+    """Samples the engine's running requests twice a second while a run goes (is its batch full?)."""
+
+    def __init__(self, base_url: str, fleet: bool) -> None:
+        super().__init__(daemon=True)
+        self.base_url, self.fleet = base_url, fleet
+        self.values: list[float] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.5):
+            value = engine_running(self.base_url, self.fleet)
+            if value is not None:
+                self.values.append(value)
+
+    def mean(self) -> float | None:
+        self.done.set()
+        # The first and last seconds are ramp-up and tail.
+        steady = self.values[2:-2] if len(self.values) > 6 else self.values
+        return round(sum(steady) / len(steady), 1) if steady else None
+
+
 def measure(label: str, base_url: str, root_pid: int, args: argparse.Namespace, work: Path) -> list[dict]:
     rows = []
     if args.pin_engine_core:
@@ -192,10 +229,14 @@ def measure(label: str, base_url: str, root_pid: int, args: argparse.Namespace, 
         sampler: list[CpuSampler] = []
         profilers: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
 
+        running = RunningSampler(base_url, fleet=label.startswith("llm-fleet"))
+
         def on_start(roles: dict[str, psutil.Process] = roles, concurrency: int = concurrency,
+                     running: RunningSampler = running,
                      sampler: list[CpuSampler] = sampler,
                      profilers: dict[str, tuple[subprocess.Popen[bytes], Path]] = profilers) -> None:
             sampler.append(CpuSampler(roles))
+            running.start()
             if concurrency == max(args.concurrency) and args.profile_s:
                 for role in ("gateway", "worker", "vllm-api-server"):
                     if role in roles:
@@ -205,6 +246,7 @@ def measure(label: str, base_url: str, root_pid: int, args: argparse.Namespace, 
         result = bench_serve(base_url, args.model, args.tokenizer, concurrency, args.num_prompts,
                              work / f"{label}-c{concurrency}.json", on_start)
         cpu = sampler[0].percent(result["duration"]) if sampler else {}
+        mean_running = running.mean()
         profiles = {}
         for role, (spy, path) in profilers.items():
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -212,9 +254,11 @@ def measure(label: str, base_url: str, root_pid: int, args: argparse.Namespace, 
             profiles[role] = top_frames(path)
         row = {"server": label, "concurrency": concurrency, **{k: result.get(k) for k, _, _ in METRICS},
                "completed": result.get("completed"), "failed": result.get("failed", 0),
-               "duration_s": result.get("duration"), "cpu_percent": cpu, "profile_top_self": profiles}
+               "duration_s": result.get("duration"), "cpu_percent": cpu, "profile_top_self": profiles,
+               "engine_running_mean": mean_running}
         log(f"{label} c={concurrency}: " + ", ".join(f"{name} {row[k]:.{d}f}" for k, name, d in METRICS
-                                                       if row[k] is not None) + f"; CPU % of a core: {cpu}")
+                                                       if row[k] is not None)
+            + f"; running in the engine (mean) {mean_running}; CPU % of a core: {cpu}")
         rows.append(row)
     return rows
 
