@@ -18,14 +18,6 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-# Families (as the parser names them: counters without `_total`) that each process counts for itself.
-PER_PROCESS_FAMILIES = frozenset({
-    "llm_fleet_queue_wait_seconds", "llm_fleet_time_to_first_token_seconds",
-    "llm_fleet_inter_token_latency_seconds", "llm_fleet_e2e_request_latency_seconds",
-    "llm_fleet_prompt_tokens", "llm_fleet_generation_tokens", "llm_fleet_requests_finished",
-    "llm_fleet_jobs_reclaimed", "llm_fleet_jobs_handed_back", "llm_fleet_jobs_dead_lettered",
-    "llm_fleet_running_requests", "llm_fleet_kv_cache_used_tokens", "llm_fleet_kv_cache_capacity_tokens",
-})
 _SCRAPE_TIMEOUT_S = 2.0
 
 
@@ -39,12 +31,13 @@ class _Families:
         return self._families
 
 
-def merge(own: bytes, frontends: list[tuple[str, str]]) -> bytes:
-    """The worker's exposition text plus each front-end's per-process series, labelled `frontend`."""
+def merge(own: bytes, frontends: list[tuple[str, str]], per_process: frozenset[str]) -> bytes:
+    """The worker's exposition text plus each front-end's series of the `per_process` families (see
+    WorkerMetrics.per_process_families), labelled `frontend`."""
     families = {family.name: family for family in text_string_to_metric_families(own.decode())}
     for label, text in frontends:
         for family in text_string_to_metric_families(text):
-            if family.name not in PER_PROCESS_FAMILIES:
+            if family.name not in per_process:
                 continue
             target = families.get(family.name)
             if target is None:

@@ -98,6 +98,7 @@ class FrontendGroup:
         # Where the worker serves /metrics, each front-end serves its own on a localhost port, for the
         # worker to fold into its own (worker/frontend_metrics.py).
         ports = [free_port() if settings.http_port is not None else None for _ in attach]
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
         for index, (where, port) in enumerate(zip(attach, ports, strict=True), start=1):
             child_settings = dataclasses.replace(
                 settings, worker_id=frontend_id(settings.worker_id, index), models=[spec.name], catalogue=None,
@@ -106,7 +107,6 @@ class FrontendGroup:
             env[FRONTEND_ENV] = FrontendProcess(
                 parent_id=settings.worker_id, parent_pid=os.getpid(), role=FrontendRole(index, count, where),
                 spec=spec, settings=child_settings).to_env()
-            level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
             procs.append(subprocess.Popen([sys.executable, "-m", "common.cli", "worker", "--log-level", level],
                                           env=env))
         log.info("model %s: started %d more front-end process(es): %s", spec.name, len(procs),

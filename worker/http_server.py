@@ -36,10 +36,11 @@ async def _ready(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    body = request.app[_METRICS_KEY].render(await request.app[_STATUS_KEY]())
+    metrics = request.app[_METRICS_KEY]
+    body = metrics.render(await request.app[_STATUS_KEY]())
     frontends = await frontend_metrics.scrape(request.app[_FRONTENDS_KEY]())
     if frontends:
-        body = frontend_metrics.merge(body, frontends)
+        body = frontend_metrics.merge(body, frontends, metrics.per_process_families)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

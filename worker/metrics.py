@@ -57,6 +57,13 @@ class WorkerMetrics:
                                      registry=r)
         self.gpu_memory_used = Gauge("llm_fleet_gpu_memory_used_bytes", "GPU memory used, NVML", ["gpu"], registry=r)
         self.gpu_memory_total = Gauge("llm_fleet_gpu_memory_total_bytes", "GPU memory, NVML", ["gpu"], registry=r)
+        # What each process counts for itself (jobs, tokens, latencies, its KV budget): a worker's /metrics adds
+        # its front-end processes' series of these families (worker/frontend_metrics.py); engine and GPU
+        # series come from the worker alone.
+        self.per_process_families = frozenset(family.name for metric in (
+            self.queue_wait, self.ttft, self.itl, self.e2e, self.prompt_tokens, self.generation_tokens,
+            self.finished, self.reclaimed, self.handed_back, self.dead_lettered, self.running, self.kv_used,
+            self.kv_capacity) for family in metric.describe())
 
     def job_done(self, model: str, *, enqueued_at: float, started_at: float, first_output_at: float | None,
                  finished_at: float, prompt_tokens: int, new_tokens: int, finish_reason: str) -> None:
