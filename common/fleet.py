@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 from common import fleet_state
 from common.embedded_redis import EmbeddedValkey
 from common.progress import advance, load_bar, load_fraction
-from common.redis_conn import REDIS_DOWN_ERRORS
+from common.redis_conn import REDIS_UNAVAILABLE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -188,7 +188,7 @@ def _load_fraction(redis_url: str) -> float:
 
     try:
         return asyncio.run(read())
-    except REDIS_DOWN_ERRORS:
+    except REDIS_UNAVAILABLE:
         return 0.0
 
 

@@ -34,8 +34,9 @@ async def model_names(redis: Redis) -> list[str]:
 
 
 async def queues(redis: Redis) -> dict[str, dict[str, Any]]:
-    """Per registered model: outstanding jobs (XLEN), of which held by workers (pending) and waiting
-    (unread), the age of the oldest unread job, dead letters."""
+    """Per registered model: outstanding jobs (XLEN less the skipped: cancelled or expired while queued),
+    of which held by workers (pending) and waiting (unread), the age of the oldest unread entry, dead
+    letters, and `lag` as KEDA reads it (XINFO GROUPS; skipped entries count until a worker reads them)."""
     names = await model_names(redis)
     async with redis.pipeline(transaction=False) as pipe:
         for name in names:
@@ -43,14 +44,18 @@ async def queues(redis: Redis) -> dict[str, dict[str, Any]]:
             pipe.xpending(keys.job_stream(name), keys.CONSUMER_GROUP)
             pipe.xlen(keys.dead_letters(name))
             pipe.xinfo_groups(keys.job_stream(name))
+            pipe.scard(keys.skipped_jobs(name))
         replies = await pipe.execute(raise_on_error=False)
     result = {}
     now_ms = time.time() * 1000
     for i, name in enumerate(names):
-        outstanding, pending, dead, groups = replies[4 * i: 4 * i + 4]
+        length, pending, dead, groups, skipped = replies[5 * i: 5 * i + 5]
         held = 0 if isinstance(pending, ResponseError) else int(pending["pending"])
-        result[name] = {"outstanding": int(outstanding), "held_by_workers": held,
-                        "waiting": max(0, int(outstanding) - held), "dead_letters": int(dead),
+        outstanding = max(0, int(length) - int(skipped))
+        group = None if isinstance(groups, ResponseError) else _workers_group(groups)
+        result[name] = {"outstanding": outstanding, "held_by_workers": held,
+                        "waiting": max(0, outstanding - held), "dead_letters": int(dead),
+                        "lag": None if group is None or group.get("lag") is None else int(group["lag"]),
                         "oldest_waiting_s": 0.0}
         if result[name]["waiting"] and not isinstance(groups, ResponseError):
             oldest = await unread_entries(redis, keys.job_stream(name), groups, count=1)
@@ -64,6 +69,10 @@ async def unread_entries(redis: Redis, stream: str, groups: list[dict[str, Any]]
                          count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
     """The first `count` entries no worker has read yet: those after the workers group's last-delivered
     id (`groups` is XINFO GROUPS of the stream; without the group, every entry is unread)."""
-    group = next((g for g in groups if as_text(g["name"]) == keys.CONSUMER_GROUP), None)
+    group = _workers_group(groups)
     start = "-" if group is None else "(" + as_text(group["last-delivered-id"])
     return await redis.xrange(stream, min=start, max="+", count=count)
+
+
+def _workers_group(groups: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return next((g for g in groups if as_text(g["name"]) == keys.CONSUMER_GROUP), None)

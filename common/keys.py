@@ -1,7 +1,10 @@
 """Every Redis key and channel name the fleet uses, in one place.
 
-Braces are Redis Cluster hash tags: everything about one request (`req:{id}`, its chunk list,
-its channel) hashes to one slot, so the per-request scripts stay valid on a cluster.
+Braces are hash tags: everything about one request (`req:{id}`, its chunk list, its channel) shares
+one tag, and so does everything about one model's queue (`jobs:{model}`, its skip set). The request
+scripts (common/request_store.py) touch a request's keys and its model's stream together, so they
+need one primary that holds every key: a standalone Redis or Valkey (with replicas and Sentinel),
+not Redis Cluster.
 """
 
 from __future__ import annotations
@@ -16,6 +19,17 @@ API_KEYS = "api_keys"  # hash: sha256 of an API key -> packed ApiKey (the key it
 
 def job_stream(model: str) -> str:
     return f"jobs:{{{model}}}"
+
+
+def model_of_job_stream(stream: str) -> str:
+    return stream[len("jobs:{") : -1]
+
+
+def skipped_jobs(model: str) -> str:
+    """Set of entry ids in `jobs:{model}` that no worker needs to run (cancelled while queued, expired):
+    they stay in the stream until a worker reads and acks them, because deleting an entry no one has
+    read leaves the group's lag (what KEDA scales on) undefined. Admission counts XLEN minus these."""
+    return f"jobs:{{{model}}}:skip"
 
 
 def dead_letters(model: str) -> str:

@@ -3,13 +3,50 @@
 from __future__ import annotations
 
 import redis.asyncio as aioredis
+from redis._parsers.base import BaseParser
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    MasterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-# What "Redis is unreachable" looks like to a caller.
+
+class ScriptBusyError(ResponseError):
+    """BUSY: a script or function has run past `busy-reply-threshold`; every other command waits."""
+
+
+class NoReplicasError(ResponseError):
+    """NOREPLICAS: `min-replicas-to-write` is not met, so the primary refuses writes."""
+
+
+# redis-py maps an error reply to a class by its first word, and knows OOM, READONLY and LOADING but
+# not these: registered here, so that every `except REDIS_UNAVAILABLE` below sees them as what they are.
+BaseParser.EXCEPTION_CLASSES.update({"BUSY": ScriptBusyError, "NOREPLICAS": NoReplicasError,
+                                     "MASTERDOWN": MasterDownError, "TRYAGAIN": TryAgainError,
+                                     "CLUSTERDOWN": ClusterDownError})
+
+# Redis cannot be reached: connection refused or lost, a timeout (a slow or paused server), still
+# loading its data (BusyLoadingError is a ConnectionError).
 REDIS_DOWN_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+# Redis answers but refuses for now: out of memory (maxmemory), a long script (BUSY), a replica or a
+# primary without its replicas (READONLY, NOREPLICAS, MASTERDOWN). Each passes; none says the call was wrong.
+REDIS_REFUSALS = (OutOfMemoryError, ReadOnlyError, ScriptBusyError, NoReplicasError, ClusterDownError, TryAgainError)
+# What every caller that retries (workers) or answers 503 (gateways) treats as "Redis cannot serve this now".
+REDIS_UNAVAILABLE = (*REDIS_DOWN_ERRORS, *REDIS_REFUSALS)
+
+
+def describe(exc: BaseException) -> str:
+    """Why Redis could not serve a call, for a log line or a 503's message."""
+    if isinstance(exc, REDIS_REFUSALS):
+        return f"Redis refused the command ({type(exc).__name__}: {exc})"
+    return f"Redis is unreachable ({type(exc).__name__}: {exc})"
 
 
 def connect(url: str, *, timeout_s: float, blocking_ms: int = 0, max_connections: int = 512) -> aioredis.Redis:

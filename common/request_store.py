@@ -35,10 +35,11 @@ from common.protocol import Chunk, FinishReason, Job, RequestStatus
 from common.redis_conn import as_text
 
 _ENQUEUE = """
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
+if redis.call('XLEN', KEYS[1]) - redis.call('SCARD', KEYS[3]) >= tonumber(ARGV[1]) then return false end
 local entry = redis.call('XADD', KEYS[1], '*', 'job', ARGV[2])
 redis.call('HSET', KEYS[2], 'status', 'queued', 'model', ARGV[3], 'entry', entry, 'seq', 0,
-  'created_at', ARGV[4], 'prompt_tokens', ARGV[5], 'completion_tokens', 0, 'max_tokens', ARGV[6])
+  'created_at', ARGV[4], 'prompt_tokens', ARGV[5], 'completion_tokens', 0, 'max_tokens', ARGV[6],
+  'owner', ARGV[8])
 redis.call('EXPIRE', KEYS[2], ARGV[7])
 return entry
 """
@@ -66,8 +67,9 @@ local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return false end
 if status ~= 'queued' and status ~= 'running' then return status end
 if status == 'queued' then
-  -- Never run: take it out of the stream now, so XLEN stays exactly the outstanding work.
-  redis.call('XDEL', KEYS[3], redis.call('HGET', KEYS[1], 'entry'))
+  -- Never run. Its entry stays in the stream (a worker that reads it skips and acks it): deleting an
+  -- unread entry would leave the group's lag undefined. Admission does not count it.
+  redis.call('SADD', KEYS[3], redis.call('HGET', KEYS[1], 'entry'))
 end
 end_request('cancelled', 'cancelled', nil, ARGV[2], ARGV[1], ARGV[3])
 redis.call('PUBLISH', ARGV[4], ARGV[5])
@@ -125,22 +127,24 @@ return 1
 
 
 _HAND_BACK = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status or (status ~= 'queued' and status ~= 'running') then
+local function remove_entry()
   redis.call('XACK', KEYS[2], ARGV[4], ARGV[3])
   redis.call('XDEL', KEYS[2], ARGV[3])
+  redis.call('SREM', KEYS[3], ARGV[3])
+end
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status or (status ~= 'queued' and status ~= 'running') then
+  remove_entry()
   return status or 'missing'
 end
 if status == 'running' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then return 'taken' end
 if status == 'queued' and redis.call('HGET', KEYS[1], 'entry') ~= ARGV[3] then
   -- Handed back already (a retry): the new entry exists; only the old one needs removing.
-  redis.call('XACK', KEYS[2], ARGV[4], ARGV[3])
-  redis.call('XDEL', KEYS[2], ARGV[3])
+  remove_entry()
   return 'requeued'
 end
 local entry = redis.call('XADD', KEYS[2], '*', 'job', ARGV[2])
-redis.call('XACK', KEYS[2], ARGV[4], ARGV[3])
-redis.call('XDEL', KEYS[2], ARGV[3])
+remove_entry()
 redis.call('HSET', KEYS[1], 'status', 'queued', 'entry', entry, 'worker', '', 'strikes', 0)
 return 'requeued'
 """
@@ -150,6 +154,7 @@ redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[9], '*', 'job', ARGV[2], 'reques
   'reason', ARGV[3], 'worker', ARGV[1], 'failed_at', ARGV[4])
 redis.call('XACK', KEYS[3], ARGV[7], ARGV[6])
 redis.call('XDEL', KEYS[3], ARGV[6])
+redis.call('SREM', KEYS[5], ARGV[6])
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'queued' and status ~= 'running' then return 0 end
 end_request('failed', 'error', ARGV[3], ARGV[4], ARGV[5], ARGV[8])
@@ -172,10 +177,11 @@ class RequestStore:
         self._cancel = redis.register_script(_CANCEL)
 
     # -- gateway side -------------------------------------------------------------------
-    async def enqueue(self, job: Job, *, max_outstanding: int, ttl_s: int) -> bool:
-        """Admit and enqueue atomically; False when the model's stream is at its cap."""
+    async def enqueue(self, job: Job, *, max_outstanding: int, ttl_s: int, owner: str = "") -> bool:
+        """Admit and enqueue atomically; False when the model's stream is at its cap. `owner`: the
+        digest of the API key that created it ("" without API keys)."""
         entry = await self._enqueue(
-            keys=[keys.job_stream(job.model), keys.request(job.request_id)],
+            keys=[keys.job_stream(job.model), keys.request(job.request_id), keys.skipped_jobs(job.model)],
             args=[
                 max_outstanding,
                 job.pack(),
@@ -184,6 +190,7 @@ class RequestStore:
                 len(job.prompt_token_ids),
                 job.sampling["max_tokens"],
                 ttl_s,
+                owner,
             ],
         )
         return entry is not None
@@ -191,7 +198,7 @@ class RequestStore:
     async def cancel(self, request_id: str, model: str, *, result_ttl_s: int) -> str | None:
         """Cancel a queued or running request. Returns the status it ends in, None if unknown."""
         status = await self._cancel(
-            keys=[keys.request(request_id), keys.request_chunks(request_id), keys.job_stream(model)],
+            keys=[keys.request(request_id), keys.request_chunks(request_id), keys.skipped_jobs(model)],
             args=[result_ttl_s, time.time(), keys.chunk_channel(request_id), keys.CANCELS, request_id],
         )
         return None if status is None else as_text(status)
@@ -206,9 +213,15 @@ class RequestStore:
             return None
         return {as_text(k): as_text(v) for k, v in state.items()}, [Chunk.unpack(c) for c in raw_chunks]
 
-    async def model_of(self, request_id: str) -> str | None:
-        model = await self.redis.hget(keys.request(request_id), "model")
-        return None if model is None else as_text(model)
+    async def model_and_owner(self, request_id: str) -> tuple[str, str] | None:
+        """The request's model and owner (see `enqueue`); None when it does not exist (or expired)."""
+        model, owner = await self.redis.hmget(keys.request(request_id), ["model", "owner"])
+        return None if model is None else (as_text(model), as_text(owner or b""))
+
+    async def progress(self, request_id: str) -> tuple[str, int] | None:
+        """The request's status and the seq of its last chunk; None when it does not exist."""
+        status, seq = await self.redis.hmget(keys.request(request_id), ["status", "seq"])
+        return None if status is None else (as_text(status), int(seq or 0))
 
     async def chunks_after(self, request_id: str, last_seq: int) -> list[Chunk]:
         raw = await self.redis.lrange(keys.request_chunks(request_id), last_seq, -1)
@@ -234,7 +247,7 @@ class RequestStore:
         (what it emitted stays: the next worker continues). 'requeued', 'taken' (another worker
         owns it), or the terminal status it already had; the old entry is acked unless taken."""
         [reply] = await self.run_scripts([ScriptCall(
-            _HAND_BACK, [keys.request(job.request_id), keys.job_stream(job.model)],
+            _HAND_BACK, [keys.request(job.request_id), keys.job_stream(job.model), keys.skipped_jobs(job.model)],
             [worker_id, job.pack(), entry_id, keys.CONSUMER_GROUP])])
         return as_text(reply)
 
@@ -244,7 +257,7 @@ class RequestStore:
         await self.run_scripts([ScriptCall(
             _DEAD_LETTER,
             [keys.request(job.request_id), keys.request_chunks(job.request_id), keys.job_stream(job.model),
-             keys.dead_letters(job.model)],
+             keys.dead_letters(job.model), keys.skipped_jobs(job.model)],
             [worker_id, job.pack(), reason, time.time(), result_ttl_s, entry_id, keys.CONSUMER_GROUP,
              keys.chunk_channel(job.request_id), max_dead_letters, job.request_id])])
 
@@ -265,8 +278,8 @@ class RequestStore:
                            chunk.finish_reason, chunk.error or "", time.time(), result_ttl_s,
                            keys.chunk_channel(request_id)])
 
-    async def run_scripts(self, calls: list[ScriptCall]) -> list[Any]:
-        """Run the calls in one pipeline; their replies in order."""
+    async def run_scripts(self, calls: list[ScriptCall], *, raise_on_error: bool = True) -> list[Any]:
+        """Run the calls in one pipeline; their replies in order (an error reply raised, or in its place)."""
         replies = await self._pipeline(calls)
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:  # nothing ran for these: safe to send again
@@ -276,9 +289,10 @@ class RequestStore:
                 await pipe.execute()
             for i, reply in zip(missing, await self._pipeline([calls[i] for i in missing]), strict=True):
                 replies[i] = reply
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
+        if raise_on_error:
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
         return replies
 
     async def _pipeline(self, calls: list[ScriptCall]) -> list[Any]:

@@ -46,7 +46,17 @@ def _coerce(raw: str, annotation: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class GatewaySettings(_FromEnv):
+class _RequestLifetimes(_FromEnv):
+    """How long a request lives in Redis: gateways set it at enqueue, workers when they write its output
+    and its end, from the same settings (the same `LLM_FLEET_*` variables)."""
+
+    # A queued or running request's state, and a finished one's result.
+    request_ttl_s: int = 24 * 3600
+    result_ttl_s: int = 3600
+
+
+@dataclass(frozen=True)
+class GatewaySettings(_RequestLifetimes):
     redis_url: str = DEFAULT_REDIS_URL
     host: str = "127.0.0.1"
     port: int = 8000
@@ -69,9 +79,6 @@ class GatewaySettings(_FromEnv):
     # work for up to auth_cache_s more.
     auth: bool = False
     auth_cache_s: float = 5.0
-    # How long a queued/running request's state lives, and a finished one's result.
-    request_ttl_s: int = 24 * 3600
-    result_ttl_s: int = 3600
     # Redis calls fail fast so an outage is a 503 at once, not a hang.
     redis_timeout_s: float = 2.0
     # Connections to Redis; a burst beyond this waits (up to redis_timeout_s) for a free one.
@@ -92,7 +99,7 @@ def default_worker_id() -> str:
 
 
 @dataclass(frozen=True)
-class WorkerSettings(_FromEnv):
+class WorkerSettings(_RequestLifetimes):
     redis_url: str = DEFAULT_REDIS_URL
     worker_id: str = field(default_factory=default_worker_id)
     # Models loaded at start; others in the catalogue can be loaded later (POST /admin/models/{name}/load).
@@ -106,8 +113,6 @@ class WorkerSettings(_FromEnv):
     # interval instead of one per token.
     flush_interval_ms: float = 15.0
     read_block_ms: int = 1000
-    result_ttl_s: int = 3600
-    request_ttl_s: int = 24 * 3600
     # SIGTERM: in-flight jobs get this long to finish; what is left is handed back (re-queued,
     # to be continued by another worker) before the worker exits.
     drain_timeout_s: float = 30.0

@@ -9,12 +9,14 @@ from aiohttp import web
 
 from common.control import arq_client
 from common.errors import FleetError, Overloaded, PayloadTooLarge, Unavailable
-from common.redis_conn import REDIS_DOWN_ERRORS, connect
+from common.redis_conn import REDIS_UNAVAILABLE, connect, describe
 from common.request_store import RequestStore
 from common.settings import GatewaySettings
+from common.supervision import Supervisor
 from gateway import admin_api, admin_models, health, http_api, metrics, openai_api, openapi, ws
 from gateway.auth import Authenticator, guard
 from gateway.context import GATEWAY_KEY, REQUEST_ID_KEY, Gateway
+from gateway.disconnects import DisconnectWatcher
 from gateway.models import ModelRegistry
 from gateway.relay import Relay
 from gateway.submit import Submitter, new_request_id
@@ -48,7 +50,8 @@ async def api_keys(request: web.Request, handler: Handler) -> web.StreamResponse
 
 @web.middleware
 async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure leaves as a JSON error with the right status; a 500 only for a real bug."""
+    """Every failure leaves as a JSON error with the right status; a 500 (JSON too) only for a real bug.
+    A handler that has started a response (a stream) reports its own errors in that stream."""
     try:
         return await handler(request)
     except FleetError as exc:
@@ -58,9 +61,9 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[GATEWAY_KEY].settings.max_body_bytes
         return error_response(PayloadTooLarge(f"body is larger than the limit of {limit} bytes"))
-    except REDIS_DOWN_ERRORS as exc:
-        log.warning("redis unreachable: %s", exc)
-        return error_response(Unavailable("the queue (Redis) is unreachable; retry shortly"))
+    except REDIS_UNAVAILABLE as exc:
+        log.warning("%s", describe(exc), extra={"request_id": request.get(REQUEST_ID_KEY), "path": request.path})
+        return error_response(Unavailable(f"the queue is unavailable: {describe(exc)}; retry shortly"))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -69,6 +72,9 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return web.json_response(error.to_dict(), status=exc.status, headers={
             k: v for k, v in exc.headers.items() if k.lower() == "allow"
         })
+    except Exception:
+        log.exception("internal error", extra={"request_id": request.get(REQUEST_ID_KEY), "path": request.path})
+        return error_response(FleetError("internal error; the gateway's log has the details"))
 
 
 def create_app(settings: GatewaySettings) -> web.Application:
@@ -117,12 +123,16 @@ def _lifecycle(settings: GatewaySettings,
         registry = ModelRegistry(redis, queue_unserved=settings.queue_unserved_models)
         arq = arq_client(settings.redis_url, timeout_s=settings.redis_timeout_s)
         relay = Relay(redis, store, resync_s=settings.stream_resync_s, outage_grace_s=settings.stream_outage_grace_s)
-        await relay.start()
+        supervisor = Supervisor(on_crash=lambda task: gateway_metrics.task_crashes.labels(task).inc())
+        relay.start(supervisor)
+        disconnects = DisconnectWatcher()
+        disconnects.start(supervisor)
         submitter = Submitter(settings, store, registry,
                               on_rejected=lambda model: gateway_metrics.rejected.labels(model).inc())
         app[GATEWAY_KEY] = Gateway(settings, redis, store, registry, submitter, relay,
-                                   Authenticator(redis, settings.auth_cache_s), arq)
+                                   Authenticator(redis, settings.auth_cache_s), arq, supervisor, disconnects)
         yield
+        await supervisor.stop()
         await relay.close()
         await redis.aclose()
         await arq.connection_pool.disconnect()

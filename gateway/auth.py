@@ -12,7 +12,9 @@ stops working within that long without a Redis round trip per request. Limits:
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from aiohttp import web
 from redis.asyncio import Redis
@@ -23,6 +25,10 @@ from common.errors import Forbidden, Overloaded, Unauthorized
 from common.protocol import TERMINAL_STATUSES
 
 _CACHE_S = 5.0
+# Entries per cache. Valid and invalid keys are cached apart, so a flood of made-up keys evicts only
+# other made-up keys, never the fleet's real ones (which would send every request to Redis again).
+_CACHE_ENTRIES = 10_000
+V = TypeVar("V")
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/openapi.json", "/metrics"})
 
 
@@ -35,24 +41,25 @@ class Caller:
 class Authenticator:
     def __init__(self, redis: Redis, cache_s: float = _CACHE_S) -> None:
         self._redis = redis
-        self._cache_s = cache_s
-        self._cache: dict[str, tuple[float, Caller | None]] = {}
+        self._valid: _ExpiringLru[Caller] = _ExpiringLru(cache_s)
+        self._invalid: _ExpiringLru[bool] = _ExpiringLru(cache_s)
 
     async def authenticate(self, header: str | None) -> Caller:
         scheme, _, secret = (header or "").partition(" ")
         if scheme.lower() != "bearer" or not secret.strip():
             raise Unauthorized("missing API key: send `Authorization: Bearer <key>`")
         secret = secret.strip()
-        cached = self._cache.get(secret)
-        if cached is None or cached[0] < time.monotonic():
+        caller = self._valid.get(secret)
+        if caller is not None:
+            return caller
+        if self._invalid.get(secret) is None:
             found = await api_keys.lookup(self._redis, secret)
-            cached = (time.monotonic() + self._cache_s, None if found is None else Caller(*found))
-            if len(self._cache) > 10_000:
-                self._cache.clear()
-            self._cache[secret] = cached
-        if cached[1] is None:
-            raise Unauthorized("invalid API key")
-        return cached[1]
+            if found is not None:
+                caller = Caller(*found)
+                self._valid.put(secret, caller)
+                return caller
+            self._invalid.put(secret, True)
+        raise Unauthorized("invalid API key")
 
     async def check_rate(self, caller: Caller) -> None:
         if caller.key.rps <= 0:
@@ -91,6 +98,27 @@ class Authenticator:
         done = [m for m, s in zip(members, statuses, strict=True) if s is None or s.decode() in TERMINAL_STATUSES]
         if done:
             await self._redis.srem(active, *done)
+
+
+class _ExpiringLru(Generic[V]):
+    """At most `_CACHE_ENTRIES` values, each for `ttl_s`; the least recently used goes first."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self._ttl_s = ttl_s
+        self._entries: OrderedDict[str, tuple[float, V]] = OrderedDict()
+
+    def get(self, key: str) -> V | None:
+        entry = self._entries.get(key)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        self._entries.move_to_end(key)
+        return entry[1]
+
+    def put(self, key: str, value: V) -> None:
+        self._entries[key] = (time.monotonic() + self._ttl_s, value)
+        self._entries.move_to_end(key)
+        while len(self._entries) > _CACHE_ENTRIES:
+            self._entries.popitem(last=False)
 
 
 CALLER_KEY = web.RequestKey("caller", Caller)

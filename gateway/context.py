@@ -13,7 +13,9 @@ from common.errors import NotFound
 from common.protocol import Job
 from common.request_store import RequestStore
 from common.settings import GatewaySettings
+from common.supervision import Supervisor
 from gateway.auth import Authenticator, Caller
+from gateway.disconnects import DisconnectWatcher
 from gateway.models import ModelRegistry
 from gateway.relay import Relay, Subscription
 from gateway.submit import Submitter
@@ -31,6 +33,8 @@ class Gateway:
     relay: Relay
     auth: Authenticator
     arq: ArqRedis  # the control plane's client: load/unload jobs on workers' queues
+    supervisor: Supervisor  # the gateway's long-lived tasks (relay reader, disconnects); /ready reports failures
+    disconnects: DisconnectWatcher
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
     # Shutting down (a restart, a deploy): open sockets are closed with "going away" and their
     # requests keep running, for the client to re-attach elsewhere; they are not abandoned.
@@ -44,7 +48,7 @@ class Gateway:
         """Enqueue, counted against the caller's concurrency limit."""
         await self.auth.acquire(caller, job.request_id)
         try:
-            await self.submitter.enqueue(job)
+            await self.submitter.enqueue(job, owner=caller.digest if caller else "")
         except BaseException:
             await self.auth.release(caller, job.request_id)
             raise
@@ -63,15 +67,31 @@ class Gateway:
             raise
         return subscription
 
-    async def cancel(self, request_id: str) -> str:
-        """Cancel a request; the status it ends in (a finished one keeps its own)."""
-        model = await self.store.model_of(request_id)
-        status = None if model is None else await self.store.cancel(
-            request_id, model, result_ttl_s=self.settings.result_ttl_s
-        )
+    async def cancel(self, request_id: str, caller: Caller | None) -> str:
+        """Cancel a request the caller may touch; the status it ends in (a finished one keeps its own)."""
+        model = await self.model_for(request_id, caller)
+        status = await self.store.cancel(request_id, model, result_ttl_s=self.settings.result_ttl_s)
         if status is None:
-            raise NotFound(f"request {request_id} does not exist (or its result expired)", param="request_id")
+            raise not_found(request_id)
         return status
+
+    async def model_for(self, request_id: str, caller: Caller | None) -> str:
+        """The model of a request the caller may read, cancel or attach to; 404 otherwise."""
+        found = await self.store.model_and_owner(request_id)
+        if found is None or not may_access(caller, found[1]):
+            raise not_found(request_id)
+        return found[0]
+
+
+def may_access(caller: Caller | None, owner: str) -> bool:
+    """A request belongs to the API key that created it; an admin key reaches every request. Without
+    API keys (caller None) there are no owners. Others get the 404 a missing request gets: whether
+    another key's request exists is not theirs to learn."""
+    return caller is None or caller.key.admin or caller.digest == owner
+
+
+def not_found(request_id: str) -> NotFound:
+    return NotFound(f"request {request_id} does not exist (or its result expired)", param="request_id")
 
 
 GATEWAY_KEY = web.AppKey("gateway", Gateway)

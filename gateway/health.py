@@ -1,4 +1,10 @@
-"""/health (process alive), /ready (Redis answers and a model is ready), /v1/models."""
+"""/health (process alive), /ready (this gateway can take requests), /v1/models.
+
+/ready does not depend on workers: with every worker group scaled to zero the gateways must stay
+in their Service, or no request reaches a stream, the queue's lag stays 0 and KEDA never scales
+up. It is 503 only while Redis does not answer or a long-lived task of the gateway has failed.
+Which models are ready is in its body (`models`, `models_reason`) and on /v1/models.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from common.protocol import ModelState
-from common.redis_conn import REDIS_DOWN_ERRORS
+from common.redis_conn import REDIS_UNAVAILABLE, describe
 from gateway.context import Gateway
 
 
@@ -17,19 +23,23 @@ async def health(request: web.Request) -> web.Response:
 
 async def ready(request: web.Request) -> web.Response:
     gateway = Gateway.of(request)
+    if gateway.supervisor.failed:
+        failed = "; ".join(f"{task}: {error}" for task, error in gateway.supervisor.failed.items())
+        return web.json_response({"ready": False, "reason": f"a gateway task failed ({failed})"}, status=503)
     try:
         await gateway.redis.ping()
         workers = await gateway.registry.live_workers()
-    except REDIS_DOWN_ERRORS as exc:
-        return web.json_response({"ready": False, "reason": f"Redis is unreachable: {exc}"}, status=503)
+    except REDIS_UNAVAILABLE as exc:
+        return web.json_response({"ready": False, "reason": describe(exc)}, status=503)
     ready_models = sorted({name for w in workers for name, m in w.models.items() if m["state"] == ModelState.READY})
+    body: dict[str, Any] = {"ready": True, "workers": len(workers), "models": ready_models}
     if not ready_models:
         failed = sorted({f"{name}: {m.get('error')}" for w in workers for name, m in w.models.items()
                          if m["state"] == ModelState.FAILED})
-        reason = ("no live worker" if not workers else f"models failed to load: {'; '.join(failed)}" if failed
-                  else "no worker has a model ready yet (loading)")
-        return web.json_response({"ready": False, "reason": reason, "workers": len(workers)}, status=503)
-    return web.json_response({"ready": True, "workers": len(workers), "models": ready_models})
+        body["models_reason"] = ("no live worker (requests queue until one starts)" if not workers
+                                 else f"models failed to load: {'; '.join(failed)}" if failed
+                                 else "no worker has a model ready yet (loading)")
+    return web.json_response(body)
 
 
 async def models(request: web.Request) -> web.Response:

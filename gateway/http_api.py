@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from common.errors import NotFound
 from gateway.auth import CALLER_KEY
-from gateway.context import REQUEST_ID_KEY, Gateway
+from gateway.context import REQUEST_ID_KEY, Gateway, may_access, not_found
 from gateway.validation import parse_generate, parse_json_object
 from gateway.views import request_view
 
@@ -23,12 +22,12 @@ async def generate(request: web.Request) -> web.Response:
 async def get_request(request: web.Request) -> web.Response:
     request_id = request.match_info["request_id"]
     found = await Gateway.of(request).store.read(request_id)
-    if found is None:
-        raise NotFound(f"request {request_id} does not exist (or its result expired)", param="request_id")
+    if found is None or not may_access(request.get(CALLER_KEY), found[0].get("owner", "")):
+        raise not_found(request_id)
     return web.json_response(request_view(request_id, *found))
 
 
 async def cancel_request(request: web.Request) -> web.Response:
     request_id = request.match_info["request_id"]
-    status = await Gateway.of(request).cancel(request_id)
+    status = await Gateway.of(request).cancel(request_id, request.get(CALLER_KEY))
     return web.json_response({"request_id": request_id, "status": status})

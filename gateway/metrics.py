@@ -32,8 +32,10 @@ class GatewayMetrics:
                                 "was full", ["model"], registry=r)
         self.outstanding = Gauge("llm_fleet_queue_outstanding", "Unfinished jobs in the model's stream (XLEN)",
                                  ["model"], registry=r)
-        self.waiting = Gauge("llm_fleet_queue_waiting", "Jobs no worker has read yet (the lag KEDA scales on)",
+        self.waiting = Gauge("llm_fleet_queue_waiting", "Jobs no worker has read yet, less the cancelled ones",
                              ["model"], registry=r)
+        self.lag = Gauge("llm_fleet_queue_lag", "The workers group's lag (XINFO GROUPS), what KEDA scales on: "
+                         "entries no worker has read, cancelled ones included until read", ["model"], registry=r)
         self.held = Gauge("llm_fleet_queue_held", "Jobs read by a worker, not finished", ["model"], registry=r)
         self.oldest = Gauge("llm_fleet_queue_oldest_waiting_seconds", "Age of the oldest unread job", ["model"],
                             registry=r)
@@ -42,15 +44,20 @@ class GatewayMetrics:
         self.workers = Gauge("llm_fleet_workers_live", "Workers with a live heartbeat", registry=r)
         self.serving = Gauge("llm_fleet_model_ready_workers", "Live workers with the model ready", ["model"],
                              registry=r)
+        self.task_crashes = Counter("llm_fleet_task_crashes", "Long-lived tasks (the relay's reader) that raised "
+                                    "and were restarted", ["task"], registry=r)
 
     async def render(self, gateway: Gateway) -> bytes:
         queues = await fleet_state.queues(gateway.redis)
         workers = await gateway.registry.live_workers()
-        for gauge in (self.outstanding, self.waiting, self.held, self.oldest, self.dead_letters, self.serving):
+        for gauge in (self.outstanding, self.waiting, self.lag, self.held, self.oldest, self.dead_letters,
+                      self.serving):
             gauge.clear()
         for model, queue in queues.items():
             self.outstanding.labels(model).set(queue["outstanding"])
             self.waiting.labels(model).set(queue["waiting"])
+            if queue["lag"] is not None:
+                self.lag.labels(model).set(queue["lag"])
             self.held.labels(model).set(queue["held_by_workers"])
             self.oldest.labels(model).set(queue["oldest_waiting_s"])
             self.dead_letters.labels(model).set(queue["dead_letters"])

@@ -2,23 +2,29 @@
 
 Every request is admitted, enqueued, pollable (GET /v1/requests/{id}, the id is in
 X-Request-Id) and cancellable exactly like a native one. Parameters that would change the output
-and that we do not implement are refused with a 400 naming them, never silently ignored.
+and that we do not implement are refused with a 400 naming them, never silently ignored. A client
+that goes away (while its request is queued or running) cancels it; an error after an SSE stream
+started ends the stream with an error event and `[DONE]`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any
 
 from aiohttp import web
 
-from common.errors import BadRequest, FleetError, Unprocessable
+from common.errors import BadRequest, FleetError, Unavailable, Unprocessable
 from common.protocol import Chunk, FinishReason
+from common.redis_conn import REDIS_UNAVAILABLE, describe
 from gateway.auth import CALLER_KEY
 from gateway.context import REQUEST_ID_KEY, Gateway
 from gateway.relay import Subscription
 from gateway.validation import GenerateRequest, check_messages, int_field, parse_json_object, sampling_fields
+
+log = logging.getLogger(__name__)
 
 # Accepted with no effect on the output (or only with their no-op value, see _NOOP_VALUES).
 _IGNORED = frozenset({"user", "stream_options", "stream", "n", "model", "max_tokens", "max_completion_tokens",
@@ -34,11 +40,16 @@ _NOOP_VALUES: dict[str, tuple[Any, ...]] = {
 }
 
 
-def _parse(body: dict[str, Any], *, chat: bool) -> tuple[GenerateRequest, bool, bool]:
-    """(request, stream, include_usage); 400 for what we do not support."""
+def _is_noop(name: str, value: Any) -> bool:
+    """Same type and value as a no-op value: `logprobs: 0` asks for logprobs (0 == False in Python)."""
+    return any(type(value) is type(noop) and value == noop for noop in _NOOP_VALUES.get(name, ()))
+
+
+def _parse(body: dict[str, Any], *, chat: bool) -> tuple[GenerateRequest, bool, _Usage]:
+    """(request, stream, usage wanted in the stream); 400 for what we do not support."""
     text_field = "messages" if chat else "prompt"
     allowed = _IGNORED | {text_field}
-    unsupported = sorted(k for k in body if k not in allowed and body[k] not in _NOOP_VALUES.get(k, (object(),)))
+    unsupported = sorted(k for k in body if k not in allowed and not _is_noop(k, body[k]))
     if unsupported:
         raise BadRequest(f"unsupported parameter(s): {', '.join(unsupported)}", param=unsupported[0])
     if body.get("n", 1) != 1:
@@ -48,7 +59,10 @@ def _parse(body: dict[str, Any], *, chat: bool) -> tuple[GenerateRequest, bool, 
         raise BadRequest("`stream` must be a boolean", param="stream")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats"}:
-        raise BadRequest("`stream_options` supports only include_usage", param="stream_options")
+        raise BadRequest("`stream_options` supports include_usage and continuous_usage_stats",
+                         param="stream_options")
+    if not all(isinstance(v, bool) for v in options.values()):
+        raise BadRequest("`stream_options` values must be booleans", param="stream_options")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise BadRequest("`model` must be a string", param="model")
@@ -69,7 +83,17 @@ def _parse(body: dict[str, Any], *, chat: bool) -> tuple[GenerateRequest, bool, 
     max_tokens = int_field(body, "max_completion_tokens", minimum=1) or int_field(body, "max_tokens", minimum=1)
     request = GenerateRequest(
         model=model, prompt=prompt, messages=messages, max_tokens=max_tokens, **sampling_fields(body))
-    return request, stream, bool(options.get("include_usage"))
+    return request, stream, _Usage(final=bool(options.get("include_usage")),
+                                   continuous=bool(options.get("continuous_usage_stats")))
+
+
+class _Usage:
+    """What a stream reports of usage: a final usage-only event (`include_usage`), and usage so far on
+    every event (vLLM's `continuous_usage_stats`)."""
+
+    def __init__(self, *, final: bool, continuous: bool) -> None:
+        self.final = final
+        self.continuous = continuous
 
 
 def _flatten_content(message: Any) -> Any:
@@ -92,26 +116,32 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def _serve(request: web.Request, *, chat: bool) -> web.StreamResponse:
     gateway = Gateway.of(request)
-    generate, stream, include_usage = _parse(parse_json_object(await request.read()), chat=chat)
+    generate, stream, usage = _parse(parse_json_object(await request.read()), chat=chat)
     job = await gateway.submitter.prepare(generate, request_id=request[REQUEST_ID_KEY])
-    subscription = await gateway.submit_streaming(job, request.get(CALLER_KEY))
+    caller = request.get(CALLER_KEY)
+    subscription = await gateway.submit_streaming(job, caller)
+    # A client that leaves while its request waits (queued, or between chunks) cancels it; the cancel's
+    # final chunk then ends the loops below.
+    watch = gateway.disconnects.watch(request, lambda: gateway.cancel(job.request_id, caller))
     try:
-        shape = _Shape(chat, job.request_id, job.model)
+        shape = _Shape(chat, job.request_id, job.model, len(job.prompt_token_ids))
         if stream:
-            return await _stream(request, gateway, subscription, shape, include_usage)
-        return await _complete(request, gateway, subscription, shape)
+            return await _stream(request, subscription, shape, usage)
+        return await _complete(request, subscription, shape)
     finally:
         subscription.close()
+        await watch.close()
 
 
 class _Shape:
     """OpenAI's response objects for one request."""
 
-    def __init__(self, chat: bool, request_id: str, model: str) -> None:
+    def __init__(self, chat: bool, request_id: str, model: str, prompt_tokens: int) -> None:
         self.chat = chat
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{request_id}"
         self.model = model
         self.created = int(time.time())
+        self.prompt_tokens = prompt_tokens
 
     def _base(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -139,6 +169,10 @@ class _Shape:
     def usage_only(self, chunk: Chunk) -> dict[str, Any]:
         return {**self._chunk_base(), "choices": [], "usage": _usage(chunk)}
 
+    def usage_so_far(self, completion_tokens: int) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": self.prompt_tokens + completion_tokens}
+
 
 def _finish(chunk: Chunk) -> str:
     # OpenAI has no "cancelled"; vLLM reports an aborted request as "abort".
@@ -156,12 +190,11 @@ def _failed(chunk: Chunk) -> FleetError:
     return error
 
 
-async def _complete(request: web.Request, gateway: Gateway, subscription: Subscription,
-                    shape: _Shape) -> web.Response:
+async def _complete(request: web.Request, subscription: Subscription, shape: _Shape) -> web.Response:
     parts: list[str] = []
     async for chunk in subscription.chunks():
         if request.transport is None or request.transport.is_closing():
-            await gateway.cancel(subscription.request_id)  # the client gave up waiting
+            # The client gave up waiting (the disconnect watch cancels the request).
             return web.Response(status=499)  # nginx's "client closed request": nobody reads it
         parts.append(chunk.text)
         if chunk.finish_reason is not None:
@@ -171,15 +204,17 @@ async def _complete(request: web.Request, gateway: Gateway, subscription: Subscr
     raise AssertionError("a request's chunks always end with a final one")
 
 
-async def _stream(request: web.Request, gateway: Gateway, subscription: Subscription, shape: _Shape,
-                  include_usage: bool) -> web.StreamResponse:
+async def _stream(request: web.Request, subscription: Subscription, shape: _Shape,
+                  usage: _Usage) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Request-Id": subscription.request_id})
     await response.prepare(request)
     first = True
+    completion_tokens = 0
     try:
         async for chunk in subscription.chunks():
             events = []
+            completion_tokens += len(chunk.token_ids or ())
             if chunk.text or first:
                 events.append(shape.delta(chunk.text, None, first))
                 first = False
@@ -187,15 +222,37 @@ async def _stream(request: web.Request, gateway: Gateway, subscription: Subscrip
                 events.append(_failed(chunk).to_dict())
             elif chunk.finish_reason is not None:
                 events.append(shape.delta("", _finish(chunk), False))
-                if include_usage:
-                    events.append(shape.usage_only(chunk))
+                completion_tokens = chunk.completion_tokens or completion_tokens
+            if usage.continuous:
+                for event in events:
+                    if "choices" in event:
+                        event["usage"] = shape.usage_so_far(completion_tokens)
+            if chunk.finish_reason is not None and chunk.finish_reason != FinishReason.ERROR and usage.final:
+                events.append(shape.usage_only(chunk))
             payload = "".join(f"data: {json.dumps(e)}\n\n" for e in events)
             if chunk.finish_reason is not None:
                 payload += "data: [DONE]\n\n"
             await response.write(payload.encode())
     except ConnectionError:
-        # The client dropped the stream: stop the generation and free its KV budget.
-        await gateway.cancel(subscription.request_id)
+        return response  # the client dropped the stream (the disconnect watch cancels the request)
+    except Exception as exc:  # after the headers: the error goes in the stream, which then ends
+        await _end_with_error(response, subscription.request_id, exc)
         return response
     await response.write_eof()
     return response
+
+
+async def _end_with_error(response: web.StreamResponse, request_id: str, exc: Exception) -> None:
+    if isinstance(exc, FleetError):
+        error = exc
+    elif isinstance(exc, REDIS_UNAVAILABLE):
+        error = Unavailable(f"the stream was interrupted: {describe(exc)}; the request goes on: poll "
+                            f"/v1/requests/{request_id}")
+    else:
+        log.exception("stream failed", extra={"request_id": request_id})
+        error = FleetError(f"internal error while streaming; poll /v1/requests/{request_id}")
+    try:
+        await response.write(f"data: {json.dumps(error.to_dict())}\n\ndata: [DONE]\n\n".encode())
+        await response.write_eof()
+    except ConnectionError:
+        pass

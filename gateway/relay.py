@@ -2,7 +2,9 @@
 
 `stream()` subscribes (and waits for the server's confirmation) before it reads what is
 stored, so no chunk can fall between the two; live chunks are de-duplicated by `seq`, and a gap
-(a pub/sub reconnect, a slow subscriber) is filled from `req:{id}:chunks`.
+(a pub/sub reconnect, a slow subscriber, a message that could not be decoded) is filled from
+`req:{id}:chunks`. The one reader runs under the gateway's supervisor (common/supervision.py): if it
+crashes it is restarted, and every stream re-reads what is stored.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from redis.asyncio.client import PubSub
 from common import keys
 from common.errors import NotFound
 from common.protocol import Chunk
-from common.redis_conn import REDIS_DOWN_ERRORS
+from common.redis_conn import REDIS_UNAVAILABLE, describe
 from common.request_store import RequestStore
+from common.supervision import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +44,13 @@ class Relay:
         self._acks: dict[str, asyncio.Future[None]] = {}
         # Keeps the connection subscribed (so the reader always has one) even with no requests.
         self._home = f"gateway:{uuid.uuid4().hex}"
-        self._reader: asyncio.Task[None] | None = None
         self._unsubscribing: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> None:
-        self._reader = asyncio.create_task(self._read_loop(), name="relay")
+    def start(self, supervisor: Supervisor) -> None:
+        supervisor.start("relay", self._read_loop)
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-        with contextlib.suppress(*REDIS_DOWN_ERRORS):
+        with contextlib.suppress(*REDIS_UNAVAILABLE):
             await self._pubsub.aclose()
 
     async def subscribe(self, request_id: str) -> Subscription:
@@ -89,11 +87,12 @@ class Relay:
             task.add_done_callback(self._unsubscribing.discard)
 
     async def _quiet_unsubscribe(self, channel: str) -> None:
-        with contextlib.suppress(*REDIS_DOWN_ERRORS):
+        with contextlib.suppress(*REDIS_UNAVAILABLE):
             if channel not in self._queues:
                 await self._pubsub.unsubscribe(channel)
 
     async def _read_loop(self) -> None:
+        self._resync_all()  # a restart after a crash: whatever was in flight is re-read from the store
         backoff = 0.1
         while True:
             try:
@@ -101,23 +100,31 @@ class Relay:
                     await self._pubsub.subscribe(self._home)
                 message = await self._pubsub.get_message(timeout=1.0)
                 backoff = 0.1
-            except REDIS_DOWN_ERRORS as exc:
-                log.warning("relay lost Redis, reconnecting: %s", exc)
-                for listeners in self._queues.values():
-                    for queue in listeners:
-                        queue.put_nowait(_RESYNC)
+            except REDIS_UNAVAILABLE as exc:
+                log.warning("relay lost Redis, reconnecting: %s", describe(exc))
+                self._resync_all()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
             if message is not None:
                 self._dispatch(message)
 
+    def _resync_all(self) -> None:
+        for listeners in self._queues.values():
+            for queue in listeners:
+                queue.put_nowait(_RESYNC)
+
     def _dispatch(self, message: dict[str, object]) -> None:
         channel = message["channel"]
         channel = channel.decode() if isinstance(channel, bytes) else str(channel)
         kind = message["type"]
         if kind == "message":
-            chunk = Chunk.unpack(message["data"])  # type: ignore[arg-type]
+            try:
+                chunk: Chunk | None = Chunk.unpack(message["data"])  # type: ignore[arg-type]
+            except Exception as exc:  # not a chunk (another publisher, a corrupted message): read the store
+                log.warning("undecodable message on %s (%s: %s); re-reading the stored chunks", channel,
+                            type(exc).__name__, exc)
+                chunk = _RESYNC
             for queue in self._queues.get(channel, ()):
                 queue.put_nowait(chunk)
         elif kind == "subscribe":
@@ -163,7 +170,7 @@ class Subscription:
         while True:
             try:
                 return await self._relay.store.chunks_after(self.request_id, seq)
-            except REDIS_DOWN_ERRORS:
+            except REDIS_UNAVAILABLE:
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.5)

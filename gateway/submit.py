@@ -15,7 +15,8 @@ from common.settings import GatewaySettings
 from gateway.models import ModelRegistry
 from gateway.validation import GenerateRequest
 
-# Prompts longer than this are tokenized off the event loop.
+# Prompts (or chat messages, all their contents together) longer than this are rendered and tokenized
+# off the event loop: a long one takes milliseconds, during which every other stream would stall.
 _INLINE_TOKENIZE_CHARS = 16_384
 
 
@@ -37,12 +38,11 @@ class Submitter:
         await self._registry.check_served(card)
         encoder = await self._registry.encoder(card)
         if request.prompt is not None:
-            if len(request.prompt) > _INLINE_TOKENIZE_CHARS:
-                prompt_ids = await asyncio.to_thread(encoder.encode_prompt, request.prompt)
-            else:
-                prompt_ids = encoder.encode_prompt(request.prompt)
+            encode, text, size = encoder.encode_prompt, request.prompt, len(request.prompt)
         else:
-            prompt_ids = encoder.encode_messages(request.messages or [])
+            encode, text = encoder.encode_messages, request.messages or []
+            size = sum(len(str(m.get("content", ""))) for m in text)
+        prompt_ids = await asyncio.to_thread(encode, text) if size > _INLINE_TOKENIZE_CHARS else encode(text)
 
         cap = self._settings.max_prompt_tokens
         if cap and len(prompt_ids) > cap:
@@ -74,9 +74,9 @@ class Submitter:
                    sampling=dataclasses.asdict(params),
                    enqueued_at=time.time())
 
-    async def enqueue(self, job: Job) -> None:
+    async def enqueue(self, job: Job, *, owner: str = "") -> None:
         admitted = await self._store.enqueue(
-            job, max_outstanding=self._settings.max_outstanding, ttl_s=self._settings.request_ttl_s
+            job, max_outstanding=self._settings.max_outstanding, ttl_s=self._settings.request_ttl_s, owner=owner
         )
         if not admitted:
             self._on_rejected(job.model)

@@ -5,7 +5,9 @@ Client -> server: a generate request (the /v1/generate body, plus optional `id` 
 Server -> client: accepted, chunk (with seq), done, error, cancelled. A bad message gets an
 `error` and the socket stays open. Closing the socket cancels its unfinished requests unless
 they were submitted with `"outlive_socket": true`. A gateway that shuts down closes sockets
-with 1001 and cancels nothing: the client re-attaches (to any gateway) with `last_seq`.
+with 1001 and cancels nothing: the client re-attaches (to any gateway) with `last_seq`. With API
+keys on, a key reaches only the requests it created (an admin key: all). Attaches count against
+`ws_max_streams_per_socket` like submits.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from typing import Any
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from common.errors import BadRequest, FleetError, Forbidden, NotFound, Overloaded, Unavailable, Unprocessable
-from common.protocol import FinishReason
-from common.redis_conn import REDIS_DOWN_ERRORS
+from common.protocol import TERMINAL_STATUSES, Chunk, FinishReason
+from common.redis_conn import REDIS_UNAVAILABLE, describe
 from gateway.auth import CALLER_KEY, Caller
 from gateway.context import Gateway
 from gateway.relay import Subscription
@@ -101,32 +103,55 @@ class SocketSession:
                 request_id = await self._generate(body, client_id)
             elif kind == "cancel":
                 request_id = _request_id(body)
-                status = await self.gateway.cancel(request_id)
+                status = await self.gateway.cancel(request_id, self.caller)
                 await self._send({"type": "cancelled", "request_id": request_id, "status": status}, client_id)
             elif kind == "attach":
                 request_id = _request_id(body)
-                last_seq = body.get("last_seq", 0)
-                if isinstance(last_seq, bool) or not isinstance(last_seq, int) or last_seq < 0:
-                    raise Unprocessable("`last_seq` must be an integer >= 0", param="last_seq")
-                if await self.gateway.store.model_of(request_id) is None:
-                    raise NotFound(f"request {request_id} does not exist (or its result expired)")
-                subscription = await self.gateway.relay.subscribe(request_id)
-                self._start_stream(subscription, last_seq, client_id)
+                await self._attach(request_id, body.get("last_seq", 0), client_id)
             else:
                 raise Unprocessable(f"unknown message type {kind!r}: use generate, cancel or attach", param="type")
         except FleetError as exc:
             await self._send_error(request_id, client_id, exc)
-        except REDIS_DOWN_ERRORS:
-            await self._send_error(request_id, client_id, Unavailable("the queue (Redis) is unreachable"))
+        except REDIS_UNAVAILABLE as exc:
+            await self._send_error(request_id, client_id, Unavailable(f"the queue is unavailable: {describe(exc)}"))
+
+    async def _attach(self, request_id: str, last_seq: Any, client_id: Any) -> None:
+        """Stream the rest of a request after `last_seq`. A client that has it all (a finished request's
+        last seq) gets its `done` again; one past the end is told so at once."""
+        if isinstance(last_seq, bool) or not isinstance(last_seq, int) or last_seq < 0:
+            raise Unprocessable("`last_seq` must be an integer >= 0", param="last_seq")
+        self._check_stream_limit(replacing=request_id)
+        await self.gateway.model_for(request_id, self.caller)
+        subscription = await self.gateway.relay.subscribe(request_id)
+        try:
+            progress = await self.gateway.store.progress(request_id)
+            if progress is None:
+                raise NotFound(f"request {request_id} does not exist (or its result expired)", param="request_id")
+            status, seq = progress
+            if last_seq > seq:
+                raise Unprocessable(f"last_seq {last_seq} is past the end: request {request_id} has sent up to "
+                                    f"seq {seq}", param="last_seq")
+            if last_seq == seq and status in TERMINAL_STATUSES:
+                [final] = await self.gateway.store.chunks_after(request_id, seq - 1)
+                await self._send_final(request_id, final, client_id)
+                subscription.close()
+                return
+        except BaseException:
+            subscription.close()
+            raise
+        self._start_stream(subscription, last_seq, client_id)
+
+    def _check_stream_limit(self, replacing: str | None = None) -> None:
+        limit = self.gateway.settings.ws_max_streams_per_socket
+        if len(self.streams) - (replacing in self.streams) >= limit:
+            raise Overloaded(f"this socket already streams {limit} unfinished requests (the limit); "
+                             "wait for one to finish or open another socket", retry_after_s=1)
 
     async def _generate(self, body: dict[str, Any], client_id: Any) -> str:
         outlive = body.get("outlive_socket", False)
         if not isinstance(outlive, bool):
             raise Unprocessable("`outlive_socket` must be a boolean", param="outlive_socket")
-        limit = self.gateway.settings.ws_max_streams_per_socket
-        if len(self.streams) >= limit:
-            raise Overloaded(f"this socket already streams {limit} unfinished requests (the limit); "
-                             "wait for one to finish or open another socket", retry_after_s=1)
+        self._check_stream_limit()
         if self.caller is not None:
             await self.gateway.auth.check_rate(self.caller)
         job = await self.gateway.submitter.prepare(parse_generate(body, also_allowed=_WS_FIELDS))
@@ -155,16 +180,11 @@ class SocketSession:
                 if chunk.finish_reason is None:
                     continue
                 self.cancel_on_close.discard(request_id)
-                if chunk.finish_reason == FinishReason.ERROR:
-                    await self._send({"type": "error", "request_id": request_id, "status": 502,
-                                      "message": chunk.error or "generation failed"}, client_id)
-                else:
-                    await self._send({"type": "done", "request_id": request_id, "seq": chunk.seq,
-                                      "finish_reason": chunk.finish_reason, "usage": usage_of(chunk)}, client_id)
+                await self._send_final(request_id, chunk, client_id)
         except FleetError as exc:
             await self._send_error(request_id, client_id, exc)
-        except REDIS_DOWN_ERRORS:
-            await self._send_error(request_id, client_id, Unavailable("the queue (Redis) is unreachable"))
+        except REDIS_UNAVAILABLE as exc:
+            await self._send_error(request_id, client_id, Unavailable(f"the queue is unavailable: {describe(exc)}"))
         except Exception:  # a bug: the client hears of it rather than waiting forever
             log.exception("stream failed", extra={"request_id": request_id})
             await self._send_error(request_id, client_id, FleetError("internal error while streaming; re-attach"))
@@ -173,12 +193,20 @@ class SocketSession:
             if self.streams.get(request_id) is asyncio.current_task():
                 del self.streams[request_id]
 
+    async def _send_final(self, request_id: str, chunk: Chunk, client_id: Any) -> None:
+        if chunk.finish_reason == FinishReason.ERROR:
+            await self._send({"type": "error", "request_id": request_id, "status": 502,
+                              "message": chunk.error or "generation failed"}, client_id)
+        else:
+            await self._send({"type": "done", "request_id": request_id, "seq": chunk.seq,
+                              "finish_reason": chunk.finish_reason, "usage": usage_of(chunk)}, client_id)
+
     async def _cancel_abandoned(self) -> None:
         for request_id in self.cancel_on_close:
             try:
-                await self.gateway.cancel(request_id)
+                await self.gateway.cancel(request_id, self.caller)
                 log.info("cancelled: its socket closed", extra={"request_id": request_id})
-            except (FleetError, *REDIS_DOWN_ERRORS) as exc:
+            except (FleetError, *REDIS_UNAVAILABLE) as exc:
                 log.warning("could not cancel abandoned request: %s", exc, extra={"request_id": request_id})
 
     async def _send(self, message: dict[str, Any], client_id: Any) -> None:

@@ -137,8 +137,9 @@ class Fleet:
                 await asyncio.sleep(0.02)
 
     async def wait_ready(self, timeout_s: float = 20.0) -> None:
+        """Until a worker has a model ready (the gateway's /ready lists it)."""
         async with asyncio.timeout(timeout_s):
-            while (await self.get("/ready"))[0] != 200:
+            while not (await self.get("/ready"))[1].get("models"):
                 await asyncio.sleep(0.05)
 
 

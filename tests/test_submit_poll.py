@@ -66,10 +66,12 @@ async def test_finished_jobs_leave_the_stream_so_xlen_is_outstanding_work(start_
 
 
 async def test_health_ready_and_models_report_the_fleet(start_fleet: StartFleet) -> None:
+    """The gateway is ready without workers (scale to zero: it must stay in its Service so that requests
+    queue and KEDA sees the lag); its /ready body says which models are ready, and why none is."""
     fleet = await start_fleet(workers=0)
     assert await fleet.get("/health") == (200, {"status": "ok"})
     status, reply = await fleet.get("/ready")
-    assert status == 503 and reply["reason"] == "no live worker"
+    assert status == 200 and reply["models"] == [] and "no live worker" in reply["models_reason"]
 
     await fleet.start_worker(load_delay_s=1.0)
 
@@ -81,9 +83,10 @@ async def test_health_ready_and_models_report_the_fleet(start_fleet: StartFleet)
         while (await model_state())[0] != "loading":
             await asyncio.sleep(0.05)
     status, reply = await fleet.get("/ready")
-    assert status == 503 and "loading" in reply["reason"]
+    assert status == 200 and reply["models"] == [] and "loading" in reply["models_reason"]
 
     await fleet.wait_ready()
+    assert (await fleet.get("/ready"))[1]["models"] == [TEST_MODEL]
     status, listing = await fleet.get("/models")
     assert status == 200 and listing["object"] == "list"
     (model,) = listing["data"]
@@ -97,9 +100,9 @@ async def test_ready_names_the_model_that_failed_to_load(start_fleet: StartFleet
     fleet = await start_fleet(workers=0)
     await fleet.start_worker(max_model_len="not a number")
     async with asyncio.timeout(5):
-        while "failed to load" not in (reply := (await fleet.get("/ready"))[1])["reason"]:
+        while "failed to load" not in (reply := (await fleet.get("/ready"))[1]).get("models_reason", ""):
             await asyncio.sleep(0.05)
-    assert TEST_MODEL in reply["reason"] and "not a number" in reply["reason"]
+    assert TEST_MODEL in reply["models_reason"] and "not a number" in reply["models_reason"]
     (model,) = (await fleet.get("/v1/models"))[1]["data"]
     assert model["state"] == "failed" and "not a number" in model["workers"][0]["error"]
 

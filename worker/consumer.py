@@ -8,7 +8,9 @@ a SIGTERM path: stop reading, let in-flight jobs finish for `drain_timeout_s`, h
 to be continued elsewhere) what is left, exit. Unloading one model is the same path for one model.
 
 Every stream entry this worker holds (read or claimed, not yet acked) is in `_held`, so a drain
-knows what to hand back.
+knows what to hand back. Every long-lived task runs under `common.supervision`: a crash is logged,
+counted and restarted, and one that keeps crashing stops the worker with exit 1 (its supervisor
+restarts it; its jobs are handed back or reclaimed).
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from tokenizers import Tokenizer
 
 from common import keys
 from common.protocol import FinishReason, Job, ModelState, WorkerStatus
-from common.redis_conn import REDIS_DOWN_ERRORS, connect
+from common.redis_conn import REDIS_UNAVAILABLE, as_text, connect, describe
 from common.request_store import RequestStore
 from common.settings import ModelSpec, WorkerSettings
+from common.supervision import Supervisor
 from worker import heartbeat, http_server
 from worker.continuation import Continuation, Decode, fresh, resume
 from worker.control_plane import run_control_plane
@@ -82,6 +85,8 @@ class Worker:
             result_ttl_s=settings.result_ttl_s,
             on_lost=self._abort,
         )
+        self.supervisor = Supervisor(on_crash=lambda task: self.metrics.task_crashes.labels(task).inc(),
+                                     on_failed=self._task_failed)
         self.reclaimer = Reclaimer(self.redis, self.worker_id, min_idle_ms=settings.reclaim_min_idle_ms)
         self.budgets: dict[str, KvBudget] = {}
         self._running: dict[str, Engine] = {}  # request id -> the engine generating it
@@ -116,15 +121,13 @@ class Worker:
             log.info("worker HTTP (/health, /ready, /metrics) on %s:%d", self.settings.http_host, self.http_port)
         for name in self.settings.models:
             self._start_model(name)
-        background = [
-            asyncio.create_task(heartbeat.heartbeat(self.redis, self.status, self.settings.heartbeat_interval_s,
-                                                    self.settings.heartbeat_ttl_s, self._beat_now)),
-            asyncio.create_task(self.publisher.run()),
-            asyncio.create_task(self._listen_for_cancels()),
-            asyncio.create_task(self._watch_engines()),
-        ]
-        control = (None if self.frontend else
-                   asyncio.create_task(run_control_plane(self, self.worker_id, self.settings), name="control"))
+        self.supervisor.start("heartbeat", lambda: heartbeat.heartbeat(
+            self.redis, self.status, self.settings.heartbeat_interval_s, self.settings.heartbeat_ttl_s, self._beat_now))
+        self.supervisor.start("publisher", self.publisher.run)
+        self.supervisor.start("cancel_listener", self._listen_for_cancels)
+        self.supervisor.start("engine_watch", self._watch_engines)
+        control = None if self.frontend else self.supervisor.start(
+            "control_plane", lambda: run_control_plane(self, self.worker_id, self.settings))
         self._state = "serving"
         await self._stop.wait()
 
@@ -133,9 +136,8 @@ class Worker:
             await _cancel(control)  # no loads during a drain
         log.info("draining %d in-flight jobs", sum(len(jobs) for jobs in self._jobs.values()))
         await asyncio.gather(*(self._stop_model(name) for name in list(self._readers)))
-        for task in background:
-            task.cancel()
-        with contextlib.suppress(*REDIS_DOWN_ERRORS):
+        await self.supervisor.stop()
+        with contextlib.suppress(*REDIS_UNAVAILABLE):
             await heartbeat.remove(self.redis, self.worker_id)
         await self.loader.close()
         if http is not None:
@@ -171,14 +173,15 @@ class Worker:
                 task.cancel()
         stream = keys.job_stream(name)
         for entry_id, job in list(self._held.get(stream, {}).items()):  # read, never started (no KV room)
-            with contextlib.suppress(*REDIS_DOWN_ERRORS):
+            with contextlib.suppress(*REDIS_UNAVAILABLE):
                 await self._hand_back(stream, entry_id, job)
 
     # -- models: load at start or on a control job, unload on a control job ------------------
     def _start_model(self, name: str) -> None:
         self._closing.discard(name)
         self.loader.start(self.catalogue[name])
-        self._readers[name] = asyncio.create_task(self._serve_model(self.catalogue[name]), name=f"serve:{name}")
+        spec = self.catalogue[name]
+        self._readers[name] = self.supervisor.start(f"reader:{name}", lambda: self._serve_model(spec))
 
     async def load(self, name: str) -> dict[str, object]:
         """Load a catalogue model (a no-op when it is loaded or loading) and serve it once ready.
@@ -225,6 +228,12 @@ class Worker:
     def stop(self) -> None:
         self._stop.set()
 
+    def _task_failed(self, task: str) -> None:
+        """A long-lived task kept crashing: this worker cannot serve; its supervisor restarts it."""
+        log.error("task %s cannot recover; stopping the worker so that it is restarted", task)
+        self.exit_code = 1
+        self.stop()
+
     async def status(self) -> WorkerStatus:
         models = {}
         for name, status in self.loader.status.items():
@@ -254,10 +263,14 @@ class Worker:
                 self.exit_code = 1
                 self.stop()
             return  # the loader logged it; the heartbeat reports the model as failed
-        budget = self.budgets[spec.name] = KvBudget(*frontend_share(engine, spec), engine.kv_block_size)
+        budget = self.budgets.get(spec.name)
+        if budget is None:
+            budget = self.budgets[spec.name] = KvBudget(*frontend_share(engine, spec), engine.kv_block_size)
+            log.info("model %s ready: %d KV tokens, %d sequences", spec.name, budget.capacity_tokens,
+                     budget.max_seqs)
         stream = keys.job_stream(spec.name)
         held = self._held.setdefault(stream, {})
-        log.info("model %s ready: %d KV tokens, %d sequences", spec.name, budget.capacity_tokens, budget.max_seqs)
+        await self._hand_back_unstarted(stream, budget)  # what an earlier run of this reader left (a crash)
         next_reclaim = 0.0
         while spec.name not in self._closing:
             await budget.wait_for_slot()
@@ -275,15 +288,37 @@ class Worker:
                     continue
                 with self._redis_call(spec.name):
                     entries = await self._read(stream, free)
-            except REDIS_DOWN_ERRORS as exc:
-                log.warning("reading %s failed: %s", stream, exc)
+            except REDIS_UNAVAILABLE as exc:
+                log.warning("reading %s failed: %s", stream, describe(exc))
                 await asyncio.sleep(1.0)
                 continue
-            jobs = [(entry_id, Job.unpack(fields[b"job"])) for entry_id, fields in entries]
+            jobs = await self._parse(stream, entries)
             held.update(jobs)
             if spec.name in self._closing:
                 return  # _stop_model hands back what was just read
             await self._start_jobs(engine, budget, stream, jobs)
+
+    async def _parse(self, stream: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[tuple[bytes, Job]]:
+        """The entries' jobs; an entry that is not a job (written by something else, corrupted) is
+        logged and removed rather than crashing the reader over and over."""
+        jobs = []
+        for entry_id, fields in entries:
+            try:
+                jobs.append((entry_id, Job.unpack(fields[b"job"])))
+            except Exception as exc:
+                log.error("removing stream entry %s of %s: not a job (%s: %s)", as_text(entry_id), stream,
+                          type(exc).__name__, exc)
+                await self._retrying(lambda entry_id=entry_id: self._ack(stream, entry_id))
+        return jobs
+
+    async def _hand_back_unstarted(self, stream: str, budget: KvBudget) -> None:
+        """Entries held but not running: read or claimed by an earlier run of this model's reader that
+        crashed before starting them. Re-queued, so they run (here or elsewhere) rather than sit in
+        this live worker's pending list, where no reclaimer would ever look."""
+        for entry_id, job in list(self._held.get(stream, {}).items()):
+            if job.request_id not in self._running:
+                budget.release(job.request_id)
+                await self._retrying(lambda entry_id=entry_id, job=job: self._hand_back(stream, entry_id, job))
 
     @contextlib.contextmanager
     def _redis_call(self, model: str) -> Iterator[None]:
@@ -345,7 +380,7 @@ class Worker:
         for (entry_id, job), start in zip(jobs, started, strict=True):
             if start.status == "poison":
                 budget.release(job.request_id)
-                await self._dead_letter(stream, entry_id, job, deaths=start.last_seq)
+                await self._dead_letter(stream, entry_id, job, reason=_gave_up(start.last_seq))
                 continue
             if start.status != "running":  # cancelled while queued, or expired: never runs
                 budget.release(job.request_id)
@@ -392,7 +427,7 @@ class Worker:
             )
         finally:
             self._running.pop(request_id, None)
-            still_ours = self.publisher.close(request_id)
+            closed = self.publisher.close(request_id)
             budget.release(request_id)
             if request_id not in self._handing_back:
                 self.metrics.job_done(job.model, enqueued_at=job.enqueued_at, started_at=started_at,
@@ -401,12 +436,25 @@ class Worker:
                                       new_tokens=published.completion_tokens - plan.tokens_done,
                                       finish_reason=finish_reason)
         if request_id in self._handing_back:
+            self._handing_back.discard(request_id)
             await self._retrying(lambda: self._hand_back(stream, entry_id, job))
-        elif still_ours:
+        elif closed is not None and closed.broken:
+            await self._fail_broken(stream, entry_id, job, closed.broken)
+        elif closed is None or not closed.taken:
             await self._retrying(lambda: self._ack(stream, entry_id))
         else:  # reclaimed by a live worker while this one counted as dead: the entry is theirs
             self._held[stream].pop(entry_id, None)
             log.warning("job was reclaimed by another worker; dropped here", extra={"request_id": request_id})
+
+    async def _fail_broken(self, stream: str, entry_id: bytes, job: Job, reason: str) -> None:
+        """A job whose output could not be stored ends failed, with the reason, never left `running`.
+        The dead-letter script writes its own final chunk (no text of the job's); should even that fail,
+        the entry leaves the stream (it would fail again wherever it ran) and the request expires."""
+        try:
+            await self._dead_letter(stream, entry_id, job, reason=reason)
+        except Exception:
+            log.exception("could not fail the request either; dropping its job", extra={"request_id": job.request_id})
+            await self._retrying(lambda: self._ack(stream, entry_id))
 
     async def _watch_engines(self) -> None:
         """An engine (or a front-end of one) that died serves nothing more: stop, so that the supervisor
@@ -434,10 +482,9 @@ class Worker:
         self.metrics.handed_back.labels(job.model).inc()
         log.info("handed back (%s)", outcome, extra={"request_id": job.request_id})
 
-    async def _dead_letter(self, stream: str, entry_id: bytes, job: Job, *, deaths: int) -> None:
-        """Fail a job whose workers keep dying before it makes progress; park it in `dead:{model}`."""
-        reason = (f"gave up after {deaths} attempts: every worker running this request died before it made "
-                  "progress (the job is kept in the dead-letter stream)")
+    async def _dead_letter(self, stream: str, entry_id: bytes, job: Job, *, reason: str) -> None:
+        """Fail a job that cannot complete (its workers keep dying, its output cannot be stored) with the
+        reason; park it in `dead:{model}`."""
         log.error("dead-lettering job: %s", reason, extra={"request_id": job.request_id})
         await self._retrying(lambda: self.store.dead_letter(
             job, entry_id, self.worker_id, reason, result_ttl_s=self.settings.result_ttl_s,
@@ -450,7 +497,7 @@ class Worker:
         [started] = await self._retrying(lambda: self.store.start([job.request_id], self.worker_id,
                                                                   max_attempts=self.settings.max_attempts))
         if started.status == "poison":
-            await self._dead_letter(stream, entry_id, job, deaths=started.last_seq)
+            await self._dead_letter(stream, entry_id, job, reason=_gave_up(started.last_seq))
             return
         if started.status == "running":
             self.publisher.open(job.request_id, started.last_seq, len(job.prompt_token_ids))
@@ -463,10 +510,12 @@ class Worker:
         await self._retrying(lambda: self._ack(stream, entry_id))
 
     async def _ack(self, stream: str, entry_id: bytes) -> None:
-        # XACK + XDEL: the stream keeps only unfinished work, so XLEN is the outstanding load.
+        # XACK + XDEL (a read entry: the group's lag stays defined): the stream keeps only unfinished
+        # work; SREM: a skipped entry (cancelled while queued) is gone from the stream now.
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xack(stream, keys.CONSUMER_GROUP, entry_id)
             pipe.xdel(stream, entry_id)
+            pipe.srem(keys.skipped_jobs(keys.model_of_job_stream(stream)), entry_id)
             await pipe.execute()
         self._held[stream].pop(entry_id, None)
 
@@ -488,8 +537,8 @@ class Worker:
                         message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                         if message is not None and message["type"] == "message":
                             self._abort(message["data"].decode())
-            except REDIS_DOWN_ERRORS as exc:
-                log.warning("cancel listener lost Redis: %s", exc)
+            except REDIS_UNAVAILABLE as exc:
+                log.warning("cancel listener lost Redis: %s", describe(exc))
                 await asyncio.sleep(1.0)
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
@@ -498,10 +547,15 @@ class Worker:
         while True:
             try:
                 return await call()
-            except REDIS_DOWN_ERRORS as exc:
-                log.warning("redis call failed, retrying: %s", exc)
+            except REDIS_UNAVAILABLE as exc:
+                log.warning("redis call failed, retrying: %s", describe(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+
+def _gave_up(deaths: int) -> str:
+    return (f"gave up after {deaths} attempts: every worker running this request died before it made "
+            "progress (the job is kept in the dead-letter stream)")
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

@@ -20,7 +20,7 @@ from arq.worker import Worker as ArqWorker
 from arq.worker import func
 
 from common.control import LOAD_MODEL, UNLOAD_MODEL, arq_client, control_queue
-from common.redis_conn import REDIS_DOWN_ERRORS
+from common.redis_conn import REDIS_UNAVAILABLE
 from common.settings import WorkerSettings
 from worker import housekeeping
 
@@ -78,10 +78,10 @@ async def run_control_plane(host: ModelHost, worker_id: str, settings: WorkerSet
             # Back off while it lasts; start over from 0.5 s after a run of a minute or more.
             delay = 0.5 if time.monotonic() - started > 60 else min(delay * 2, 10.0)
             log.warning("control plane stopped, restarting in %.1fs: %s", delay, exc,
-                        exc_info=not isinstance(exc, REDIS_DOWN_ERRORS))
+                        exc_info=not isinstance(exc, REDIS_UNAVAILABLE))
         finally:
             for task in list(arq.tasks.values()):
                 task.cancel()
-            with contextlib.suppress(*REDIS_DOWN_ERRORS):
+            with contextlib.suppress(*REDIS_UNAVAILABLE):
                 await redis.connection_pool.disconnect()
         await asyncio.sleep(delay)

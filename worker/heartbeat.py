@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 
 from common import keys
 from common.protocol import WorkerStatus
-from common.redis_conn import REDIS_DOWN_ERRORS
+from common.redis_conn import REDIS_UNAVAILABLE
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ async def heartbeat(
                 pipe.set(keys.worker(current.worker_id), current.pack(), px=int(ttl_s * 1000))
                 pipe.sadd(keys.WORKERS, current.worker_id)
                 await pipe.execute()
-        except REDIS_DOWN_ERRORS as exc:
+        except REDIS_UNAVAILABLE as exc:
             log.warning("heartbeat failed: %s", exc)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), interval_s)

@@ -5,8 +5,10 @@ cron job ids), whichever enqueues it first.
   the model groups (consumers that hold jobs stay: reclaimers claim them); warn about jobs held
   by dead workers of a model no live worker serves (nobody can reclaim them until one does).
 - expire: queued jobs whose request expired (its `req:{id}` is gone: the client can no longer
-  read a result) leave the stream, so they stop counting against `max_outstanding`; dead
-  letters older than `dead_letter_ttl_s` are trimmed.
+  read a result) are marked skipped (`jobs:{model}:skip`), so they stop counting against
+  `max_outstanding`; a worker that reads one acks it without running it. (Deleting an entry no
+  worker has read would leave the group's lag, what KEDA scales on, undefined.) Skip marks of
+  entries no longer in the stream are dropped; dead letters older than `dead_letter_ttl_s` are trimmed.
 - dead_letter_stats: per model, the dead-letter count, how many arrived since the last run and
   the newest reason, in `stats:dead_letters` (shown by `llm-fleet status`), logged when it grows.
 """
@@ -38,8 +40,9 @@ async def sweep(redis: Redis, *, dead_consumer_idle_ms: int = _DEAD_CONSUMER_IDL
     workers = await fleet_state.live_workers(redis)  # prunes expired ids from `workers`
     live = {w.worker_id for w in workers}
     served = {name for w in workers for name, m in w.models.items() if m["state"] in SERVING_STATES}
-    removed = stranded = 0
+    removed = stranded_total = 0
     for model in await fleet_state.model_names(redis):
+        stranded = 0
         stream = keys.job_stream(model)
         try:
             consumers = await redis.xinfo_consumers(stream, keys.CONSUMER_GROUP)
@@ -58,24 +61,26 @@ async def sweep(redis: Redis, *, dead_consumer_idle_ms: int = _DEAD_CONSUMER_IDL
         if stranded:
             log.warning("%d job(s) of %s are held by dead workers and no live worker serves the model: "
                         "they wait until one loads it", stranded, model)
-    return {"live_workers": len(live), "consumers_removed": removed, "stranded_jobs": stranded}
+        stranded_total += stranded
+    return {"live_workers": len(live), "consumers_removed": removed, "stranded_jobs": stranded_total}
 
 
 async def expire(redis: Redis, *, dead_letter_ttl_s: int) -> dict[str, int]:
     expired = trimmed = 0
     min_id = f"{int((time.time() - dead_letter_ttl_s) * 1000)}-0"
     for model in await fleet_state.model_names(redis):
-        stream = keys.job_stream(model)
-        expired += await _expire_queued(redis, stream)
+        expired += await _expire_queued(redis, model)
+        await _forget_skipped_gone(redis, model)
         trimmed += await redis.xtrim(keys.dead_letters(model), minid=min_id, approximate=False)
     if expired or trimmed:
         log.info("housekeeping: %d expired queued job(s) removed, %d old dead letter(s) trimmed", expired, trimmed)
     return {"expired_jobs": expired, "dead_letters_trimmed": trimmed}
 
 
-async def _expire_queued(redis: Redis, stream: str) -> int:
+async def _expire_queued(redis: Redis, model: str) -> int:
     """Entries after the group's last-delivered id were never read by a worker: those whose request
-    expired are deleted. Delivered ones are the workers' and reclaimers' business."""
+    expired are marked skipped. Delivered ones are the workers' and reclaimers' business."""
+    stream = keys.job_stream(model)
     try:
         groups = await redis.xinfo_groups(stream)
     except ResponseError:  # no stream yet
@@ -89,9 +94,24 @@ async def _expire_queued(redis: Redis, stream: str) -> int:
             pipe.exists(keys.request(request_id))
         exists = await pipe.execute()
     gone = [entry_id for (entry_id, _), found in zip(entries, exists, strict=True) if not found]
+    if not gone:
+        return 0
+    return int(await redis.sadd(keys.skipped_jobs(model), *gone))
+
+
+async def _forget_skipped_gone(redis: Redis, model: str) -> None:
+    """Skip marks whose entry is no longer in the stream (removed some other way than a worker's ack)."""
+    stream, skipped = keys.job_stream(model), keys.skipped_jobs(model)
+    members = list(await redis.srandmember(skipped, _EXPIRE_SCAN) or [])
+    if not members:
+        return
+    async with redis.pipeline(transaction=False) as pipe:
+        for entry_id in members:
+            pipe.xrange(stream, min=entry_id, max=entry_id, count=1)
+        found = await pipe.execute()
+    gone = [entry_id for entry_id, rows in zip(members, found, strict=True) if not rows]
     if gone:
-        await redis.xdel(stream, *gone)
-    return len(gone)
+        await redis.srem(skipped, *gone)
 
 
 async def dead_letter_stats(redis: Redis) -> dict[str, dict[str, Any]]:

@@ -39,6 +39,8 @@ class WorkerMetrics:
                                    registry=r)
         self.dead_lettered = Counter("llm_fleet_jobs_dead_lettered", "Jobs moved to the dead-letter stream", model,
                                      registry=r)
+        self.task_crashes = Counter("llm_fleet_task_crashes", "Long-lived tasks (publisher, reader, heartbeat, "
+                                    "...) that raised and were restarted", ["task"], registry=r)
         self.running = Gauge("llm_fleet_running_requests", "Jobs admitted by the KV budget", model, registry=r)
         self.engine_running = Gauge("llm_fleet_engine_running_requests", "Running, as the engine reports it",
                                     model, registry=r)
@@ -63,7 +65,7 @@ class WorkerMetrics:
         self.per_process_families = frozenset(family.name for metric in (
             self.queue_wait, self.ttft, self.itl, self.e2e, self.prompt_tokens, self.generation_tokens,
             self.finished, self.reclaimed, self.handed_back, self.dead_lettered, self.running, self.kv_used,
-            self.kv_capacity) for family in metric.describe())
+            self.kv_capacity, self.task_crashes) for family in metric.describe())
 
     def job_done(self, model: str, *, enqueued_at: float, started_at: float, first_output_at: float | None,
                  finished_at: float, prompt_tokens: int, new_tokens: int, finish_reason: str) -> None:

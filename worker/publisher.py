@@ -2,7 +2,10 @@
 
 Per-token work stays in memory; Redis sees at most one append per running request per
 `flush_interval` (a request's first output is flushed at once, to keep time-to-first-token
-low). A failed flush keeps the text and retries, so a Redis blip loses nothing.
+low). A flush that Redis cannot take (unreachable, or refusing: OOM, BUSY, READONLY) keeps the
+text and retries with backoff, so a Redis blip loses nothing. A request whose own output cannot be
+stored (any other error, for that request alone) is marked `broken` and aborted: the worker fails it
+with the reason; the other requests' output goes on.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import dataclass, field
 from redis.asyncio import Redis
 
 from common.protocol import Chunk
-from common.redis_conn import REDIS_DOWN_ERRORS
+from common.redis_conn import REDIS_REFUSALS, REDIS_UNAVAILABLE, describe
 from common.request_store import RequestStore, ScriptCall
 from worker.engines.base import EngineOutput
 
@@ -35,6 +38,7 @@ class OpenRequest:
     # Resolved with the store's reply (1, 0, -1) by the flush that carries what is buffered now.
     waiter: asyncio.Future[int] | None = None
     taken: bool = False  # another worker owns the request now (this one's heartbeat expired)
+    broken: str | None = None  # why this request's output cannot be stored; nothing more is written for it
     # Sent, but the reply was lost (Redis went away): it is re-sent exactly as it was, since it
     # may have been applied (the store ignores a seq it has), and newer output waits for it.
     unconfirmed: tuple[ScriptCall, Chunk] | None = None
@@ -114,15 +118,17 @@ class ChunkPublisher:
         self._wakeup.set()
         return state.waiter
 
-    def close(self, request_id: str) -> bool:
-        """Stop publishing; False when another worker owns the request now (do not ack its entry)."""
+    def close(self, request_id: str) -> OpenRequest | None:
+        """Stop publishing; the request's final state (`taken`: another worker owns it now, do not ack
+        its entry; `broken`: its output could not be stored)."""
         self._dirty.pop(request_id, None)
-        state = self._open.pop(request_id, None)
-        return state is None or not state.taken
+        return self._open.pop(request_id, None)
 
     async def run(self) -> None:
         last_flush = 0.0
         backoff = 0.05
+        if self._dirty:
+            self._wakeup.set()  # restarted after a crash: what was buffered is still to be written
         while True:
             await self._wakeup.wait()
             if not self._urgent:
@@ -133,8 +139,8 @@ class ChunkPublisher:
             try:
                 await self._flush()
                 backoff = 0.05
-            except REDIS_DOWN_ERRORS as exc:
-                log.warning("publishing chunks failed, will retry: %s", exc)
+            except REDIS_UNAVAILABLE as exc:
+                log.warning("publishing chunks failed, will retry: %s", describe(exc))
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 self._wakeup.set()
@@ -145,26 +151,37 @@ class ChunkPublisher:
         dirty, self._dirty = self._dirty, {}
         sent: list[tuple[str, OpenRequest]] = []
         for request_id, state in dirty.items():
-            if state.taken:  # nothing more is written for it; a finish learns so at once
-                if state.waiter is not None and not state.waiter.done():
-                    state.waiter.set_result(-1)
+            if state.taken or state.broken:  # nothing more is written for it; a finish learns so at once
+                _resolve(state, -1)
                 continue
             if state.unconfirmed is None:
                 if not state.buffered:  # a settle() of what an earlier flush already wrote
-                    if state.waiter is not None and not state.waiter.done():
-                        state.waiter.set_result(1)
+                    _resolve(state, 1)
                     continue
-                state.unconfirmed = self._next_chunk(request_id, state)
+                try:
+                    state.unconfirmed = self._next_chunk(request_id, state)
+                except Exception as exc:  # e.g. text the engine produced that cannot be encoded
+                    self._break(request_id, state, exc)
+                    continue
             sent.append((request_id, state))
         if not sent:
             return
         try:
-            replies = await self._store.run_scripts([state.unconfirmed[0] for _, state in sent])  # type: ignore[index]
+            replies = await self._store.run_scripts([state.unconfirmed[0] for _, state in sent],  # type: ignore[index]
+                                                    raise_on_error=False)
         except BaseException:
             for request_id, state in sent:
                 self._dirty.setdefault(request_id, state)
             raise
+        refused: BaseException | None = None
         for (request_id, state), reply in zip(sent, replies, strict=True):
+            if isinstance(reply, REDIS_REFUSALS):  # not now: sent again as it is, after the backoff
+                self._dirty.setdefault(request_id, state)
+                refused = reply
+                continue
+            if isinstance(reply, Exception):
+                self._break(request_id, state, reply)
+                continue
             _, chunk = state.unconfirmed  # type: ignore[misc]
             state.unconfirmed = None
             state.last_seq = chunk.seq
@@ -172,10 +189,23 @@ class ChunkPublisher:
             if state.buffered and not state.taken:
                 self._dirty[request_id] = state  # more arrived meanwhile: its flush resolves the waiter
                 self._wakeup.set()
-            elif state.waiter is not None and not state.waiter.done():
-                state.waiter.set_result(reply)
+            else:
+                _resolve(state, reply)
             if reply != 1 and chunk.finish_reason is None:
                 self._on_lost(request_id)
+        if refused is not None:
+            raise refused
+
+    def _break(self, request_id: str, state: OpenRequest, exc: Exception) -> None:
+        """This request's output cannot be stored: stop writing it and abort its generation; the worker
+        fails the request with the reason (`close` tells it)."""
+        log.error("output of this request cannot be stored: %s: %s", type(exc).__name__, exc,
+                  extra={"request_id": request_id})
+        state.broken = f"its output could not be stored ({type(exc).__name__}: {exc})"
+        state.unconfirmed = None
+        state.text, state.token_ids, state.final = [], [], None
+        _resolve(state, -1)
+        self._on_lost(request_id)
 
     def _next_chunk(self, request_id: str, state: OpenRequest) -> tuple[ScriptCall, Chunk]:
         """Everything buffered for the request as its next chunk (the final one if it finished)."""
@@ -190,3 +220,8 @@ class ChunkPublisher:
         chunk.prompt_tokens = state.prompt_tokens
         chunk.completion_tokens = state.completion_tokens
         return self._store.finish(request_id, self._worker_id, chunk, result_ttl_s=self._result_ttl), chunk
+
+
+def _resolve(state: OpenRequest, reply: int) -> None:
+    if state.waiter is not None and not state.waiter.done():
+        state.waiter.set_result(reply)
