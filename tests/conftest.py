@@ -21,6 +21,7 @@ from aiohttp import web
 from common.embedded_redis import EmbeddedValkey, free_port
 from common.settings import GatewaySettings, WorkerSettings, load_catalogue
 from gateway.app import create_app
+from gateway.context import GATEWAY_KEY, Gateway
 from worker.consumer import Worker
 
 TEST_MODEL = "test-echo"
@@ -54,6 +55,12 @@ class Fleet:
     headers: dict[str, str] = field(default_factory=dict)  # sent by get/delete (an API key)
     _settings: GatewaySettings | None = None
     _runner: web.AppRunner | None = None
+
+    @property
+    def gateway(self) -> Gateway:
+        """The in-process gateway's shared parts (for fault injection and white-box checks)."""
+        assert self._runner is not None
+        return self._runner.app[GATEWAY_KEY]
 
     @property
     def ws_url(self) -> str:

@@ -6,6 +6,7 @@ import asyncio
 
 from common import keys
 from tests.conftest import TEST_MODEL, StartFleet
+from tests.test_faults import wait_until
 
 
 async def test_429_with_retry_after_at_the_cap_and_every_accepted_request_completes(
@@ -41,9 +42,12 @@ async def test_worker_pulls_only_what_its_kv_budget_admits(start_fleet: StartFle
     # Room for one job of 10 prompt + 90 new tokens at a time.
     fleet = await start_fleet(engine={"kv_cache_tokens": 150, "step_delay_ms": 10})
     ids = [await fleet.submit(prompt="0123456789", max_tokens=90) for _ in range(3)]
-    await asyncio.sleep(0.3)
-    states = [(await fleet.get(f"/v1/requests/{i}"))[1]["status"] for i in ids]
-    assert states.count("running") == 1 and states.count("queued") == 2
+
+    async def states() -> list[str]:
+        return [(await fleet.get(f"/v1/requests/{i}"))[1]["status"] for i in ids]
+
+    await wait_until(lambda: _running(states, 1))
+    assert (await states()).count("queued") == 2
     # The worker holds at most the one job waiting for budget besides the running one.
     pending = await redis.xpending(keys.job_stream(TEST_MODEL), keys.CONSUMER_GROUP)
     assert pending["pending"] <= 2
@@ -64,11 +68,12 @@ async def test_cancelling_a_queued_request_means_it_never_runs(start_fleet: Star
     status, reply = await fleet.delete(f"/v1/requests/{waiting}")
     assert status == 200 and reply["status"] == "cancelled"
     assert (await fleet.wait_done(blocker))["status"] == "completed"
-    await asyncio.sleep(0.2)
+    stream = keys.job_stream(TEST_MODEL)
+    await wait_until(lambda: _all_acked(redis, stream))  # the worker read the cancelled entry and skipped it
     cancelled = (await fleet.get(f"/v1/requests/{waiting}"))[1]
     assert cancelled["status"] == "cancelled" and cancelled["text"] == ""
     assert cancelled["timings"]["queue_s"] is None  # it never started
-    assert await redis.xlen(keys.job_stream(TEST_MODEL)) == 0
+    assert not await redis.smembers(keys.skipped_jobs(TEST_MODEL))
     # Cancelling twice keeps the first outcome.
     assert (await fleet.delete(f"/v1/requests/{waiting}"))[1]["status"] == "cancelled"
     assert (await fleet.delete(f"/v1/requests/{blocker}"))[1]["status"] == "completed"
@@ -117,3 +122,43 @@ async def test_a_job_larger_than_the_whole_kv_capacity_fails_with_the_reason_and
     failed = await fleet.wait_done(too_big)
     assert failed["status"] == "failed" and "101 KV tokens" in failed["error"] and "64" in failed["error"]
     assert (await fleet.wait_done(small))["text"] == "okok"
+
+
+async def _running(states, count: int) -> bool:
+    return (await states()).count("running") == count
+
+
+async def _all_acked(redis, stream: str) -> bool:
+    return await redis.xlen(stream) == 0 and (await redis.xpending(stream, keys.CONSUMER_GROUP))["pending"] == 0
+
+
+async def test_cancelling_queued_requests_keeps_the_lag_keda_scales_on_defined(start_fleet: StartFleet, redis) -> None:
+    """KEDA's redis-streams scaler (lagCount) reads XINFO GROUPS `lag` and wants ceil(lag / lagCount)
+    workers. Deleting an entry no worker has read makes Redis report lag as nil (KEDA then cannot
+    scale from zero); a cancel leaves the entry for a worker to skip, so lag stays a number, and
+    admission stops counting the cancelled ones at once."""
+    fleet = await start_fleet(workers=0, max_outstanding=3)
+    await fleet.start_worker()
+    await fleet.wait_ready()
+    await fleet.stop_workers()  # scaled to zero: requests queue, nobody reads them
+    ids = [await fleet.submit(prompt=f"queued {i} ", max_tokens=5) for i in range(3)]
+    assert (await fleet.post("/v1/generate", {"model": TEST_MODEL, "prompt": "full"}))[0] == 429
+    assert (await fleet.delete(f"/v1/requests/{ids[0]}"))[1]["status"] == "cancelled"
+    [group] = await redis.xinfo_groups(keys.job_stream(TEST_MODEL))
+    assert group["lag"] == 3
+    lag_count = 2  # the chart's autoscaling.lagCount, say
+    assert -(-group["lag"] // lag_count) == 2  # KEDA's desired replicas
+    # The cancelled one no longer holds a place in the queue.
+    ids.append(await fleet.submit(prompt="queued 3 ", max_tokens=5))
+    async with fleet.http.get(fleet.base_url + "/metrics") as response:
+        text = await response.text()
+    assert f'llm_fleet_queue_lag{{model="{TEST_MODEL}"}} 4.0' in text
+    assert f'llm_fleet_queue_outstanding{{model="{TEST_MODEL}"}} 3.0' in text
+
+    await fleet.start_worker()  # scaled up: the worker skips the cancelled entry and runs the rest
+    for i, request_id in enumerate(ids[1:], start=1):
+        assert (await fleet.wait_done(request_id))["text"] == f"queued {i} "[:5]
+    stream = keys.job_stream(TEST_MODEL)
+    await wait_until(lambda: _all_acked(redis, stream))
+    [group] = await redis.xinfo_groups(stream)
+    assert group["lag"] == 0 and not await redis.smembers(keys.skipped_jobs(TEST_MODEL))

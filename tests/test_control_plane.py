@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
 import time
 from dataclasses import replace as dataclass_replace
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from common import api_keys, keys
+from common import api_keys, fleet_state, keys
 from common.api_keys import ApiKey
 from common.embedded_redis import EmbeddedValkey
 from common.progress import load_fraction
@@ -157,10 +158,11 @@ async def test_a_failed_load_reports_the_reason_and_can_be_retried(start_fleet: 
     assert reply["workers"][0]["ok"] and reply["workers"][0]["result"]["state"] == "ready"
 
 
-async def test_housekeeping_functions(redis) -> None:
+async def test_housekeeping_functions(redis, caplog: pytest.LogCaptureFixture) -> None:
     store = RequestStore(redis)
     await redis.hset(keys.MODELS, TEST_MODEL, b"card")
-    # expire: a queued job whose request expired leaves the stream; a live one stays.
+    # expire: a queued job whose request expired is marked skipped (it stays in the stream, unread, so
+    # the group's lag stays defined) and stops counting against the cap; a live one stays.
     jobs = [Job(request_id=f"r{i}", model=TEST_MODEL, prompt_token_ids=[1, 2], sampling={"max_tokens": 3},
                 enqueued_at=time.time()) for i in range(3)]
     for job in jobs:
@@ -169,8 +171,13 @@ async def test_housekeeping_functions(redis) -> None:
     await redis.xadd(keys.dead_letters(TEST_MODEL), {"job": b"x", "reason": "old"}, id="1000-0")
     await redis.xadd(keys.dead_letters(TEST_MODEL), {"job": b"x", "reason": "kept for a week"})
     assert await housekeeping.expire(redis, dead_letter_ttl_s=3600) == {"expired_jobs": 1, "dead_letters_trimmed": 1}
-    remaining = [Job.unpack(f[b"job"]).request_id for _, f in await redis.xrange(keys.job_stream(TEST_MODEL))]
-    assert remaining == ["r0", "r2"]
+    entries = {Job.unpack(f[b"job"]).request_id: entry for entry, f in await redis.xrange(keys.job_stream(TEST_MODEL))}
+    assert await redis.smembers(keys.skipped_jobs(TEST_MODEL)) == {entries["r1"]}
+    assert (await fleet_state.queues(redis))[TEST_MODEL]["outstanding"] == 2
+    assert await housekeeping.expire(redis, dead_letter_ttl_s=3600) == {"expired_jobs": 0, "dead_letters_trimmed": 0}
+    await redis.xdel(keys.job_stream(TEST_MODEL), entries["r1"])  # gone some other way: its mark goes too
+    await housekeeping.expire(redis, dead_letter_ttl_s=3600)
+    assert not await redis.smembers(keys.skipped_jobs(TEST_MODEL))
 
     stats = await housekeeping.dead_letter_stats(redis)
     assert stats[TEST_MODEL]["count"] == 1 and stats[TEST_MODEL]["new"] == 1
@@ -182,8 +189,19 @@ async def test_housekeeping_functions(redis) -> None:
     await redis.xreadgroup(keys.CONSUMER_GROUP, "dead-holder", {keys.job_stream(TEST_MODEL): ">"}, count=1)
     await redis.xgroup_createconsumer(keys.job_stream(TEST_MODEL), keys.CONSUMER_GROUP, "dead-idle")
     await redis.sadd(keys.WORKERS, "dead-holder", "dead-idle")
-    result = await housekeeping.sweep(redis, dead_consumer_idle_ms=0)
-    assert result == {"live_workers": 0, "consumers_removed": 1, "stranded_jobs": 1}
+    # A second model, also served by no one, with two stranded jobs: each model's warning counts its own.
+    other = "other-model"
+    await redis.hset(keys.MODELS, other, b"card")
+    for i in range(2):
+        await store.enqueue(Job(request_id=f"o{i}", model=other, prompt_token_ids=[1], sampling={"max_tokens": 1},
+                                enqueued_at=time.time()), max_outstanding=10, ttl_s=60)
+    await redis.xgroup_create(keys.job_stream(other), keys.CONSUMER_GROUP, id="0")
+    await redis.xreadgroup(keys.CONSUMER_GROUP, "dead-holder", {keys.job_stream(other): ">"}, count=2)
+    with caplog.at_level(logging.WARNING, logger="worker.housekeeping"):
+        result = await housekeeping.sweep(redis, dead_consumer_idle_ms=0)
+    assert result == {"live_workers": 0, "consumers_removed": 1, "stranded_jobs": 3}
+    warnings = sorted(r.getMessage() for r in caplog.records if "held by dead workers" in r.getMessage())
+    assert warnings[0].startswith(f"1 job(s) of {TEST_MODEL} ") and warnings[1].startswith(f"2 job(s) of {other} ")
     consumers = await redis.xinfo_consumers(keys.job_stream(TEST_MODEL), keys.CONSUMER_GROUP)
     assert [c["name"] for c in consumers] == [b"dead-holder"] and not await redis.smembers(keys.WORKERS)
 
@@ -257,3 +275,24 @@ async def test_control_jobs_work_again_after_a_redis_restart(start_fleet: StartF
         assert fleet.workers[0].loader.status[OTHER].state == "ready"
     finally:
         server.stop()
+
+
+async def test_a_job_handed_back_and_continued_on_the_same_worker_finishes_there(start_fleet: StartFleet) -> None:
+    """Unload mid-generation (handed back), load again: the same worker continues the job, and it ends
+    as a finished job of that worker, not as a second hand-back."""
+    fleet = await start_fleet(workers=0)
+    worker = await fleet.start_worker({"drain_timeout_s": 0.1}, step_delay_ms=20)
+    await fleet.wait_ready()
+    request_id = await fleet.submit(prompt="twice on one worker ", max_tokens=60)
+    async with asyncio.timeout(5):
+        while (await fleet.get(f"/v1/requests/{request_id}"))[1]["last_seq"] < 2:
+            await asyncio.sleep(0.02)
+    await worker.unload(TEST_MODEL)
+    assert (await fleet.get(f"/v1/requests/{request_id}"))[1]["status"] == "queued"
+    await worker.load(TEST_MODEL)
+    done = await fleet.wait_done(request_id)
+    assert done["status"] == "completed" and done["text"] == echo("twice on one worker ", 60)
+    assert worker.metrics.handed_back.labels(TEST_MODEL)._value.get() == 1
+    async with asyncio.timeout(2):  # counted once its entry is acked, just after the final write
+        while worker.metrics.finished.labels(TEST_MODEL, "length")._value.get() != 1:
+            await asyncio.sleep(0.02)

@@ -16,7 +16,8 @@ import trustme
 from common import api_keys, keys
 from common.api_keys import ApiKey
 from common.embedded_redis import EmbeddedValkey, free_port
-from tests.conftest import TEST_MODEL, StartFleet
+from tests.conftest import TEST_MODEL, StartFleet, ws_collect
+from tests.test_faults import assert_contiguous
 
 
 def bearer(secret: str) -> dict[str, str]:
@@ -124,7 +125,9 @@ async def test_a_model_name_can_never_reach_a_file(start_fleet: StartFleet, redi
     fleet = await start_fleet()
     status, reply, _ = await fleet.post("/v1/generate", {"model": model, "prompt": "x"})
     assert status in (404, 422), reply
-    assert await redis.xlen(keys.job_stream(model)) == 0  # nothing was enqueued for a worker to act on
+    # Nothing was enqueued for any worker to act on: no job stream exists but the served model's, empty.
+    streams = {key.decode() async for key in redis.scan_iter("jobs:*") if not key.endswith(b":skip")}
+    assert streams <= {keys.job_stream(TEST_MODEL)} and await redis.xlen(keys.job_stream(TEST_MODEL)) == 0
 
 
 async def test_websocket_limits_streams_per_socket_idle_sockets_and_origins(start_fleet: StartFleet) -> None:
@@ -194,3 +197,48 @@ async def test_redis_with_auth_over_tls_works_end_to_end(start_fleet: StartFleet
             assert status == 503 and "Redis" in reply["reason"]
     finally:
         server.stop()
+
+
+async def test_a_request_belongs_to_the_key_that_created_it(start_fleet: StartFleet, redis) -> None:
+    """Another key cannot read, cancel or attach to it (404, as for a request that does not exist);
+    its own key and an admin key can."""
+    fleet = await start_fleet(auth=True, engine={"step_delay_ms": 20})
+    owner, other, admin = [await api_keys.create(redis, ApiKey(name=name, admin=name == "admin"))
+                           for name in ("owner", "other", "admin")]
+    status, reply, _ = await fleet.post("/v1/generate", {"model": TEST_MODEL, "prompt": "mine ", "max_tokens": 40},
+                                        headers=bearer(owner))
+    request_id = reply["request_id"]
+    path = f"/v1/requests/{request_id}"
+
+    fleet.headers = bearer(other)
+    assert (await fleet.get(path))[0] == 404
+    assert (await fleet.delete(path))[0] == 404
+    async with fleet.http.ws_connect(fleet.ws_url, headers=bearer(other)) as ws:
+        await ws.send_json({"type": "attach", "request_id": request_id, "last_seq": 0})
+        assert (await ws.receive_json())["status"] == 404
+        await ws.send_json({"type": "cancel", "request_id": request_id})
+        assert (await ws.receive_json())["status"] == 404
+    fleet.headers = bearer(admin)
+    assert (await fleet.get(path))[1]["status"] in ("queued", "running")
+    fleet.headers = bearer(owner)
+    done = await fleet.wait_done(request_id)
+    assert done["status"] == "completed" and done["text"] == "mine " * 8
+    async with fleet.http.ws_connect(fleet.ws_url, headers=bearer(owner)) as ws:
+        await ws.send_json({"type": "attach", "request_id": request_id, "last_seq": 0})
+        assert assert_contiguous((await ws_collect(ws, {request_id}))[request_id]) == done["text"]
+
+
+async def test_made_up_keys_do_not_evict_the_cached_real_ones(start_fleet: StartFleet, redis) -> None:
+    """A flood of invalid keys must not push a valid key out of the cache (every request would go to
+    Redis again): after 10,001 made-up keys the real one is still served from the cache, even with
+    its record gone from Redis."""
+    fleet = await start_fleet(auth=True, auth_cache_s=300)
+    key = await api_keys.create(redis, ApiKey(name="real"))
+    fleet.headers = bearer(key)
+    assert (await fleet.get("/v1/models"))[0] == 200
+    authenticator = fleet.gateway.auth
+    for i in range(10_001):
+        with contextlib.suppress(Exception):
+            await authenticator.authenticate(f"Bearer lf-made-up-{i}")
+    await redis.delete(keys.API_KEYS)
+    assert (await fleet.get("/v1/models"))[0] == 200

@@ -137,3 +137,37 @@ async def test_closing_the_socket_cancels_its_requests_unless_they_outlive_it(st
     free = await fleet.wait_done(ids["free"])
     assert free["status"] == "completed" and free["text"] == "b" * 100
     await asyncio.sleep(0)
+
+
+async def test_ws_attach_at_or_past_the_end_answers_at_once(start_fleet: StartFleet) -> None:
+    """A client that has everything gets `done` again; one past the end gets a 422 naming last_seq.
+    Neither waits (the relay would re-poll until the result expired)."""
+    fleet = await start_fleet()
+    request_id = await fleet.submit(prompt="the end ", max_tokens=16)
+    done = await fleet.wait_done(request_id)
+    async with fleet.http.ws_connect(fleet.ws_url) as ws, asyncio.timeout(5):
+        await ws.send_json({"type": "attach", "request_id": request_id, "last_seq": done["last_seq"]})
+        again = await ws.receive_json()
+        assert again["type"] == "done" and again["seq"] == done["last_seq"] and again["finish_reason"] == "length"
+        await ws.send_json({"type": "attach", "request_id": request_id, "last_seq": done["last_seq"] + 1})
+        past = await ws.receive_json()
+        assert past["type"] == "error" and past["status"] == 422 and "past the end" in past["message"]
+
+
+async def test_ws_attaches_count_against_the_streams_per_socket_limit(start_fleet: StartFleet) -> None:
+    fleet = await start_fleet(ws_max_streams_per_socket=2, engine={"step_delay_ms": 20})
+    ids = [await fleet.submit(prompt=f"long {i} ", max_tokens=100) for i in range(3)]
+    async with fleet.http.ws_connect(fleet.ws_url) as ws:
+        for request_id in ids:
+            await ws.send_json({"type": "attach", "request_id": request_id, "last_seq": 0, "id": request_id})
+        refused = None
+        async with asyncio.timeout(10):
+            while refused is None:
+                message = await ws.receive_json()
+                if message["type"] == "error":
+                    refused = message
+        assert refused["status"] == 429 and refused["id"] == ids[2]
+        # Attaching again to a request already streamed on this socket replaces it: not one more.
+        await ws.send_json({"type": "attach", "request_id": ids[0], "last_seq": 0, "id": "again"})
+        replies = await ws_collect(ws, set(ids[:2]))
+    assert not any(m["type"] == "error" for messages in replies.values() for m in messages)

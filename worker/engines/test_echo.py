@@ -10,7 +10,9 @@ Several front-ends (`frontends: N`, worker/frontends.py) each run their own copy
 stands in for a shared engine, so that the fleet side of front-ends is tested without a GPU.
 
 Fault injection, for the failure tests only: `die_on_prompt` (a string) makes the worker
-process exit at once, as if killed, when it decodes a prompt that contains it.
+process exit at once, as if killed, when it decodes a prompt that contains it; `unstorable_on_prompt`
+makes the engine emit text that cannot be encoded (a lone surrogate, as a broken detokenizer might)
+for a prompt that contains it.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ class TestEchoEngine(QueuedEngine):
             tokenizer_json=self._tokenizer.to_str(), chat_template=_CHAT_TEMPLATE, bos_token=None, eos_token=None
         )
         self._die_on = str(options.get("die_on_prompt", ""))
+        self._unstorable_on = str(options.get("unstorable_on_prompt", ""))
+        self._unstorable: set[str] = set()
         self._running: dict[str, Sequence] = {}
         self._echo: dict[str, tuple[list[int], int]] = {}  # request id -> (original prompt, tokens already out)
         self._wakeup = asyncio.Event()
@@ -65,6 +69,8 @@ class TestEchoEngine(QueuedEngine):
         prompt = request.prompt_token_ids[: len(request.prompt_token_ids) - request.resumed_tokens]
         if self._die_on and self._die_on in self._tokenizer.decode(prompt):
             os._exit(137)
+        if self._unstorable_on and self._unstorable_on in self._tokenizer.decode(prompt):
+            self._unstorable.add(request.request_id)
         self._echo[request.request_id] = (prompt, request.resumed_tokens)
         self._running[request.request_id] = Sequence(request, self._tokenizer, frozenset())
         self._wakeup.set()
@@ -76,6 +82,7 @@ class TestEchoEngine(QueuedEngine):
     def _forget(self, request_id: str) -> None:
         self._running.pop(request_id, None)
         self._echo.pop(request_id, None)
+        self._unstorable.discard(request_id)
 
     async def _step_loop(self) -> None:
         while True:
@@ -89,6 +96,8 @@ class TestEchoEngine(QueuedEngine):
                 output = seq.append(prompt[(already_out + len(seq.generated)) % len(prompt)])
                 if output.finish_reason is not None:
                     del self._running[seq.request_id]
+                if seq.request_id in self._unstorable:
+                    output.text = "\ud800"
                 outputs.append(output)
             self._deliver(outputs)
 
