@@ -5,11 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
+import aiohttp
 import openai
 import pytest
 
+from common import keys
+from common.embedded_redis import EmbeddedValkey
+from common.protocol import Job
 from tests.conftest import TEST_MODEL, Fleet, StartFleet
+from tests.test_faults import wait_until
 
 
 @pytest.fixture
@@ -131,7 +137,7 @@ async def test_429_is_a_rate_limit_error_with_retry_after(start_fleet: StartFlee
     await fleet.stop_workers()  # the registered model's queue now fills
     _, client = sdk(fleet)
     first = asyncio.create_task(client.completions.create(model=TEST_MODEL, prompt="a", max_tokens=2))
-    await asyncio.sleep(0.2)
+    await wait_until(lambda: _queued(fleet, 1))
     with pytest.raises(openai.RateLimitError) as caught:
         await client.completions.create(model=TEST_MODEL, prompt="b", max_tokens=2)
     assert caught.value.response.headers["Retry-After"] == "1"
@@ -179,3 +185,93 @@ async def test_openai_routes_answer_503_when_redis_is_unreachable(start_fleet: S
         status, reply, response = await fleet.post(route, body)
         assert status == 503 and reply["error"]["type"] == "service_unavailable"
         assert response.headers["X-Request-Id"]
+
+
+async def _queued(fleet: Fleet, count: int) -> bool:
+    return await fleet.gateway.redis.xlen(keys.job_stream(TEST_MODEL)) == count
+
+
+async def _sse_events(response: aiohttp.ClientResponse) -> list[Any]:
+    """Every `data:` event of an SSE body, parsed ([DONE] as the string)."""
+    events = []
+    async for line in response.content:
+        if line.startswith(b"data: "):
+            data = line[6:].strip().decode()
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+async def test_an_sse_stream_that_fails_after_it_started_ends_with_an_error_event_and_done(
+    start_fleet: StartFleet, tmp_path
+) -> None:
+    """Redis goes away mid-stream for longer than the stream's grace: the client gets an error event
+    and [DONE] (a chunked body ends), never a second HTTP response inside the body or a hang."""
+    server = EmbeddedValkey(data_dir=tmp_path / "valkey")
+    server.start()
+    try:
+        fleet = await start_fleet(redis_url=server.url, redis_timeout_s=0.3, stream_outage_grace_s=0.5,
+                                  stream_resync_s=0.2, engine={"step_delay_ms": 20})
+        body = {"model": TEST_MODEL, "prompt": "interrupted ", "max_tokens": 500, "stream": True}
+        async with fleet.http.post(fleet.base_url + "/v1/completions", json=body) as response, asyncio.timeout(20):
+            assert response.status == 200
+            first = await response.content.readline()
+            assert first.startswith(b"data: ")
+            server.stop()
+            events = await _sse_events(response)
+        assert events[-1] == "[DONE]"
+        assert events[-2]["error"]["code"] == 503 and "poll" in events[-2]["error"]["message"]
+    finally:
+        server.stop()
+
+
+async def test_an_sse_stream_whose_request_vanishes_ends_with_a_404_event(start_fleet: StartFleet, redis) -> None:
+    fleet = await start_fleet(workers=0, stream_resync_s=0.2)
+    await fleet.start_worker({"drain_timeout_s": 0.1}, step_delay_ms=20)
+    await fleet.wait_ready()
+    body = {"model": TEST_MODEL, "prompt": "gone ", "max_tokens": 500, "stream": True}
+    async with fleet.http.post(fleet.base_url + "/v1/completions", json=body) as response, asyncio.timeout(20):
+        request_id = response.headers["X-Request-Id"]
+        await response.content.readline()
+        await fleet.workers[0].unload(TEST_MODEL)  # handed back, and nothing serves it any more...
+        await redis.delete(keys.request(request_id), keys.request_chunks(request_id))  # ...and it expired
+        events = await _sse_events(response)
+    assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == 404
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_client_that_leaves_while_its_request_is_queued_cancels_it(start_fleet: StartFleet,
+                                                                           stream: bool) -> None:
+    """The only slot is busy; the client gives up before its request starts: the request is cancelled
+    (it frees its place in the queue and never runs), with no write needed to notice."""
+    fleet = await start_fleet(engine={"step_delay_ms": 20, "max_num_seqs": 1})
+    blocker = await fleet.submit(prompt="blocker ", max_tokens=100)
+    body = {"model": TEST_MODEL, "prompt": "impatient ", "max_tokens": 5, "stream": stream}
+    request_id = None
+    with pytest.raises(TimeoutError):  # a streaming client gets its headers at once; the other waits
+        async with fleet.http.post(fleet.base_url + "/v1/completions", json=body,
+                                   timeout=aiohttp.ClientTimeout(total=0.5)) as response:
+            request_id = response.headers["X-Request-Id"]
+            await response.read()
+    if request_id is None:  # non-streaming: the newest job is its
+        [(_, fields)] = await fleet.gateway.redis.xrevrange(keys.job_stream(TEST_MODEL), count=1)
+        request_id = Job.unpack(fields[b"job"]).request_id
+    left = await fleet.wait_done(request_id, timeout_s=3)
+    assert left["status"] == "cancelled" and left["text"] == "" and left["timings"]["queue_s"] is None
+    assert (await fleet.get(f"/v1/requests/{blocker}"))[1]["status"] == "running"  # long before it ends
+
+
+async def test_logprobs_zero_is_refused_not_ignored_and_continuous_usage_is_reported(
+    start_fleet: StartFleet, sdk
+) -> None:
+    fleet = await start_fleet()
+    _, client = sdk(fleet)
+    with pytest.raises(openai.BadRequestError) as refused:  # 0 asks for the chosen token's logprob
+        await client.completions.create(model=TEST_MODEL, prompt="x", max_tokens=2, logprobs=0)
+    assert "logprobs" in refused.value.message
+    stream = await client.completions.create(
+        model=TEST_MODEL, prompt="counted ", max_tokens=24, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True})
+    usages = [(chunk.choices, chunk.usage) async for chunk in stream]
+    counts = [usage.completion_tokens for choices, usage in usages if choices]
+    assert counts == sorted(counts) and counts[-1] == 24 and all(u.prompt_tokens == 8 for _, u in usages)
+    assert usages[-1][0] == [] and usages[-1][1].completion_tokens == 24  # include_usage's final event

@@ -207,6 +207,7 @@ async def test_a_request_belongs_to_the_key_that_created_it(start_fleet: StartFl
                            for name in ("owner", "other", "admin")]
     status, reply, _ = await fleet.post("/v1/generate", {"model": TEST_MODEL, "prompt": "mine ", "max_tokens": 40},
                                         headers=bearer(owner))
+    assert status == 202
     request_id = reply["request_id"]
     path = f"/v1/requests/{request_id}"
 

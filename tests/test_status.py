@@ -7,7 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+from common import fleet_state
 from tests.conftest import TEST_MODEL, StartFleet
+from tests.test_faults import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,6 +40,11 @@ async def test_status_reports_workers_models_queues_and_tokens_per_second(start_
     assert "w0" in table and TEST_MODEL in table and "2/2" in table and "OUTSTANDING" in table
     for request_id in ids:
         await fleet.wait_done(request_id, timeout_s=30)
-    await asyncio.sleep(1.5)  # let a heartbeat carry the final count
+    await wait_until(lambda: _idle_heartbeat(fleet))  # a heartbeat carries the final count
     idle = json.loads(await status(fleet.redis_url, "--json", "--interval", "1.2"))
     assert idle["queues"][TEST_MODEL]["outstanding"] == 0 and idle["workers"][0]["tokens_per_s"] == 0
+
+
+async def _idle_heartbeat(fleet) -> bool:
+    workers = await fleet_state.live_workers(fleet.gateway.redis)
+    return bool(workers) and workers[0].models[TEST_MODEL]["running"] == 0

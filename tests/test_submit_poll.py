@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
+from typing import Any
 
 import pytest
 
@@ -13,6 +15,7 @@ from common.errors import NotFound, Unavailable
 from common.logs import JsonFormatter
 from common.protocol import ModelCard, WorkerStatus
 from gateway.models import ModelRegistry
+from gateway.tokenization import PromptEncoder
 from tests.conftest import TEST_MODEL, StartFleet
 
 
@@ -176,3 +179,24 @@ async def test_a_model_loaded_a_moment_ago_is_not_refused(redis) -> None:
     await heartbeat({"m": {"state": "loading", "progress": 0.5}})
     await asyncio.sleep(0.25)
     await registry.check_served(card)  # within the 1 s cache, yet not refused
+
+
+async def test_long_chat_messages_are_rendered_and_tokenized_off_the_event_loop(
+    start_fleet: StartFleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rendering a chat template and tokenizing 20k characters takes milliseconds: not on the loop that
+    relays every other stream. Short ones stay inline (a thread hop costs more than they do)."""
+    fleet = await start_fleet(engine={"max_model_len": 32768})
+    threads: list[bool] = []
+    real = PromptEncoder.encode_messages
+
+    def recording(self: PromptEncoder, messages: list[dict[str, Any]]) -> list[int]:
+        threads.append(threading.current_thread() is threading.main_thread())
+        return real(self, messages)
+
+    monkeypatch.setattr(PromptEncoder, "encode_messages", recording)
+    for content in ("x" * 20_000, "short"):
+        status, reply, _ = await fleet.post("/v1/generate", {"model": TEST_MODEL, "max_tokens": 2,
+                                                             "messages": [{"role": "user", "content": content}]})
+        assert status == 202, reply
+    assert threads == [False, True]
