@@ -5,11 +5,15 @@ half over WebSockets (streamed, seq-checked at the client, re-attached with last
 disconnect) and half submit-then-poll. With --chaos, meanwhile: a random worker is SIGKILLed
 every KILL_EVERY seconds (the supervisor restarts it), the gateway is SIGKILLed once (a third
 of the way in) and Valkey is restarted once (two thirds in). Without, the same load runs calm.
+`--faults oom,pause` makes Redis say no instead: it refuses writes (maxmemory OOM) 5 times for
+0.5 s and pauses its clients (CLIENT PAUSE) twice for 1 s; after the last fault a probe request
+measures how soon the fleet serves again.
 
 The test engine (fixed per-token delay) makes the expected text of every request known, so
 the client checks it exactly; `--model smollm2-135m` runs the real CPU model (seq checks only).
 
     python bench/chaos.py                      # calm, then chaos; prints the table
+    python bench/chaos.py --only chaos --faults oom,pause    # Redis errors instead of kills
     python bench/chaos.py --model smollm2-135m --requests 40 --concurrency 8 --max-tokens 48
 """
 
@@ -31,6 +35,7 @@ from pathlib import Path
 
 import aiohttp
 import psutil
+import redis.asyncio as aioredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common.embedded_redis import EmbeddedValkey, free_port
@@ -169,13 +174,16 @@ class Chaos:
     """Kills workers (the supervisor restarts them), the gateway once and Valkey once."""
 
     def __init__(self, fleet: subprocess.Popen, valkey: EmbeddedValkey, kill_every_s: float, duration_s: float,
-                 faults: set[str]) -> None:
+                 faults: set[str], base_url: str, model: str) -> None:
         self.faults = faults
         self.fleet = psutil.Process(fleet.pid)
         self.valkey = valkey
         self.kill_every_s = kill_every_s
         self.duration_s = duration_s
+        self.base_url = base_url
+        self.model = model
         self.events: list[str] = []
+        self.recovery_s: float | None = None  # last Redis fault's end to a probe request completed
 
     def _children(self, part: str) -> list[psutil.Process]:
         found = []
@@ -188,6 +196,53 @@ class Chaos:
         return found
 
     async def run(self) -> None:
+        await asyncio.gather(self._kills(), self._refusals())
+
+    async def _refusals(self) -> None:
+        """Redis up but saying no: OOM 5 times for 0.5 s, CLIENT PAUSE twice for 1 s, spread over the run."""
+        schedule = sorted([(self.duration_s * i / 6, "oom") for i in range(1, 6) if "oom" in self.faults]
+                          + [(self.duration_s * f, "pause") for f in (0.3, 0.7) if "pause" in self.faults])
+        if not schedule:
+            return
+        started = time.monotonic()
+        admin = aioredis.from_url(self.valkey.url)
+        try:
+            for at, fault in schedule:
+                await asyncio.sleep(max(0.0, started + at - time.monotonic()))
+                if fault == "oom":
+                    await admin.config_set("maxmemory", 1)
+                    await asyncio.sleep(0.5)
+                    await admin.config_set("maxmemory", 0)
+                    self.events.append(f"{time.monotonic() - started:5.1f}s Redis refused writes (OOM) for 0.5 s")
+                else:
+                    await admin.execute_command("CLIENT", "PAUSE", 1000, "ALL")
+                    await asyncio.sleep(1.0)
+                    self.events.append(f"{time.monotonic() - started:5.1f}s Redis paused its clients for 1 s")
+        finally:
+            await admin.aclose()
+        self.recovery_s = await self._probe(time.monotonic())
+
+    async def _probe(self, since: float) -> float | None:
+        """Seconds from `since` until a fresh request completes (None: not within 60 s)."""
+        body = {"model": self.model, "prompt": "probe ", "max_tokens": 4}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+            while time.monotonic() - since < 60:
+                try:
+                    async with http.post(f"{self.base_url}/v1/generate", json=body) as response:
+                        request_id = (await response.json())["request_id"] if response.status == 202 else None
+                    while request_id is not None and time.monotonic() - since < 60:
+                        async with http.get(f"{self.base_url}/v1/requests/{request_id}") as response:
+                            if response.status == 200 and (await response.json())["status"] == "completed":
+                                return round(time.monotonic() - since, 2)
+                        await asyncio.sleep(0.05)
+                except RETRYABLE:
+                    pass
+                await asyncio.sleep(0.1)
+        return None
+
+    async def _kills(self) -> None:
+        if not self.faults & {"workers", "gateway", "redis"}:
+            return
         started = time.monotonic()
         gateway_done = redis_done = False
         while time.monotonic() - started < self.duration_s:
@@ -217,7 +272,7 @@ async def wait_ready(base_url: str, timeout_s: float) -> None:
         while time.monotonic() < deadline:
             try:
                 async with http.get(f"{base_url}/ready") as response:
-                    if response.status == 200:
+                    if response.status == 200 and (await response.json()).get("models"):
                         return
             except RETRYABLE:
                 pass
@@ -267,13 +322,15 @@ async def run_once(args: argparse.Namespace, chaos: bool) -> dict:
             load = asyncio.gather(*(one(i, http) for i in range(args.requests)))
             chaos_task = None
             if chaos:
-                agent = Chaos(fleet, valkey, args.kill_every, args.chaos_s, set(args.faults.split(",")))
+                agent = Chaos(fleet, valkey, args.kill_every, args.chaos_s, set(args.faults.split(",")), base_url,
+                              args.model)
                 chaos_task = asyncio.create_task(agent.run())
             await load
             wall = time.monotonic() - started
             if chaos_task is not None:
-                chaos_task.cancel()
+                await chaos_task  # its probe, if any, ends it
         events = agent.events if chaos else []
+        recovery_s = agent.recovery_s if chaos else None
     finally:
         interrupt(fleet, 90)
         valkey.stop()
@@ -281,7 +338,8 @@ async def run_once(args: argparse.Namespace, chaos: bool) -> dict:
     result = {k: v for k, v in asdict(outcome).items() if k != "latencies"}
     result.update(mode="chaos" if chaos else "calm", requests=args.requests, wall_s=round(wall, 1),
                   p50_s=round(statistics.median(lat), 2) if lat else None,
-                  p99_s=round(lat[int(0.99 * (len(lat) - 1))], 2) if lat else None, events=events)
+                  p99_s=round(lat[int(0.99 * (len(lat) - 1))], 2) if lat else None, events=events,
+                  faults=args.faults if chaos else "", recovery_s=recovery_s)
     return result
 
 
@@ -306,13 +364,13 @@ def main() -> None:
                if args.only is None or args.only == ("chaos" if chaos else "calm")]
     print(f"\nchaos benchmark: {args.model}, {args.workers} workers, {args.requests} requests "
           f"(half WebSocket, half polled), concurrency {args.concurrency}, max_tokens {args.max_tokens}")
-    print("| run | completed | lost | wrong text | dup chunks | missing chunks | p50 s | p99 s | wall s |"
-          " submit retries | re-attaches | stalls |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| run | faults | completed | lost | wrong text | dup chunks | missing chunks | p50 s | p99 s | wall s |"
+          " submit retries | re-attaches | stalls | serving again after s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['mode']} | {r['completed']} | {r['lost']} | {r['wrong_text']} | {r['duplicated_chunks']} | "
-              f"{r['missing_chunks']} | {r['p50_s']} | {r['p99_s']} | {r['wall_s']} | {r['submit_retries']} | "
-              f"{r['reattaches']} | {r['stalls']} |")
+        print(f"| {r['mode']} | {r['faults'] or '-'} | {r['completed']} | {r['lost']} | {r['wrong_text']} | "
+              f"{r['duplicated_chunks']} | {r['missing_chunks']} | {r['p50_s']} | {r['p99_s']} | {r['wall_s']} | "
+              f"{r['submit_retries']} | {r['reattaches']} | {r['stalls']} | {r['recovery_s'] or '-'} |")
     for r in results:
         for event in r["events"]:
             print(f"  {r['mode']}: {event}")

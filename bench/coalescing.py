@@ -75,7 +75,8 @@ def main() -> None:
         env = {**os.environ, "LLM_FLEET_FLUSH_INTERVAL_MS": str(interval), "LLM_FLEET_MAX_OUTSTANDING": "100000"}
         argv = [*FLEET_CLI, "up", "--port", str(port),
             "--worker-http-port", "0", "--model", "test-echo", "--catalogue", str(catalogue)]
-        with server(argv, f"http://127.0.0.1:{port}/ready", Path(tempfile.mktemp(suffix=".log")), env, 60) as pid:
+        with server(argv, f"http://127.0.0.1:{port}/ready", Path(tempfile.mktemp(suffix=".log")), env, 60,
+                    ready=lambda body: bool(json.loads(body).get("models"))) as pid:
             url = f"http://127.0.0.1:{port}"
             asyncio.run(load(url, 10, 20))  # warm-up
             roles = process_tree(pid)

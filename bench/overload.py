@@ -53,7 +53,7 @@ async def wait_ready(http: aiohttp.ClientSession, base: str) -> None:
     for _ in range(600):
         try:
             async with http.get(f"{base}/ready") as response:
-                if response.status == 200:
+                if response.status == 200 and (await response.json()).get("models"):  # a model is ready
                     return
         except aiohttp.ClientError:
             pass

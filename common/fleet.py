@@ -193,8 +193,9 @@ def _load_fraction(redis_url: str) -> float:
 
 
 def _is_ready(base_url: str) -> bool:
+    """The gateway is up and a worker has a model ready."""
     try:
         with urllib.request.urlopen(f"{base_url}/ready", timeout=2) as response:
-            return bool(json.load(response).get("ready"))
+            return bool(json.load(response).get("models"))
     except (urllib.error.URLError, OSError, ValueError):
         return False

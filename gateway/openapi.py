@@ -41,11 +41,35 @@ _MESSAGES = {"type": "array", "minItems": 1, "items": {
     "type": "object", "required": ["role", "content"], "additionalProperties": False,
     "properties": {"role": {"type": "string", "enum": ["system", "user", "assistant", "tool"]},
                    "content": {"type": "string"}, "name": {"type": "string"}}}}
-# A stream is Server-Sent Events, each `data:` line a JSON chunk, the last one `[DONE]`.
-_COMPLETION = {"description": "The completion", "content": {
-    "application/json": {"schema": {"type": "object"}},
-    "text/event-stream": {"schema": {"type": "object", "required": ["data"],
-                                     "properties": {"data": {"type": "string"}}}}}}
+_INT = {"type": "integer", "minimum": 0}
+_USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+          "properties": {"prompt_tokens": _INT, "completion_tokens": _INT, "total_tokens": _INT}}
+_FINISH = {"type": "string", "enum": ["stop", "length", "abort"]}
+
+
+def _completion(obj: str, content: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's (chat) completion object; a stream is Server-Sent Events, each `data:` line a JSON
+    chunk, the last one `[DONE]`."""
+    choice = {"type": "object", "required": ["index", "finish_reason", *content],
+              "properties": {"index": {"type": "integer", "enum": [0]}, "finish_reason": _FINISH,
+                             "logprobs": {"nullable": True}, **content}}
+    return {"description": "The completion", "content": {
+        "application/json": {"schema": {
+            "type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
+            "properties": {"id": {"type": "string"}, "object": {"type": "string", "enum": [obj]},
+                           "created": _INT, "model": {"type": "string"},
+                           "choices": {"type": "array", "minItems": 1, "maxItems": 1, "items": choice},
+                           "usage": _USAGE}}},
+        "text/event-stream": {"schema": {"type": "object", "required": ["data"],
+                                         "properties": {"data": {"type": "string"}}}}}}
+
+
+_TEXT_COMPLETION = _completion("text_completion", {"text": {"type": "string"}})
+_CHAT_COMPLETION = _completion("chat.completion", {"message": {
+    "type": "object", "required": ["role", "content"],
+    "properties": {"role": {"type": "string", "enum": ["assistant"]}, "content": {"type": "string"}}}})
+_STATUS = {"type": "string", "enum": ["queued", "running", "completed", "failed", "cancelled"]}
+_MODEL_STATE = {"type": "string", "enum": ["loading", "ready", "failed", "unloading", "unavailable"]}
 _MODEL_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
 _CONTROL = {"$ref": "#/components/schemas/ControlReply"}
 _REQUEST_ID = {"name": "request_id", "in": "path", "required": True, "schema": {"type": "string"}}
@@ -71,13 +95,28 @@ SPEC: dict[str, Any] = {
             "RequestState": {"type": "object", "required": ["request_id", "status", "text", "usage", "last_seq"],
                              "properties": {
                                  "request_id": {"type": "string"},
-                                 "status": {"type": "string",
-                                            "enum": ["queued", "running", "completed", "failed", "cancelled"]},
+                                 "status": _STATUS,
                                  "model": {"type": "string"}, "text": {"type": "string"},
                                  "finish_reason": {"type": "string", "nullable": True},
                                  "error": {"type": "string", "nullable": True},
-                                 "last_seq": {"type": "integer"},
-                                 "usage": {"type": "object"}, "timings": {"type": "object"}}},
+                                 "last_seq": _INT,
+                                 "usage": {"type": "object", "required": ["prompt_tokens", "completion_tokens"],
+                                           "properties": {"prompt_tokens": _INT, "completion_tokens": _INT}},
+                                 "timings": {"type": "object", "required": ["created_at", "queue_s", "ttft_s",
+                                                                            "total_s"],
+                                             "properties": {k: {"type": "number", "nullable": True} for k in
+                                                            ("created_at", "queue_s", "ttft_s", "total_s")}}}},
+            "ModelList": {"type": "object", "required": ["object", "data"], "properties": {
+                "object": {"type": "string", "enum": ["list"]},
+                "data": {"type": "array", "items": {
+                    "type": "object", "required": ["id", "object", "state", "workers", "max_model_len", "engine"],
+                    "properties": {"id": {"type": "string"}, "object": {"type": "string", "enum": ["model"]},
+                                   "state": _MODEL_STATE,
+                                   "max_model_len": {"type": "integer", "nullable": True},
+                                   "engine": {"type": "string", "nullable": True},
+                                   "workers": {"type": "array", "items": {
+                                       "type": "object", "required": ["worker_id", "state"],
+                                       "properties": {"worker_id": {"type": "string"}, "state": _MODEL_STATE}}}}}}}},
             "CompletionRequest": {"type": "object", "required": ["prompt"],
                                   "properties": {"prompt": {"type": "string"}, "stream": {"type": "boolean"},
                                                  **_SAMPLING}},
@@ -114,28 +153,37 @@ SPEC: dict[str, Any] = {
                                   **_errors(401, 403, 404, 429, 503)}},
             "delete": {"summary": "Cancel a queued or running request", "operationId": "cancelRequest",
                        "parameters": [_REQUEST_ID],
-                       "responses": {"200": _json({"type": "object", "required": ["request_id", "status"]},
+                       "responses": {"200": _json({"type": "object", "required": ["request_id", "status"],
+                                                   "properties": {"request_id": {"type": "string"},
+                                                                  "status": _STATUS}},
                                                   "The status it ends in"),
                                      **_errors(401, 403, 404, 429, 503)}}},
         "/v1/completions": {"post": {
             "summary": "OpenAI completions (JSON, or SSE with stream=true)", "operationId": "completions",
             "requestBody": {"required": True, "content": {"application/json": {
                 "schema": {"$ref": "#/components/schemas/CompletionRequest"}}}},
-            "responses": {"200": _COMPLETION,
+            "responses": {"200": _TEXT_COMPLETION,
                 **_errors(*_COMMON, 404, 422), "502": _json(_ERROR, "The generation failed")}}},
         "/v1/chat/completions": {"post": {
             "summary": "OpenAI chat completions (JSON, or SSE with stream=true)", "operationId": "chatCompletions",
             "requestBody": {"required": True, "content": {"application/json": {
                 "schema": {"$ref": "#/components/schemas/ChatRequest"}}}},
-            "responses": {"200": _COMPLETION,
+            "responses": {"200": _CHAT_COMPLETION,
                 **_errors(*_COMMON, 404, 422), "502": _json(_ERROR, "The generation failed")}}},
         "/v1/models": {"get": {"summary": "Models and their state on each worker", "operationId": "models",
-                               "responses": {"200": _json({"type": "object", "required": ["data"]}, "Model list"),
+                               "responses": {"200": _json({"$ref": "#/components/schemas/ModelList"}, "Model list"),
                                              **_errors(401, 403, 429, 503)}}},
         "/health": {"get": {"summary": "The process is alive", "operationId": "health", "security": [],
-                            "responses": {"200": _json({"type": "object"}, "Alive")}}},
-        "/ready": {"get": {"summary": "Redis answers and a model is ready", "operationId": "ready", "security": [],
-                           "responses": {"200": _json({"type": "object"}, "Ready"),
+                            "responses": {"200": _json({"type": "object", "required": ["status"], "properties": {
+                                "status": {"type": "string", "enum": ["ok"]}}}, "Alive")}}},
+        "/ready": {"get": {"summary": "This gateway can take requests (Redis answers); which models are ready",
+                           "operationId": "ready", "security": [],
+                           "responses": {"200": _json({"type": "object", "required": ["ready", "workers", "models"],
+                                                       "properties": {
+                                                           "ready": {"type": "boolean", "enum": [True]},
+                                                           "workers": _INT,
+                                                           "models": {"type": "array", "items": {"type": "string"}},
+                                                           "models_reason": {"type": "string"}}}, "Ready"),
                                          "503": _json({"type": "object", "required": ["ready", "reason"]},
                                                       "Not ready, and why")}}},
         "/metrics": {"get": {"summary": "Prometheus metrics (text exposition format)", "operationId": "metrics",
