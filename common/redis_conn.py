@@ -17,6 +17,8 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from common.errors import Unavailable
+
 
 class ScriptBusyError(ResponseError):
     """BUSY: a script or function has run past `busy-reply-threshold`; every other command waits."""
@@ -47,6 +49,11 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, REDIS_REFUSALS):
         return f"Redis refused the command ({type(exc).__name__}: {exc})"
     return f"Redis is unreachable ({type(exc).__name__}: {exc})"
+
+
+def unavailable(exc: BaseException) -> Unavailable:
+    """The 503 a client gets when Redis cannot serve its call."""
+    return Unavailable(f"the queue is unavailable: {describe(exc)}; retry shortly")
 
 
 def connect(url: str, *, timeout_s: float, blocking_ms: int = 0, max_connections: int = 512) -> aioredis.Redis:

@@ -163,6 +163,14 @@ return 1
 
 
 @dataclass(slots=True)
+class RequestMeta:
+    model: str
+    owner: str  # the digest of the API key that created it ("" without API keys)
+    status: str
+    seq: int  # of its last chunk
+
+
+@dataclass(slots=True)
 class StartResult:
     status: str  # "running" when the worker should run it; anything else: skip and ack
     last_seq: int
@@ -213,15 +221,13 @@ class RequestStore:
             return None
         return {as_text(k): as_text(v) for k, v in state.items()}, [Chunk.unpack(c) for c in raw_chunks]
 
-    async def model_and_owner(self, request_id: str) -> tuple[str, str] | None:
-        """The request's model and owner (see `enqueue`); None when it does not exist (or expired)."""
-        model, owner = await self.redis.hmget(keys.request(request_id), ["model", "owner"])
-        return None if model is None else (as_text(model), as_text(owner or b""))
-
-    async def progress(self, request_id: str) -> tuple[str, int] | None:
-        """The request's status and the seq of its last chunk; None when it does not exist."""
-        status, seq = await self.redis.hmget(keys.request(request_id), ["status", "seq"])
-        return None if status is None else (as_text(status), int(seq or 0))
+    async def meta(self, request_id: str) -> RequestMeta | None:
+        """Who owns the request and how far it is, in one read; None when it does not exist (or expired)."""
+        model, owner, status, seq = await self.redis.hmget(keys.request(request_id),
+                                                           ["model", "owner", "status", "seq"])
+        if model is None:
+            return None
+        return RequestMeta(as_text(model), as_text(owner or b""), as_text(status), int(seq or 0))
 
     async def chunks_after(self, request_id: str, last_seq: int) -> list[Chunk]:
         raw = await self.redis.lrange(keys.request_chunks(request_id), last_seq, -1)

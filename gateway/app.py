@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from common.control import arq_client
-from common.errors import FleetError, Overloaded, PayloadTooLarge, Unavailable
-from common.redis_conn import REDIS_UNAVAILABLE, connect, describe
+from common.errors import FleetError, Overloaded, PayloadTooLarge
+from common.redis_conn import REDIS_UNAVAILABLE, connect, describe, unavailable
 from common.request_store import RequestStore
 from common.settings import GatewaySettings
 from common.supervision import Supervisor
@@ -63,7 +63,7 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return error_response(PayloadTooLarge(f"body is larger than the limit of {limit} bytes"))
     except REDIS_UNAVAILABLE as exc:
         log.warning("%s", describe(exc), extra={"request_id": request.get(REQUEST_ID_KEY), "path": request.path})
-        return error_response(Unavailable(f"the queue is unavailable: {describe(exc)}; retry shortly"))
+        return error_response(unavailable(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

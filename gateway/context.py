@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 
 from common.errors import NotFound
 from common.protocol import Job
-from common.request_store import RequestStore
+from common.request_store import RequestMeta, RequestStore
 from common.settings import GatewaySettings
 from common.supervision import Supervisor
 from gateway.auth import Authenticator, Caller
@@ -69,18 +69,18 @@ class Gateway:
 
     async def cancel(self, request_id: str, caller: Caller | None) -> str:
         """Cancel a request the caller may touch; the status it ends in (a finished one keeps its own)."""
-        model = await self.model_for(request_id, caller)
-        status = await self.store.cancel(request_id, model, result_ttl_s=self.settings.result_ttl_s)
+        meta = await self.request_for(request_id, caller)
+        status = await self.store.cancel(request_id, meta.model, result_ttl_s=self.settings.result_ttl_s)
         if status is None:
             raise not_found(request_id)
         return status
 
-    async def model_for(self, request_id: str, caller: Caller | None) -> str:
-        """The model of a request the caller may read, cancel or attach to; 404 otherwise."""
-        found = await self.store.model_and_owner(request_id)
-        if found is None or not may_access(caller, found[1]):
+    async def request_for(self, request_id: str, caller: Caller | None) -> RequestMeta:
+        """A request the caller may read, cancel or attach to; 404 otherwise."""
+        meta = await self.store.meta(request_id)
+        if meta is None or not may_access(caller, meta.owner):
             raise not_found(request_id)
-        return found[0]
+        return meta
 
 
 def may_access(caller: Caller | None, owner: str) -> bool:

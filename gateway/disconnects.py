@@ -10,8 +10,10 @@ requests' connections a few times a second (a few attribute reads each) and call
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -24,35 +26,33 @@ log = logging.getLogger(__name__)
 _CHECK_INTERVAL_S = 0.25
 
 
-class Watch:
-    def __init__(self, watcher: DisconnectWatcher, request: web.Request,
-                 on_gone: Callable[[], Awaitable[object]]) -> None:
-        self._watcher = watcher
-        self.request = request
-        self.on_gone = on_gone
-
-    async def close(self) -> None:
-        """Stop watching; a client found gone now (a write failed before the loop looked) still gets
-        its `on_gone`."""
-        if self in self._watcher._watches:
-            self._watcher._watches.discard(self)
-            if _disconnected(self.request):
-                await self._watcher._call(self)
+@dataclass(eq=False)  # one per waiting request, held in a set by identity
+class _Watch:
+    request: web.Request
+    on_gone: Callable[[], Awaitable[object]]
 
 
 class DisconnectWatcher:
     def __init__(self) -> None:
-        self._watches: set[Watch] = set()
+        self._watches: set[_Watch] = set()
         self._gone: set[asyncio.Task[None]] = set()
 
     def start(self, supervisor: Supervisor) -> None:
         supervisor.start("disconnects", self._loop)
 
-    def watch(self, request: web.Request, on_gone: Callable[[], Awaitable[object]]) -> Watch:
-        """Call `on_gone` once if the request's client disconnects before `Watch.cancel()`."""
-        watch = Watch(self, request, on_gone)
+    @contextlib.asynccontextmanager
+    async def watching(self, request: web.Request, on_gone: Callable[[], Awaitable[object]]) -> AsyncIterator[None]:
+        """Call `on_gone` once if the request's client disconnects inside the block. A client found gone
+        at its end (a write failed before the loop looked) still gets it."""
+        watch = _Watch(request, on_gone)
         self._watches.add(watch)
-        return watch
+        try:
+            yield
+        finally:
+            if watch in self._watches:
+                self._watches.discard(watch)
+                if _disconnected(request):
+                    await self._call(watch)
 
     async def _loop(self) -> None:
         while True:
@@ -64,7 +64,7 @@ class DisconnectWatcher:
                 task.add_done_callback(self._gone.discard)
 
     @staticmethod
-    async def _call(watch: Watch) -> None:
+    async def _call(watch: _Watch) -> None:
         try:
             await watch.on_gone()
         except (FleetError, *REDIS_UNAVAILABLE) as exc:

@@ -30,7 +30,8 @@ class GatewayMetrics:
                                   buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
         self.rejected = Counter("llm_fleet_admission_rejections", "Requests refused with 429: the model's queue "
                                 "was full", ["model"], registry=r)
-        self.outstanding = Gauge("llm_fleet_queue_outstanding", "Unfinished jobs in the model's stream (XLEN)",
+        self.outstanding = Gauge("llm_fleet_queue_outstanding", "Unfinished jobs in the model's stream (XLEN less "
+                                 "the cancelled or expired ones no worker has read yet)",
                                  ["model"], registry=r)
         self.waiting = Gauge("llm_fleet_queue_waiting", "Jobs no worker has read yet, less the cancelled ones",
                              ["model"], registry=r)
@@ -44,8 +45,8 @@ class GatewayMetrics:
         self.workers = Gauge("llm_fleet_workers_live", "Workers with a live heartbeat", registry=r)
         self.serving = Gauge("llm_fleet_model_ready_workers", "Live workers with the model ready", ["model"],
                              registry=r)
-        self.task_crashes = Counter("llm_fleet_task_crashes", "Long-lived tasks (the relay's reader) that raised "
-                                    "and were restarted", ["task"], registry=r)
+        self.task_crashes = Counter("llm_fleet_task_crashes", "Long-lived tasks (relay reader, disconnect "
+                                    "watcher) that raised and were restarted", ["task"], registry=r)
 
     async def render(self, gateway: Gateway) -> bytes:
         queues = await fleet_state.queues(gateway.redis)

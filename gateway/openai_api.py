@@ -122,15 +122,14 @@ async def _serve(request: web.Request, *, chat: bool) -> web.StreamResponse:
     subscription = await gateway.submit_streaming(job, caller)
     # A client that leaves while its request waits (queued, or between chunks) cancels it; the cancel's
     # final chunk then ends the loops below.
-    watch = gateway.disconnects.watch(request, lambda: gateway.cancel(job.request_id, caller))
     try:
-        shape = _Shape(chat, job.request_id, job.model, len(job.prompt_token_ids))
-        if stream:
-            return await _stream(request, subscription, shape, usage)
-        return await _complete(request, subscription, shape)
+        async with gateway.disconnects.watching(request, lambda: gateway.cancel(job.request_id, caller)):
+            shape = _Shape(chat, job.request_id, job.model, len(job.prompt_token_ids))
+            if stream:
+                return await _stream(request, subscription, shape, usage)
+            return await _complete(request, subscription, shape)
     finally:
         subscription.close()
-        await watch.close()
 
 
 class _Shape:

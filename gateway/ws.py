@@ -19,9 +19,9 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from common.errors import BadRequest, FleetError, Forbidden, NotFound, Overloaded, Unavailable, Unprocessable
+from common.errors import BadRequest, FleetError, Forbidden, Overloaded, Unprocessable
 from common.protocol import TERMINAL_STATUSES, Chunk, FinishReason
-from common.redis_conn import REDIS_UNAVAILABLE, describe
+from common.redis_conn import REDIS_UNAVAILABLE, unavailable
 from gateway.auth import CALLER_KEY, Caller
 from gateway.context import Gateway
 from gateway.relay import Subscription
@@ -113,7 +113,7 @@ class SocketSession:
         except FleetError as exc:
             await self._send_error(request_id, client_id, exc)
         except REDIS_UNAVAILABLE as exc:
-            await self._send_error(request_id, client_id, Unavailable(f"the queue is unavailable: {describe(exc)}"))
+            await self._send_error(request_id, client_id, unavailable(exc))
 
     async def _attach(self, request_id: str, last_seq: Any, client_id: Any) -> None:
         """Stream the rest of a request after `last_seq`. A client that has it all (a finished request's
@@ -121,18 +121,15 @@ class SocketSession:
         if isinstance(last_seq, bool) or not isinstance(last_seq, int) or last_seq < 0:
             raise Unprocessable("`last_seq` must be an integer >= 0", param="last_seq")
         self._check_stream_limit(replacing=request_id)
-        await self.gateway.model_for(request_id, self.caller)
+        # Subscribed before the request is read: no chunk can fall between the read and the stream.
         subscription = await self.gateway.relay.subscribe(request_id)
         try:
-            progress = await self.gateway.store.progress(request_id)
-            if progress is None:
-                raise NotFound(f"request {request_id} does not exist (or its result expired)", param="request_id")
-            status, seq = progress
-            if last_seq > seq:
+            meta = await self.gateway.request_for(request_id, self.caller)
+            if last_seq > meta.seq:
                 raise Unprocessable(f"last_seq {last_seq} is past the end: request {request_id} has sent up to "
-                                    f"seq {seq}", param="last_seq")
-            if last_seq == seq and status in TERMINAL_STATUSES:
-                [final] = await self.gateway.store.chunks_after(request_id, seq - 1)
+                                    f"seq {meta.seq}", param="last_seq")
+            if last_seq == meta.seq and meta.status in TERMINAL_STATUSES:
+                [final] = await self.gateway.store.chunks_after(request_id, meta.seq - 1)
                 await self._send_final(request_id, final, client_id)
                 subscription.close()
                 return
@@ -184,7 +181,7 @@ class SocketSession:
         except FleetError as exc:
             await self._send_error(request_id, client_id, exc)
         except REDIS_UNAVAILABLE as exc:
-            await self._send_error(request_id, client_id, Unavailable(f"the queue is unavailable: {describe(exc)}"))
+            await self._send_error(request_id, client_id, unavailable(exc))
         except Exception:  # a bug: the client hears of it rather than waiting forever
             log.exception("stream failed", extra={"request_id": request_id})
             await self._send_error(request_id, client_id, FleetError("internal error while streaming; re-attach"))
