@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
 import uuid
@@ -14,10 +13,6 @@ from common.request_store import RequestStore
 from common.settings import GatewaySettings
 from gateway.models import ModelRegistry
 from gateway.validation import GenerateRequest
-
-# Prompts (or chat messages, all their contents together) longer than this are rendered and tokenized
-# off the event loop: a long one takes milliseconds, during which every other stream would stall.
-_INLINE_TOKENIZE_CHARS = 16_384
 
 
 def new_request_id() -> str:
@@ -38,11 +33,9 @@ class Submitter:
         await self._registry.check_served(card)
         encoder = await self._registry.encoder(card)
         if request.prompt is not None:
-            encode, text, size = encoder.encode_prompt, request.prompt, len(request.prompt)
+            prompt_ids = await encoder.encode_prompt(request.prompt)
         else:
-            encode, text = encoder.encode_messages, request.messages or []
-            size = sum(len(str(m.get("content", ""))) for m in text)
-        prompt_ids = await asyncio.to_thread(encode, text) if size > _INLINE_TOKENIZE_CHARS else encode(text)
+            prompt_ids = await encoder.encode_messages(request.messages or [])
 
         cap = self._settings.max_prompt_tokens
         if cap and len(prompt_ids) > cap:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from common import keys
 from common.errors import NotFound, Unavailable
 from common.logs import JsonFormatter
 from common.protocol import ModelCard, WorkerStatus
+from gateway import tokenization
 from gateway.models import ModelRegistry
 from gateway.tokenization import PromptEncoder
 from tests.conftest import TEST_MODEL, StartFleet
@@ -181,22 +183,83 @@ async def test_a_model_loaded_a_moment_ago_is_not_refused(redis) -> None:
     await registry.check_served(card)  # within the 1 s cache, yet not refused
 
 
-async def test_long_chat_messages_are_rendered_and_tokenized_off_the_event_loop(
+async def test_prompts_are_tokenized_off_the_event_loop_many_per_thread_hop(
     start_fleet: StartFleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Rendering a chat template and tokenizing 20k characters takes milliseconds: not on the loop that
-    relays every other stream. Short ones stay inline (a thread hop costs more than they do)."""
+    """Tokenizing takes about a millisecond per thousand tokens: a burst of prompts must not stall the loop
+    that relays every other stream. Prompts go to a thread in batches: those that arrive while a batch is
+    encoded go together into the next one."""
+    hops: list[tuple[bool, int]] = []
+    real_tokenizer = tokenization.Tokenizer
+
+    class RecordingTokenizer:
+        def __init__(self, real: Any) -> None:
+            self._real = real
+
+        @classmethod
+        def from_str(cls, text: str) -> RecordingTokenizer:
+            return cls(real_tokenizer.from_str(text))
+
+        def encode_batch(self, texts: list[str], add_special_tokens: bool) -> Any:
+            hops.append((threading.current_thread() is threading.main_thread(), len(texts)))
+            time.sleep(0.05)  # a slow batch: the rest of the burst arrives meanwhile
+            return self._real.encode_batch(texts, add_special_tokens=add_special_tokens)
+
+    monkeypatch.setattr(tokenization, "Tokenizer", RecordingTokenizer)
+    fleet = await start_fleet()
+    prompts = [f"prompt number {i}" for i in range(30)]
+    replies = await asyncio.gather(*(fleet.post("/v1/generate", {"model": TEST_MODEL, "prompt": p, "max_tokens": 1})
+                                     for p in prompts))
+    done = await asyncio.gather(*(fleet.wait_done(reply["request_id"]) for _, reply, _ in replies))
+    # Each prompt got its own tokens back (the test engine echoes the prompt's bytes), in any batch.
+    assert [d["usage"]["prompt_tokens"] for d in done] == [len(p) for p in prompts]
+    assert [d["text"] for d in done] == [p[0] for p in prompts]
+    assert sum(size for _, size in hops) == len(prompts)
+    assert not any(on_loop for on_loop, _ in hops)
+    assert len(hops) < len(prompts) // 3, hops
+
+
+async def test_long_chat_messages_are_rendered_off_the_event_loop(
+    start_fleet: StartFleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chat template renders 20k characters in milliseconds: not on the loop. Short ones stay inline (a
+    thread hop costs more than they do); both are tokenized off the loop."""
     fleet = await start_fleet(engine={"max_model_len": 32768})
     threads: list[bool] = []
-    real = PromptEncoder.encode_messages
+    real = PromptEncoder.render
 
-    def recording(self: PromptEncoder, messages: list[dict[str, Any]]) -> list[int]:
+    def recording(self: PromptEncoder, messages: list[dict[str, Any]]) -> str:
         threads.append(threading.current_thread() is threading.main_thread())
         return real(self, messages)
 
-    monkeypatch.setattr(PromptEncoder, "encode_messages", recording)
+    monkeypatch.setattr(PromptEncoder, "render", recording)
     for content in ("x" * 20_000, "short"):
         status, reply, _ = await fleet.post("/v1/generate", {"model": TEST_MODEL, "max_tokens": 2,
                                                              "messages": [{"role": "user", "content": content}]})
         assert status == 202, reply
     assert threads == [False, True]
+
+
+async def test_a_tokenizer_error_fails_every_prompt_of_its_batch_and_the_next_batch_still_runs() -> None:
+    """The batch encoder hands an exception to each waiter of the batch it hit; it keeps serving after."""
+    from tokenizers import Tokenizer
+
+    from worker.engines.test_echo import byte_tokenizer
+
+    class Flaky:
+        def __init__(self) -> None:
+            self.real: Tokenizer = byte_tokenizer()
+            self.fail = True
+
+        def encode_batch(self, texts: list[str], add_special_tokens: bool) -> Any:
+            if self.fail:
+                self.fail = False
+                raise ValueError("tokenizer broke")
+            return self.real.encode_batch(texts, add_special_tokens=add_special_tokens)
+
+    flaky = Flaky()
+    encoder = tokenization._BatchEncoder(flaky, add_special_tokens=True)  # type: ignore[arg-type]
+    first = await asyncio.gather(encoder.encode("ab"), encoder.encode("cd"), return_exceptions=True)
+    assert [type(r) for r in first] == [ValueError, ValueError]
+    assert await asyncio.gather(encoder.encode("ab"), encoder.encode("xyz")) == [
+        flaky.real.encode("ab").ids, flaky.real.encode("xyz").ids]
