@@ -104,6 +104,17 @@ class Chunk(Packed):
     completion_tokens: int | None = None
     error: str | None = None
 
+    @classmethod
+    def merged(cls, chunks: list[Chunk]) -> Chunk:
+        """Consecutive chunks as one: all their text and tokens, the last one's seq and ending."""
+        if len(chunks) == 1:
+            return chunks[0]
+        last = chunks[-1]
+        token_ids = [t for c in chunks for t in c.token_ids or ()] if any(c.token_ids for c in chunks) else None
+        return cls(seq=last.seq, text="".join(c.text for c in chunks), token_ids=token_ids,
+                   finish_reason=last.finish_reason, prompt_tokens=last.prompt_tokens,
+                   completion_tokens=last.completion_tokens, error=last.error)
+
 
 @dataclass(slots=True)
 class ModelCard(Packed):

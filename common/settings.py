@@ -108,10 +108,12 @@ class WorkerSettings(_RequestLifetimes):
     catalogue: str | None = None
     heartbeat_interval_s: float = 1.0
     heartbeat_ttl_s: float = 5.0
-    # Output deltas are coalesced and published at most every flush_interval_ms (one pipeline
-    # for all running requests), so Redis and the gateway see a few messages per request per
-    # interval instead of one per token.
-    flush_interval_ms: float = 15.0
+    # Engine output is written to Redis in flushes (one pipeline for every request with new output).
+    # 0: a flush starts as soon as the previous one is done, so a lone stream gets each token as the
+    # engine makes it and coalescing grows with the load by itself (what arrives during a flush goes
+    # into the next). > 0: at least this long between flushes (fewer, bigger chunks; a request's first
+    # output is never held back).
+    flush_interval_ms: float = 0.0
     read_block_ms: int = 1000
     # SIGTERM: in-flight jobs get this long to finish; what is left is handed back (re-queued,
     # to be continued by another worker) before the worker exits.
@@ -135,6 +137,7 @@ class WorkerSettings(_RequestLifetimes):
 
 
 MAX_FRONTENDS = 16
+MAX_KV_OVERSUBSCRIPTION = 4.0
 
 
 @dataclass(frozen=True)
@@ -148,11 +151,20 @@ class ModelSpec:
     # Worker processes sharing the one engine (worker/frontends.py): more than 1 where a single
     # process's output handling, not the GPU, limits throughput (vLLM at high concurrency).
     frontends: int = 1
+    # Admission: jobs are admitted while their worst cases (prompt + max_tokens) add up to at most this
+    # many times the engine's KV capacity. 1.0: never more than fits, no preemption ever. Above 1 (for
+    # engines that preempt, as vLLM does: it recomputes a preempted request, nothing is lost), a burst
+    # waits inside the engine, which admits by the KV really in use, rather than in the stream.
+    kv_oversubscription: float = 1.0
 
     def __post_init__(self) -> None:
         count = self.frontends
         if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_FRONTENDS:
             raise ValueError(f"model {self.name!r}: frontends must be an integer from 1 to {MAX_FRONTENDS}")
+        ratio = self.kv_oversubscription
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 1.0 <= ratio <= MAX_KV_OVERSUBSCRIPTION:
+            raise ValueError(f"model {self.name!r}: kv_oversubscription must be a number from 1 to "
+                             f"{MAX_KV_OVERSUBSCRIPTION}")
 
 
 BUILTIN_CATALOGUE: dict[str, ModelSpec] = {

@@ -141,27 +141,49 @@ class Subscription:
         self._queue = queue
 
     async def chunks(self, last_seq: int = 0) -> AsyncIterator[Chunk]:
-        """Chunks with seq > last_seq, in order, each once, through the final one."""
+        """Chunks with seq > last_seq, in order, each once, through the final one. Chunks that are here
+        together when the consumer asks (it fell behind, or a re-read of the stored ones) come merged as
+        one: a consumer that cannot keep up gets fewer, bigger chunks rather than a growing queue, so the
+        coalescing grows with the load, and a consumer that keeps up gets each chunk as it comes."""
         delivered = last_seq
-        backlog = await self._stored_after(delivered)
+        arrived = await self._stored_after(delivered)
         while True:
-            for chunk in backlog:
-                if chunk.seq <= delivered:
-                    continue  # already sent (stored and live copies overlap)
-                if chunk.seq > delivered + 1:
-                    break  # a gap: fetch the stored chunks below
+            ready, resync = self._contiguous(arrived, delivered)
+            if ready:
+                chunk = Chunk.merged(ready)
                 delivered = chunk.seq
                 yield chunk
                 if chunk.finish_reason is not None:
                     return
-            else:
-                live = await self._next()
-                if live is not _RESYNC:
-                    backlog = [live]
-                    continue
-            backlog = await self._stored_after(delivered)
-            if not backlog and not await self._relay.redis.exists(keys.request(self.request_id)):
+            live = _RESYNC if resync else await self._next()
+            if live is not _RESYNC:
+                arrived = [live]
+                continue
+            arrived = await self._stored_after(delivered)
+            if not arrived and not await self._relay.redis.exists(keys.request(self.request_id)):
                 raise NotFound(f"request {self.request_id} expired")
+
+    def _contiguous(self, arrived: list[Chunk], delivered: int) -> tuple[list[Chunk], bool]:
+        """The chunks after `delivered`, in order, from `arrived` and whatever else is queued now; and
+        whether a gap (or a resync marker) says the stored chunks must be read."""
+        ready: list[Chunk] = []
+        expected = delivered + 1
+        pending = iter(arrived)
+        while not (ready and ready[-1].finish_reason is not None):
+            chunk = next(pending, None)
+            if chunk is None:
+                if self._queue.empty():
+                    return ready, False
+                chunk = self._queue.get_nowait()
+                if chunk is _RESYNC:
+                    return ready, True
+            if chunk.seq < expected:
+                continue  # already sent (stored and live copies overlap)
+            if chunk.seq > expected:
+                return ready, True  # a gap: fetch the stored chunks below
+            ready.append(chunk)
+            expected += 1
+        return ready, False
 
     async def _stored_after(self, seq: int) -> list[Chunk]:
         """The stored chunks after `seq`. A stream rides out a Redis outage (a restart) of up to

@@ -80,7 +80,7 @@ class Fleet:
         """An in-process worker serving the test engine, with engine options and worker
         settings overridden."""
         settings_ = WorkerSettings(**{"redis_url": self.redis_url, "models": [TEST_MODEL],
-                                      "worker_id": f"w{len(self.workers)}", "flush_interval_ms": 5,
+                                      "worker_id": f"w{len(self.workers)}",
                                       # A stopping reader finishes its blocked read first: keep it short.
                                       "read_block_ms": 100,
                                       "catalogue": self.write_catalogue(**options), **(settings or {})})
@@ -103,7 +103,7 @@ class Fleet:
         catalogue is a file, or test-echo with these engine options."""
         catalogue = catalogue or self.write_catalogue(**options)
         environment = {**os.environ, "LLM_FLEET_HEARTBEAT_INTERVAL_S": "0.5", "LLM_FLEET_HEARTBEAT_TTL_S": "2",
-                       "LLM_FLEET_RECLAIM_INTERVAL_S": "0.5", "LLM_FLEET_FLUSH_INTERVAL_MS": "5", **(env or {})}
+                       "LLM_FLEET_RECLAIM_INTERVAL_S": "0.5", **(env or {})}
         process = subprocess.Popen(
             [sys.executable, "-m", "common.cli", "worker", "--redis-url", self.redis_url, "--model", TEST_MODEL,
              "--worker-id", worker_id, "--catalogue", catalogue, "--log-level", "WARNING"],

@@ -150,7 +150,7 @@ async def test_a_partitioned_workers_jobs_are_reclaimed_across_hosts(network: Ne
     options = {**load_catalogue(None)[TEST_MODEL].options, "step_delay_ms": 25, "max_num_seqs": 4}
     catalogue.write_text(json.dumps({TEST_MODEL: {"engine": "test", "options": options}}))
     fast = {"LLM_FLEET_HEARTBEAT_INTERVAL_S": "0.5", "LLM_FLEET_HEARTBEAT_TTL_S": "2",
-            "LLM_FLEET_RECLAIM_INTERVAL_S": "0.5", "LLM_FLEET_FLUSH_INTERVAL_MS": "5"}
+            "LLM_FLEET_RECLAIM_INTERVAL_S": "0.5"}
     for worker in ("w1", "w2"):
         network.run(worker, [*cli, "worker", "--redis-url", redis_url, "--model", TEST_MODEL, "--worker-id", worker,
                              "--catalogue", str(catalogue), "--log-level", "WARNING"], env=fast)

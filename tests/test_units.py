@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from common.protocol import Chunk, Job
-from common.settings import GatewaySettings
+from common.settings import GatewaySettings, ModelSpec
 from worker.engines.detokenizer import IncrementalText
 from worker.engines.test_echo import byte_tokenizer
 from worker.kv_budget import KvBudget
@@ -54,6 +54,15 @@ async def test_kv_budget_admits_by_tokens_and_slots_and_frees_on_release() -> No
     budget.release("a")
     await asyncio.wait_for(waiter, 1)
     assert budget.used_tokens == 90 and budget.free_seqs == 0
+
+
+def test_kv_oversubscription_admits_worst_cases_beyond_capacity_but_never_a_job_larger_than_the_engine() -> None:
+    budget = KvBudget(capacity_tokens=100, max_seqs=8, oversubscription=1.5)
+    assert budget.try_admit("a", 80) and budget.try_admit("b", 70)  # 150 of 100 tokens' worst cases
+    assert not budget.try_admit("c", 1)
+    assert budget.never_fits(101) and not budget.never_fits(100)
+    with pytest.raises(ValueError, match="kv_oversubscription"):
+        ModelSpec(name="m", engine="vllm", kv_oversubscription=0.5)
 
 
 def test_wire_messages_round_trip() -> None:

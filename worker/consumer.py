@@ -265,7 +265,8 @@ class Worker:
             return  # the loader logged it; the heartbeat reports the model as failed
         budget = self.budgets.get(spec.name)
         if budget is None:
-            budget = self.budgets[spec.name] = KvBudget(*frontend_share(engine, spec), engine.kv_block_size)
+            budget = self.budgets[spec.name] = KvBudget(*frontend_share(engine, spec), engine.kv_block_size,
+                                                        oversubscription=spec.kv_oversubscription)
             log.info("model %s ready: %d KV tokens, %d sequences", spec.name, budget.capacity_tokens,
                      budget.max_seqs)
         stream = keys.job_stream(spec.name)

@@ -1,4 +1,5 @@
-"""Admission against an engine's real KV capacity: a job runs only if its worst case fits."""
+"""Admission against an engine's real KV capacity: a job runs only if its worst case fits (in the
+capacity times the model's `kv_oversubscription`, for engines that preempt)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ class KvBudget:
     """Token budget (prompt + max new tokens per job, rounded up to whole KV blocks, as the
     engine allocates them) and a sequence-slot limit."""
 
-    def __init__(self, capacity_tokens: int, max_seqs: int, block_size: int = 1) -> None:
+    def __init__(self, capacity_tokens: int, max_seqs: int, block_size: int = 1, oversubscription: float = 1.0) -> None:
         self.capacity_tokens = capacity_tokens
+        self.admit_tokens = int(capacity_tokens * oversubscription)  # the worst cases admitted add up to this
         self.max_seqs = max_seqs
         self.block_size = block_size
         self._held: dict[str, int] = {}
@@ -29,7 +31,7 @@ class KvBudget:
         return -(-tokens // self.block_size) * self.block_size
 
     def fits(self, tokens: int) -> bool:
-        return len(self._held) < self.max_seqs and self._used + self._blocks(tokens) <= self.capacity_tokens
+        return len(self._held) < self.max_seqs and self._used + self._blocks(tokens) <= self.admit_tokens
 
     def try_admit(self, request_id: str, tokens: int) -> bool:
         if not self.fits(tokens):
@@ -46,6 +48,7 @@ class KvBudget:
             await self._changed.wait()
 
     def never_fits(self, tokens: int) -> bool:
+        """Larger than the whole engine: no oversubscription makes it runnable."""
         return self._blocks(tokens) > self.capacity_tokens
 
     async def wait_for_slot(self) -> None:

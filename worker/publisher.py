@@ -1,11 +1,15 @@
 """Coalesces engine output and writes it to Redis: one pipeline per flush for every request.
 
-Per-token work stays in memory; Redis sees at most one append per running request per
-`flush_interval` (a request's first output is flushed at once, to keep time-to-first-token
-low). A flush that Redis cannot take (unreachable, or refusing: OOM, BUSY, READONLY) keeps the
-text and retries with backoff, so a Redis blip loses nothing. A request whose own output cannot be
-stored (any other error, for that request alone) is marked `broken` and aborted: the worker fails it
-with the reason; the other requests' output goes on.
+Per-token work stays in memory; Redis sees one append per flush for each request with new output.
+A flush starts as soon as the previous one is done: with little load, that is every engine step
+(each token goes out as it is made); as load rises a flush takes longer and carries more tokens per
+request. The cost of the last flush sets the coalescing, not a fixed delay. An optional
+`flush_interval` spaces flushes further (a request's first output is never held back).
+
+A flush that Redis cannot take (unreachable, or refusing: OOM, BUSY, READONLY) keeps the text and
+retries with backoff, so a Redis blip loses nothing. A request whose own output cannot be stored (any
+other error, for that request alone) is marked `broken` and aborted: the worker fails it with the
+reason; the other requests' output goes on.
 """
 
 from __future__ import annotations
@@ -131,7 +135,7 @@ class ChunkPublisher:
             self._wakeup.set()  # restarted after a crash: what was buffered is still to be written
         while True:
             await self._wakeup.wait()
-            if not self._urgent:
+            if self._interval and not self._urgent:
                 await asyncio.sleep(max(0.0, last_flush + self._interval - time.monotonic()))
             self._wakeup.clear()
             self._urgent = False

@@ -82,11 +82,11 @@ class VllmEngine(Engine):
                 completion = out.outputs[0]
                 finish = (_FINISH_REASONS.get(completion.finish_reason or "", FinishReason.ERROR)
                           if out.finished else None)
+                # vLLM's stream ends by itself after the finished output. Leaving it earlier would close
+                # it half-way, and vLLM answers that with an abort of the request through the engine core.
                 yield EngineOutput(request.request_id, completion.text, list(completion.token_ids),
                                    finish_reason=finish,
                                    error="vLLM reported an error" if finish == FinishReason.ERROR else None)
-                if finish is not None:
-                    return
         finally:
             self._active.discard(request.request_id)
 
