@@ -97,6 +97,9 @@ def server(argv: list[str], ready_url: str, log_path: Path, env: dict[str, str],
         log(f"ready in {time.monotonic() - started:.0f}s: {' '.join(argv[2:6])}")
         yield process.pid
     finally:
+        descendants = []
+        with contextlib.suppress(psutil.Error):
+            descendants = psutil.Process(process.pid).children(recursive=True)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGINT)
         try:
@@ -104,11 +107,11 @@ def server(argv: list[str], ready_url: str, log_path: Path, env: dict[str, str],
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-        # vLLM's engine core runs in its own process; leave the GPU free for the next server.
-        for leftover in psutil.process_iter(["cmdline"]):
+        # What outlived its parent (vLLM's engine core, in a process of its own) goes too, to leave the GPU
+        # free for the next server; only this server's own (another may run beside it on another GPU).
+        for leftover in descendants:
             with contextlib.suppress(psutil.Error):
-                if leftover.pid != os.getpid() and "EngineCore" in " ".join(leftover.info["cmdline"] or []):
-                    leftover.kill()
+                leftover.kill()
         time.sleep(3)
 
 
@@ -124,7 +127,8 @@ def process_tree(root_pid: int) -> dict[str, psutil.Process]:
                     "valkey" if "valkey" in cmd else
                     "gateway" if " gateway " in f"{cmd} " else
                     "worker" if " worker " in f"{cmd} " else
-                    "vllm-api-server" if ("serve" in cmd and process.pid == root_pid) or "ApiServer" in name
+                    "vllm-api-server" if "apiserver" in f"{cmd} {name}".lower() or (
+                        "serve" in cmd and process.pid == root_pid and "--api-server-count 1" in cmd)
                     else None)
             if role:  # several of a kind (front-ends, API servers): worker, worker-2, ...
                 roles[role if role not in roles else f"{role}-{sum(r.startswith(role) for r in roles) + 1}"] = process
@@ -314,7 +318,8 @@ class RunWatch:
         self.running.start()
         engine = roles.get("engine-core")
         self.engine_pid = engine.pid if engine else None
-        self.probe_before = probe_counters(args.probe_dir, self.engine_pid)
+        # No counters yet: the engine core has not stepped for a second since it started (its first run).
+        self.probe_before = probe_counters(args.probe_dir, self.engine_pid) or {"at": time.time()}
         self.metrics_url = args.worker_metrics if label.startswith("llm-fleet") else None
         self.latency_before = latency_sums(self.metrics_url)
         self.profiles: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
@@ -424,6 +429,8 @@ def main() -> None:
                         help="vLLM's stream_interval (tokens per output), the same on both sides")
     parser.add_argument("--frontends", type=int, default=2, help="the fleet's front-end processes for the engine")
     parser.add_argument("--gateways", type=int, default=2, help="the fleet's gateway processes (one port)")
+    parser.add_argument("--kv-oversubscription", type=float, default=1.0,
+                        help="the fleet's admission: worst cases up to this many times the KV capacity")
     parser.add_argument("--engine-option", action="append", default=[], metavar="KEY=JSON",
                         help="a vLLM engine argument for both sides, e.g. async_scheduling=true")
     parser.add_argument("--fleet-env", action="append", default=[], metavar="KEY=VALUE",
@@ -434,7 +441,13 @@ def main() -> None:
     parser.add_argument("--api-server-count", type=int,
                         help="`vllm serve`'s API server processes (default: the fleet's front-ends + gateways)")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
+    parser.add_argument("--table", nargs="+", metavar="JSON",
+                        help="print the table of results written earlier (e.g. each side run on its own GPU)")
     args = parser.parse_args()
+    if args.table:
+        rows = [row for path in args.table for row in json.loads(Path(path).read_text())["rows"]]
+        print(table(args.model, rows))
+        return
     args.shapes = args.shapes or [Shape(args.input_len, args.output_len, args.range_ratio)]
     args.api_server_count = args.api_server_count or args.frontends + args.gateways
     args.model_dir = args.model_dir or f"/tmp/models/{args.model}"
@@ -481,7 +494,8 @@ def main() -> None:
         port = 8200
         catalogue = work / "catalogue.json"
         catalogue.write_text(json.dumps({args.model: {"engine": "vllm", "source": args.model_dir,
-                                                      "frontends": args.frontends, "options": options}}))
+                                                      "frontends": args.frontends, "options": options,
+                                                      "kv_oversubscription": args.kv_oversubscription}}))
         fleet_env = {**env, "LLM_FLEET_MAX_OUTSTANDING": str(4 * max(args.concurrency)),
                      **dict(e.split("=", 1) for e in args.fleet_env)}
         if args.flush_interval_ms is not None:

@@ -2,7 +2,9 @@
 
 Client -> server: a generate request (the /v1/generate body, plus optional `id` and
 `outlive_socket`), `{"type": "cancel", "request_id"}`, `{"type": "attach", "request_id", "last_seq"}`.
-Server -> client: accepted, chunk (with seq), done, error, cancelled. A bad message gets an
+Server -> client: accepted, chunk (with seq), done, error, cancelled. A chunk's `seq` is the last
+stored piece of output it carries: seqs increase, and a client that fell behind (or re-attached to
+output already stored) gets what waited in one chunk. A bad message gets an
 `error` and the socket stays open. Closing the socket cancels its unfinished requests unless
 they were submitted with `"outlive_socket": true`. A gateway that shuts down closes sockets
 with 1001 and cancels nothing: the client re-attaches (to any gateway) with `last_seq`. With API
