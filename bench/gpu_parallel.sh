@@ -20,7 +20,7 @@ side() {  # GPU, then the arguments of one bench run
     python bench/vllm_vs_fleet.py --model "$model" --out "$out" "${both[@]}" "$@"
 }
 ( side 0 --only vllm-serve > "$out/vllm-serve.log" 2>&1
-  if [ ${#variant[@]} -gt 0 ]; then side 0 --only llm-fleet "${variant[@]}" > "$out/fleet-variant.log" 2>&1; fi ) &
+  if [ ${#variant[@]} -gt 0 ]; then side 0 --only llm-fleet --fleet-port 8300 "${variant[@]}" > "$out/fleet-variant.log" 2>&1; fi ) &
 side 1 --only llm-fleet > "$out/fleet.log" 2>&1 &
 wait
 grep -h "^\[bench" "$out"/*.log | cut -c1-400

@@ -436,6 +436,7 @@ def main() -> None:
     parser.add_argument("--fleet-env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment of the fleet's processes (a variant to compare)")
     parser.add_argument("--label", default="", help="suffix of the fleet's label (a variant)")
+    parser.add_argument("--fleet-port", type=int, default=8200, help="the fleet's gateway port (two fleets at once)")
     parser.add_argument("--pin-engine-core", action="store_true",
                         help="run vLLM's engine core alone on CPU 0 (and its SMT siblings), the rest elsewhere")
     parser.add_argument("--api-server-count", type=int,
@@ -491,7 +492,7 @@ def main() -> None:
         save()
 
     if args.only in (None, "llm-fleet"):
-        port = 8200
+        port = args.fleet_port
         catalogue = work / "catalogue.json"
         catalogue.write_text(json.dumps({args.model: {"engine": "vllm", "source": args.model_dir,
                                                       "frontends": args.frontends, "options": options,

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
+from common import heap
 from common.control import arq_client
 from common.errors import FleetError, Overloaded, PayloadTooLarge
 from common.redis_conn import REDIS_UNAVAILABLE, connect, describe, unavailable
@@ -131,6 +132,7 @@ def _lifecycle(settings: GatewaySettings,
                               on_rejected=lambda model: gateway_metrics.rejected.labels(model).inc())
         app[GATEWAY_KEY] = Gateway(settings, redis, store, registry, submitter, relay,
                                    Authenticator(redis, settings.auth_cache_s), arq, supervisor, disconnects)
+        heap.freeze()  # what start-up built lives as long as the process (common/heap.py)
         yield
         await supervisor.stop()
         await relay.close()

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import sys
 import time
+import weakref
 from dataclasses import replace as dataclass_replace
 from pathlib import Path
 from typing import Any
@@ -124,6 +126,22 @@ async def test_unloading_under_traffic_loses_no_request(start_fleet: StartFleet,
     assert any(r.getMessage().startswith("handing back ") for r in caplog.records)
     assert served_by((await fleet.get("/v1/models"))[1], TEST_MODEL) == {"w1": "ready"}
     assert await redis.xlen(keys.job_stream(TEST_MODEL)) == 0
+
+
+async def test_a_loaded_model_is_frozen_out_of_the_collectors_sight_and_freed_after_unload(
+    start_fleet: StartFleet, redis, tmp_path: Path
+) -> None:
+    """Full collections must not walk a loaded model's objects (common/heap.py), and freezing them must
+    not keep an unloaded model alive."""
+    fleet = await admin_fleet(start_fleet, redis, tmp_path)
+    assert (await control(fleet, "load", OTHER, {"workers": ["w1"], "wait": True}))[0] == 200
+    loaded = fleet.workers[1].loader.engines[OTHER]
+    assert not any(o is loaded for o in gc.get_objects())  # frozen: no generation holds it
+    loaded.cycle = [loaded]  # as a real engine's objects do (tasks, callbacks): only a collection frees it
+    engine = weakref.ref(loaded)
+    del loaded
+    assert (await control(fleet, "unload", OTHER, {"wait": True}))[0] == 200
+    assert engine() is None
 
 
 async def test_admin_model_routes_refuse_what_they_cannot_do(start_fleet: StartFleet, redis, tmp_path: Path) -> None:

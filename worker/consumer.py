@@ -30,7 +30,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 from tokenizers import Tokenizer
 
-from common import keys
+from common import heap, keys
 from common.protocol import FinishReason, Job, ModelState, WorkerStatus
 from common.redis_conn import REDIS_UNAVAILABLE, as_text, connect, describe
 from common.request_store import RequestStore
@@ -221,6 +221,9 @@ class Worker:
         await self.loader.unload(name)
         self.budgets.pop(name, None)
         self._decoders.pop(name, None)
+        # The engine's objects were frozen with it: let them go, once this call's frames (which may still
+        # reach them through a traceback) are gone.
+        asyncio.get_running_loop().call_soon(heap.refreeze)
         self._beat_now.set()
         log.info("model %s unloaded", name)
         return {"state": "unloaded"}
@@ -263,6 +266,7 @@ class Worker:
                 self.exit_code = 1
                 self.stop()
             return  # the loader logged it; the heartbeat reports the model as failed
+        heap.freeze()  # the engine's objects live as long as the model: out of the collector's sight
         budget = self.budgets.get(spec.name)
         if budget is None:
             budget = self.budgets[spec.name] = KvBudget(*frontend_share(engine, spec), engine.kv_block_size,
