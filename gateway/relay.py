@@ -41,6 +41,9 @@ class Relay:
         self.outage_grace_s = outage_grace_s
         self._pubsub: PubSub = redis.pubsub()
         self._queues: dict[str, set[asyncio.Queue[Chunk | None]]] = defaultdict(set)
+        # Queues whose stream waits for its next chunk, and since when (loop time): `_wake_quiet` sends a
+        # stream that heard nothing for resync_s to re-read the store. One sweep, not a timer per chunk.
+        self._waiting: dict[asyncio.Queue[Chunk | None], float] = {}
         self._acks: dict[str, asyncio.Future[None]] = {}
         # Keeps the connection subscribed (so the reader always has one) even with no requests.
         self._home = f"gateway:{uuid.uuid4().hex}"
@@ -48,6 +51,7 @@ class Relay:
 
     def start(self, supervisor: Supervisor) -> None:
         supervisor.start("relay", self._read_loop)
+        supervisor.start("relay_resync", self._wake_quiet)
 
     async def close(self) -> None:
         with contextlib.suppress(*REDIS_UNAVAILABLE):
@@ -109,6 +113,24 @@ class Relay:
             if message is not None:
                 self._dispatch(message)
 
+    async def _next(self, queue: asyncio.Queue[Chunk | None]) -> Chunk | None:
+        """The queue's next item: a chunk, or the resync marker (a gap, a reconnect, or quiet too long)."""
+        self._waiting[queue] = asyncio.get_running_loop().time()
+        try:
+            return await queue.get()
+        finally:
+            self._waiting.pop(queue, None)
+
+    async def _wake_quiet(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.resync_s / 2)
+            now = loop.time()
+            for queue, since in list(self._waiting.items()):
+                if now - since >= self.resync_s:  # quiet for a while: make sure nothing was missed
+                    del self._waiting[queue]
+                    queue.put_nowait(_RESYNC)
+
     def _resync_all(self) -> None:
         for listeners in self._queues.values():
             for queue in listeners:
@@ -155,7 +177,7 @@ class Subscription:
                 yield chunk
                 if chunk.finish_reason is not None:
                     return
-            live = _RESYNC if resync else await self._next()
+            live = _RESYNC if resync else await self._relay._next(self._queue)
             if live is not _RESYNC:
                 arrived = [live]
                 continue
@@ -196,12 +218,6 @@ class Subscription:
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.5)
-
-    async def _next(self) -> Chunk | None:
-        try:
-            return await asyncio.wait_for(self._queue.get(), self._relay.resync_s)
-        except TimeoutError:
-            return _RESYNC  # quiet for a while: make sure nothing was missed
 
     def close(self) -> None:
         self._relay.unsubscribe(self._channel, self._queue)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
+from redis.exceptions import DataError
 
 from common.protocol import Chunk, Job
 from common.settings import GatewaySettings, ModelSpec
@@ -63,6 +65,24 @@ def test_kv_oversubscription_admits_worst_cases_beyond_capacity_but_never_a_job_
     assert budget.never_fits(101) and not budget.never_fits(100)
     with pytest.raises(ValueError, match="kv_oversubscription"):
         ModelSpec(name="m", engine="vllm", kv_oversubscription=0.5)
+
+
+@pytest.mark.parametrize("command", [
+    ("EVALSHA", "0123abcd", 2, "req:1", "req:1:chunks", "w-1", b"\x81\xa3seq\x01", 7, 1796005228.7729154, 0.1, -3),
+    ("SCRIPT LOAD", "return redis.call('GET', KEYS[1])"),
+    (b"CLIENT SETNAME", "né ☃"),
+    ("XADD", "jobs:m", "*", "job", b"\x00" * 70_000),  # a large value, packed in one piece
+])
+def test_commands_packed_by_hiredis_are_what_redis_py_would_send(command: tuple[Any, ...]) -> None:
+    from redis.asyncio.connection import Connection
+
+    from common.redis_conn import connection_pool
+
+    ours = connection_pool("redis://127.0.0.1:6379/0", timeout_s=1.0).make_connection()
+    assert type(ours) is not Connection
+    assert b"".join(ours.pack_command(*command)) == b"".join(Connection().pack_command(*command))
+    with pytest.raises(DataError):  # what redis-py refuses, refused alike
+        ours.pack_command("SET", "k", True)
 
 
 def test_wire_messages_round_trip() -> None:
