@@ -1,7 +1,7 @@
 """Chaos benchmark: does the fleet lose, repeat or skip anything while its parts die?
 
 Runs `llm-fleet up --workers N` on its own embedded Valkey (AOF on) and sends REQUESTS requests,
-half over WebSockets (streamed, seq-checked at the client, re-attached with last_seq after a
+half over WebSockets (streamed, seqs checked at the client, re-attached with last_seq after a
 disconnect) and half submit-then-poll. With --chaos, meanwhile: a random worker is SIGKILLed
 every KILL_EVERY seconds (the supervisor restarts it), the gateway is SIGKILLed once (a third
 of the way in) and Valkey is restarted once (two thirds in). Without, the same load runs calm.
@@ -51,7 +51,6 @@ class Outcome:
     lost: int = 0  # never completed (failed, cancelled, vanished, or still unfinished at the deadline)
     wrong_text: int = 0  # completed, but not the exact expected text
     duplicated_chunks: int = 0
-    missing_chunks: int = 0
     submit_retries: int = 0
     reattaches: int = 0
     stalls: int = 0  # WebSocket streams silent for 30 s (the client re-attached)
@@ -127,8 +126,8 @@ class Client:
                             if seq <= last_seq and kind == "chunk":
                                 self.out.duplicated_chunks += 1
                                 continue
-                            if seq > last_seq + 1:
-                                self.out.missing_chunks += seq - last_seq - 1
+                            # A chunk may carry several stored pieces (a reader that fell behind, a
+                            # re-attach): its seq is the last. What is missing shows in the exact text.
                             last_seq = max(last_seq, seq)
                             text.append(event.get("text", ""))
                             if kind == "done":
@@ -364,12 +363,12 @@ def main() -> None:
                if args.only is None or args.only == ("chaos" if chaos else "calm")]
     print(f"\nchaos benchmark: {args.model}, {args.workers} workers, {args.requests} requests "
           f"(half WebSocket, half polled), concurrency {args.concurrency}, max_tokens {args.max_tokens}")
-    print("| run | faults | completed | lost | wrong text | dup chunks | missing chunks | p50 s | p99 s | wall s |"
+    print("| run | faults | completed | lost | wrong text | dup chunks | p50 s | p99 s | wall s |"
           " submit retries | re-attaches | stalls | serving again after s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['mode']} | {r['faults'] or '-'} | {r['completed']} | {r['lost']} | {r['wrong_text']} | "
-              f"{r['duplicated_chunks']} | {r['missing_chunks']} | {r['p50_s']} | {r['p99_s']} | {r['wall_s']} | "
+              f"{r['duplicated_chunks']} | {r['p50_s']} | {r['p99_s']} | {r['wall_s']} | "
               f"{r['submit_retries']} | {r['reattaches']} | {r['stalls']} | {r['recovery_s'] or '-'} |")
     for r in results:
         for event in r["events"]:

@@ -1,7 +1,7 @@
 """The deterministic test engine: echoes the prompt back, one byte-token per decoding step.
 
-For tests and gateway benchmarks only. It behaves like a batched engine with a fixed cost
-per step (`step_delay_ms`, whatever the batch size), honours max_tokens and stop strings, and
+For tests and gateway benchmarks only. It behaves like a batched engine with a fixed time per
+step (`step_delay_ms`, whatever the batch size, on a clock of its own), honours max_tokens and stop strings, and
 has a real (byte-level) tokenizer so the gateway's token counting is exercised for real.
 A continuation (a reclaimed job) echoes on from where the earlier output stopped, so its
 whole text is exactly what an uninterrupted run gives: tests check "no gap, no duplicate".
@@ -85,11 +85,18 @@ class TestEchoEngine(QueuedEngine):
         self._unstorable.discard(request_id)
 
     async def _step_loop(self) -> None:
+        # Steps on a fixed clock, as a GPU does whatever the host is busy with: the time this process
+        # spends around a step (the worker's own work) does not stretch the step, unless it takes longer
+        # than a whole step (then the clock starts again from now, no burst of late steps).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time()
         while True:
             if not self._running:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            await asyncio.sleep(self._step_s)
+                deadline = loop.time()
+            deadline = max(deadline + self._step_s, loop.time())
+            await asyncio.sleep(deadline - loop.time())
             outputs = []
             for seq in list(self._running.values()):
                 prompt, already_out = self._echo[seq.request_id]
