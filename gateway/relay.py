@@ -113,7 +113,7 @@ class Relay:
             if message is not None:
                 self._dispatch(message)
 
-    async def _next(self, queue: asyncio.Queue[Chunk | None]) -> Chunk | None:
+    async def next_in(self, queue: asyncio.Queue[Chunk | None]) -> Chunk | None:
         """The queue's next item: a chunk, or the resync marker (a gap, a reconnect, or quiet too long)."""
         self._waiting[queue] = asyncio.get_running_loop().time()
         try:
@@ -177,7 +177,7 @@ class Subscription:
                 yield chunk
                 if chunk.finish_reason is not None:
                     return
-            live = _RESYNC if resync else await self._relay._next(self._queue)
+            live = _RESYNC if resync else await self._relay.next_in(self._queue)
             if live is not _RESYNC:
                 arrived = [live]
                 continue
