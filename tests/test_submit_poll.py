@@ -244,7 +244,7 @@ async def test_a_tokenizer_error_fails_every_prompt_of_its_batch_and_the_next_ba
     """The batch encoder hands an exception to each waiter of the batch it hit; it keeps serving after."""
     from tokenizers import Tokenizer
 
-    from worker.engines.test_echo import byte_tokenizer
+    from worker.engines.echo import byte_tokenizer
 
     class Flaky:
         def __init__(self) -> None:

@@ -11,7 +11,7 @@ from redis.exceptions import DataError
 from common.protocol import Chunk, Job
 from common.settings import GatewaySettings, ModelSpec
 from worker.engines.detokenizer import IncrementalText
-from worker.engines.test_echo import byte_tokenizer
+from worker.engines.echo import byte_tokenizer
 from worker.kv_budget import KvBudget
 
 

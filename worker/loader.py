@@ -38,9 +38,9 @@ async def build_engine(spec: ModelSpec, cache_dir: str, status: WorkerModelStatu
         raise ValueError(f"model {spec.name!r}: the {spec.engine} engine cannot be shared by several front-ends "
                          f"(frontends: {spec.frontends}); only {', '.join(sorted(SHAREABLE_ENGINES))} can")
     if spec.engine == "test":
-        from worker.engines.test_echo import load_test_engine
+        from worker.engines.echo import load_echo_engine
 
-        return await load_test_engine(spec, progress)
+        return await load_echo_engine(spec, progress)
     if spec.engine == "cpu":
         from worker.engines.cpu import load_cpu_engine
 

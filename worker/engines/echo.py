@@ -45,7 +45,7 @@ def byte_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-class TestEchoEngine(QueuedEngine):
+class EchoEngine(QueuedEngine):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         options = spec.options
@@ -117,10 +117,10 @@ class TestEchoEngine(QueuedEngine):
             await self._loop_task
 
 
-async def load_test_engine(spec: ModelSpec, progress: ProgressCallback) -> TestEchoEngine:
+async def load_echo_engine(spec: ModelSpec, progress: ProgressCallback) -> EchoEngine:
     delay_s = float(spec.options.get("load_delay_s", 0))
     steps = 10
     for i in range(steps):  # an optional fake load time, to exercise the `loading` state
         await asyncio.sleep(delay_s / steps)
         progress((i + 1) / steps)
-    return TestEchoEngine(spec)
+    return EchoEngine(spec)
