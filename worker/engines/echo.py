@@ -1,8 +1,9 @@
 """The deterministic test engine: echoes the prompt back, one byte-token per decoding step.
 
 For tests and gateway benchmarks only. It behaves like a batched engine with a fixed time per
-step (`step_delay_ms`, whatever the batch size, on a clock of its own), honours max_tokens and stop strings, and
-has a real (byte-level) tokenizer so the gateway's token counting is exercised for real.
+step (`step_delay_ms`, whatever the batch size, on a clock of its own), honours max_tokens and
+stop strings, and has a real (byte-level) tokenizer so the gateway's token counting is exercised
+for real.
 A continuation (a reclaimed job) echoes on from where the earlier output stopped, so its
 whole text is exactly what an uninterrupted run gives: tests check "no gap, no duplicate".
 
