@@ -1,6 +1,6 @@
 """What the fleet looks like right now, read from Redis: live workers, and per model the queue.
 
-Shared by the gateway (/ready, /v1/models) and `llm-fleet status`.
+Shared by the gateway (/ready, /v1/models, the console's /v1/fleet) and `llm-fleet status`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,40 @@ async def live_workers(redis: Redis) -> list[WorkerStatus]:
     if dead:
         await redis.srem(keys.WORKERS, *dead)
     return [WorkerStatus.unpack(r) for r in raw if r is not None]
+
+
+def worker_rows(workers: list[WorkerStatus], before: list[WorkerStatus]) -> list[dict[str, Any]]:
+    """One row per live worker; tokens/s from two heartbeats' output token counts (`before`: earlier ones)."""
+    earlier_by_id = {w.worker_id: w for w in before}
+    rows = []
+    for worker in sorted(workers, key=lambda w: w.worker_id):
+        earlier = earlier_by_id.get(worker.worker_id)
+        elapsed = worker.heartbeat_at - earlier.heartbeat_at if earlier else 0.0
+        rate = (worker.tokens_out - earlier.tokens_out) / elapsed if earlier and elapsed > 0 else None
+        rows.append({"worker_id": worker.worker_id, "host": worker.host, "pid": worker.pid, "state": worker.state,
+                     "uptime_s": round(time.time() - worker.started_at, 1), "tokens_out": worker.tokens_out,
+                     "tokens_per_s": None if rate is None else round(rate, 1), "models": worker.models,
+                     "catalogue": worker.catalogue, "gpu": worker.gpu})
+    return rows
+
+
+class HeartbeatHistory:
+    """Each worker's previous heartbeat, for rates between looks of any cadence (the console polls
+    every few seconds, and may look twice within one heartbeat)."""
+
+    def __init__(self) -> None:
+        self._beats: dict[str, tuple[WorkerStatus, WorkerStatus | None]] = {}  # id -> (newest, the one before)
+
+    def earlier(self, workers: list[WorkerStatus]) -> list[WorkerStatus]:
+        """Record `workers` (a fresh look); the heartbeat of each that came before its current one."""
+        beats = {}
+        for worker in workers:
+            newest, before = self._beats.get(worker.worker_id, (None, None))
+            if newest is None or worker.heartbeat_at > newest.heartbeat_at:
+                newest, before = worker, newest
+            beats[worker.worker_id] = (newest, before)
+        self._beats = beats  # workers no longer live are forgotten
+        return [before for _, before in beats.values() if before is not None]
 
 
 async def model_names(redis: Redis) -> list[str]:

@@ -14,6 +14,7 @@ WORKERS = "workers"  # set of worker ids that have heartbeated; stale ones are p
 MODELS = "models"  # hash: served model name -> packed ModelCard
 CANCELS = "cancels"  # pub/sub channel: request ids cancelled while possibly running
 DEAD_LETTER_STATS = "stats:dead_letters"  # hash: model -> msgpack {count, new, newest_reason, at} (cron)
+REJECTIONS = "stats:rejections"  # hash: model -> 429s (queue full) since the fleet began, from every gateway
 API_KEYS = "api_keys"  # hash: sha256 of an API key -> packed ApiKey (the key itself is never stored)
 
 

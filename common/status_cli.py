@@ -16,7 +16,6 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from common import fleet_state
-from common.protocol import WorkerStatus
 from common.settings import GatewaySettings
 
 
@@ -42,7 +41,7 @@ async def _run(args: argparse.Namespace) -> None:
         while True:
             await asyncio.sleep(args.interval)
             now = await fleet_state.live_workers(redis)
-            snapshot = {"at": time.time(), "workers": worker_rows(now, before),
+            snapshot = {"at": time.time(), "workers": fleet_state.worker_rows(now, before),
                         "queues": await fleet_state.queues(redis)}
             if args.json:
                 print(json.dumps(snapshot), flush=True)
@@ -55,21 +54,6 @@ async def _run(args: argparse.Namespace) -> None:
             before = now
     finally:
         await redis.aclose()
-
-
-def worker_rows(workers: list[WorkerStatus], before: list[WorkerStatus]) -> list[dict[str, Any]]:
-    """One row per live worker; tokens/s from the two heartbeats' output token counts."""
-    earlier_by_id = {w.worker_id: w for w in before}
-    rows = []
-    for worker in sorted(workers, key=lambda w: w.worker_id):
-        earlier = earlier_by_id.get(worker.worker_id)
-        elapsed = worker.heartbeat_at - earlier.heartbeat_at if earlier else 0.0
-        rate = (worker.tokens_out - earlier.tokens_out) / elapsed if earlier and elapsed > 0 else None
-        rows.append({"worker_id": worker.worker_id, "host": worker.host, "pid": worker.pid, "state": worker.state,
-                     "uptime_s": round(time.time() - worker.started_at, 1), "tokens_out": worker.tokens_out,
-                     "tokens_per_s": None if rate is None else round(rate, 1), "models": worker.models,
-                     "gpu": worker.gpu})
-    return rows
 
 
 def render(snapshot: dict[str, Any]) -> str:

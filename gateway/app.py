@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -14,11 +15,12 @@ from common.redis_conn import REDIS_UNAVAILABLE, connect, describe, unavailable
 from common.request_store import RequestStore
 from common.settings import GatewaySettings
 from common.supervision import Supervisor
-from gateway import admin_api, admin_models, health, http_api, metrics, openai_api, openapi, ws
+from gateway import admin_api, admin_models, console_api, health, http_api, metrics, openai_api, openapi, pages, ws
 from gateway.auth import Authenticator, guard
 from gateway.context import GATEWAY_KEY, REQUEST_ID_KEY, Gateway
 from gateway.disconnects import DisconnectWatcher
 from gateway.models import ModelRegistry
+from gateway.rejections import RejectionTally
 from gateway.relay import Relay
 from gateway.submit import Submitter, new_request_id
 
@@ -96,12 +98,14 @@ def create_app(settings: GatewaySettings) -> web.Application:
         web.get("/models", health.models),
         web.get("/openapi.json", openapi.openapi_json),
         web.get("/metrics", metrics.metrics_endpoint),
+        web.get("/v1/fleet", console_api.fleet),
         web.post("/admin/keys", admin_api.create_key),
         web.get("/admin/keys", admin_api.list_keys),
         web.delete("/admin/keys/{name}", admin_api.revoke_key),
         web.get("/admin/workers", admin_models.list_workers),
         web.post("/admin/models/{name}/load", admin_models.load_model),
         web.post("/admin/models/{name}/unload", admin_models.unload_model),
+        *pages.routes(),
     ]
     app.add_routes(routes)
     app.cleanup_ctx.append(_lifecycle(settings, gateway_metrics))
@@ -128,13 +132,22 @@ def _lifecycle(settings: GatewaySettings,
         relay.start(supervisor)
         disconnects = DisconnectWatcher()
         disconnects.start(supervisor)
-        submitter = Submitter(settings, store, registry,
-                              on_rejected=lambda model: gateway_metrics.rejected.labels(model).inc())
+        rejections = RejectionTally(redis)
+        rejections.start(supervisor)
+
+        def on_rejected(model: str) -> None:
+            gateway_metrics.rejected.labels(model).inc()
+            rejections.add(model)
+
+        submitter = Submitter(settings, store, registry, on_rejected=on_rejected)
         app[GATEWAY_KEY] = Gateway(settings, redis, store, registry, submitter, relay,
-                                   Authenticator(redis, settings.auth_cache_s), arq, supervisor, disconnects)
+                                   Authenticator(redis, settings.auth_cache_s), arq, supervisor, disconnects,
+                                   rejections)
         heap.freeze()  # what start-up built lives as long as the process (common/heap.py)
         yield
         await supervisor.stop()
+        with contextlib.suppress(*REDIS_UNAVAILABLE):
+            await rejections.flush()
         await relay.close()
         await redis.aclose()
         await arq.connection_pool.disconnect()

@@ -1,8 +1,11 @@
 """Optional API keys (`Authorization: Bearer <key>`) and their per-key limits.
 
-With `auth` on, every route but the probes and the OpenAPI description needs a key; /admin/*
-needs an admin key. Keys are looked up by digest and cached for `_CACHE_S`, so a revoked key
-stops working within that long without a Redis round trip per request. Limits:
+With `auth` on, every route but the probes, the OpenAPI description and the browser pages needs
+a key; /admin/* needs an admin key. A browser cannot set headers on a WebSocket, so there the key
+may come as the subprotocol `bearer.<key>` offered beside `llm-fleet` (the gateway answers with
+`llm-fleet`; the key never appears in a URL or a log). Keys are looked up by digest and cached
+for `_CACHE_S`, so a revoked key stops working within that long without a Redis round trip per
+request. Limits:
 - requests per second: a one-second counter per key in Redis (shared by every gateway);
 - concurrent generation requests: a set of the key's request ids; when it looks full, ids of
   finished requests are pruned first, so nothing leaks if a gateway dies. Two gateways admitting
@@ -23,6 +26,7 @@ from common import api_keys, keys
 from common.api_keys import ApiKey
 from common.errors import Forbidden, Overloaded, Unauthorized
 from common.protocol import TERMINAL_STATUSES
+from gateway import pages
 
 _CACHE_S = 5.0
 # Entries per cache. Valid and invalid keys are cached apart, so a flood of made-up keys evicts only
@@ -30,6 +34,8 @@ _CACHE_S = 5.0
 _CACHE_ENTRIES = 10_000
 V = TypeVar("V")
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/openapi.json", "/metrics"})
+WS_PROTOCOL = "llm-fleet"
+_WS_BEARER_PREFIX = "bearer."
 
 
 @dataclass(slots=True)
@@ -131,10 +137,19 @@ async def guard(request: web.Request, auth: Authenticator, enabled: bool) -> Non
         if admin_route:
             raise Forbidden("the admin API needs API keys: set LLM_FLEET_AUTH=true and use an admin key")
         return
-    if request.path in PUBLIC_PATHS:
+    if request.path in PUBLIC_PATHS or pages.is_public(request.path):
         return
-    caller = await auth.authenticate(request.headers.get("Authorization"))
+    caller = await auth.authenticate(request.headers.get("Authorization") or _websocket_bearer(request))
     if admin_route and not caller.key.admin:
         raise Forbidden(f"API key {caller.key.name!r} is not an admin key")
     await auth.check_rate(caller)
     request[CALLER_KEY] = caller
+
+
+def _websocket_bearer(request: web.Request) -> str | None:
+    """`Bearer <key>` from a WebSocket handshake's `Sec-WebSocket-Protocol: llm-fleet, bearer.<key>`."""
+    for protocol in request.headers.get("Sec-WebSocket-Protocol", "").split(","):
+        protocol = protocol.strip()
+        if protocol.startswith(_WS_BEARER_PREFIX):
+            return "Bearer " + protocol[len(_WS_BEARER_PREFIX):]
+    return None

@@ -10,6 +10,7 @@ from arq.connections import ArqRedis
 from redis.asyncio import Redis
 
 from common.errors import NotFound
+from common.fleet_state import HeartbeatHistory
 from common.protocol import Job
 from common.request_store import RequestMeta, RequestStore
 from common.settings import GatewaySettings
@@ -17,6 +18,7 @@ from common.supervision import Supervisor
 from gateway.auth import Authenticator, Caller
 from gateway.disconnects import DisconnectWatcher
 from gateway.models import ModelRegistry
+from gateway.rejections import RejectionTally
 from gateway.relay import Relay, Subscription
 from gateway.submit import Submitter
 
@@ -35,6 +37,8 @@ class Gateway:
     arq: ArqRedis  # the control plane's client: load/unload jobs on workers' queues
     supervisor: Supervisor  # the gateway's long-lived tasks (relay reader, disconnects); /ready reports failures
     disconnects: DisconnectWatcher
+    rejections: RejectionTally  # 429s per model, fleet-wide (the console)
+    heartbeats: HeartbeatHistory = field(default_factory=HeartbeatHistory)  # workers' tokens/s (the console)
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
     # Shutting down (a restart, a deploy): open sockets are closed with "going away" and their
     # requests keep running, for the client to re-attach elsewhere; they are not abandoned.

@@ -7,7 +7,7 @@ import argparse
 from aiohttp import web
 
 from common.event_loop import new_event_loop
-from common.logs import setup_logging
+from common.logs import add_log_arguments, setup_logging
 from common.settings import GatewaySettings
 from gateway.app import create_app
 
@@ -19,11 +19,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-outstanding", type=int, help="per-model queue cap before 429")
     parser.add_argument("--reuse-port", action="store_true",
                         help="SO_REUSEPORT: several gateway processes share the port (the kernel spreads connections)")
-    parser.add_argument("--log-level", default="INFO")
+    add_log_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> None:
-    setup_logging("gateway", args.log_level)
+    setup_logging("gateway", args.log_level, args.log_format)
     settings = GatewaySettings.from_env(
         redis_url=args.redis_url, host=args.host, port=args.port, max_outstanding=args.max_outstanding
     )

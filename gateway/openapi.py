@@ -27,6 +27,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
 
 
 _COMMON = (400, 401, 403, 413, 429, 503)
+_PAGE = {"description": "An HTML page", "content": {"text/html": {"schema": {"type": "string"}}}}
 _SAMPLING = {
     "model": {"type": "string", "description": "served model name (GET /v1/models)"},
     "max_tokens": {"type": "integer", "minimum": 1},
@@ -173,6 +174,20 @@ SPEC: dict[str, Any] = {
         "/v1/models": {"get": {"summary": "Models and their state on each worker", "operationId": "models",
                                "responses": {"200": _json({"$ref": "#/components/schemas/ModelList"}, "Model list"),
                                              **_errors(401, 403, 429, 503)}}},
+        "/v1/fleet": {"get": {
+            "summary": "The fleet at a glance (the console): workers, their models, KV and GPU, tokens/s; per model "
+                       "the queue, its oldest wait, dead letters and 429s", "operationId": "fleet",
+            "responses": {"200": _json({"type": "object", "required": ["at", "workers", "queues"], "properties": {
+                "at": {"type": "number"},
+                "workers": {"type": "array", "items": {"type": "object", "required": [
+                    "worker_id", "state", "models", "gpu", "tokens_out", "tokens_per_s"]}},
+                "queues": {"type": "object", "additionalProperties": {"type": "object", "required": [
+                    "outstanding", "waiting", "held_by_workers", "oldest_waiting_s", "dead_letters", "rejected"]}}}},
+                "The fleet"), **_errors(401, 403, 429, 503)}}},
+        "/": {"get": {"summary": "The playground (a page: send a prompt, watch it stream)", "operationId": "playground",
+                      "security": [], "responses": {"200": _PAGE}}},
+        "/console": {"get": {"summary": "The fleet console (a page over /v1/fleet and /admin/models)",
+                             "operationId": "console", "security": [], "responses": {"200": _PAGE}}},
         "/health": {"get": {"summary": "The process is alive", "operationId": "health", "security": [],
                             "responses": {"200": _json({"type": "object", "required": ["status"], "properties": {
                                 "status": {"type": "string", "enum": ["ok"]}}}, "Alive")}}},

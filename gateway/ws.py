@@ -24,7 +24,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from common.errors import BadRequest, FleetError, Forbidden, Overloaded, Unprocessable
 from common.protocol import TERMINAL_STATUSES, Chunk, FinishReason
 from common.redis_conn import REDIS_UNAVAILABLE, unavailable
-from gateway.auth import CALLER_KEY, Caller
+from gateway.auth import CALLER_KEY, WS_PROTOCOL, Caller
 from gateway.context import Gateway
 from gateway.relay import Subscription
 from gateway.validation import parse_generate, parse_json_object
@@ -42,7 +42,8 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     origin = request.headers.get("Origin")
     if allowed and origin is not None and origin not in allowed:
         raise Forbidden(f"WebSocket connections from origin {origin!r} are not allowed")
-    ws = web.WebSocketResponse(max_msg_size=gateway.settings.ws_max_message_bytes, heartbeat=30.0)
+    ws = web.WebSocketResponse(max_msg_size=gateway.settings.ws_max_message_bytes, heartbeat=30.0,
+                               protocols=(WS_PROTOCOL,))
     await ws.prepare(request)
     gateway.sockets.add(ws)
     try:

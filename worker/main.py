@@ -6,7 +6,7 @@ import argparse
 import asyncio
 
 from common.event_loop import new_event_loop
-from common.logs import setup_logging
+from common.logs import add_log_arguments, setup_logging
 from common.settings import WorkerSettings, load_catalogue
 from worker.consumer import Worker
 from worker.frontends import FrontendProcess
@@ -19,11 +19,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--catalogue", help="JSON file adding models to the built-in catalogue")
     parser.add_argument("--http-port", type=int, help="serve /health, /ready, /metrics on this port (0: any free)")
     parser.add_argument("--http-host", help="bind address for --http-port (default 127.0.0.1)")
-    parser.add_argument("--log-level", default="INFO")
+    add_log_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> None:
-    setup_logging("worker", args.log_level)
+    setup_logging("worker", args.log_level, args.log_format)
     frontend = FrontendProcess.from_env()
     if frontend is not None:  # started by another worker for its model (worker/frontends.py)
         frontend.die_with_parent()
