@@ -120,10 +120,11 @@ def run(args: argparse.Namespace) -> None:
                 ready = True
                 bar.close()
                 _say(f"ready in {time.monotonic() - started:.1f}s. Point a client at {base_url}")
+                _say(f"  playground: {base_url}/   console: {base_url}/console   (in a browser)")
                 _say(f"  curl -s {base_url}/v1/generate -d '{{\"prompt\": \"Hello, how are you?\", "
                      f"\"max_tokens\": 32}}'")
-                _say(f"  then: curl -s {base_url}/v1/requests/<request_id>   |   WebSocket: "
-                     f"ws://{args.host}:{args.port}/ws/generate   |   Ctrl-C stops the fleet")
+                _say(f"  then: curl -s {base_url}/v1/requests/<request_id>   |   OpenAI: {base_url}/v1   |   "
+                     f"WebSocket: ws://{args.host}:{args.port}/ws/generate   |   Ctrl-C stops the fleet")
             elif not ready and time.monotonic() - started > args.ready_timeout:
                 _say(f"not ready after {args.ready_timeout:.0f}s; still waiting (see the logs above)")
                 started = time.monotonic()

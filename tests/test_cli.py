@@ -49,6 +49,10 @@ def test_up_starts_the_fleet_prints_where_to_point_a_client_and_stops_on_ctrl_c(
             if "ready in" in line:
                 break
         assert re.search(rf"Point a client at http://127.0.0.1:{port}", "".join(lines)), lines
+        playground = re.search(rf"playground: (http://127.0.0.1:{port}/) ", fleet.stdout.readline())
+        assert playground, "the ready message names the playground's URL"
+        with urllib.request.urlopen(playground.group(1), timeout=5) as response:
+            assert b"llm-fleet playground" in response.read()
         assert len(_children_with("llm-fleet worker", fleet.pid)) == 2
 
         body = json.dumps({"prompt": "cli", "max_tokens": 3}).encode()
@@ -124,3 +128,38 @@ def test_up_with_two_gateways_spreads_connections_and_survives_one_gateway_dying
     finally:
         if fleet.poll() is None:
             fleet.kill()
+
+
+def _worker_logging_to(valkey_url: str, stderr: int, *flags: str) -> subprocess.Popen:
+    """A worker process whose log goes to `stderr`."""
+    worker = subprocess.Popen([sys.executable, "-m", "common.cli", "worker", "--redis-url", valkey_url,
+                               "--model", "test-echo", *flags], stdout=subprocess.DEVNULL, stderr=stderr,
+                              cwd=Path(__file__).parent.parent)
+    return worker
+
+
+def test_logs_are_text_on_a_terminal_and_json_otherwise(valkey) -> None:
+    import pty
+    import select
+
+    controller, terminal = pty.openpty()
+    worker = _worker_logging_to(valkey.url, terminal)
+    os.close(terminal)
+    try:
+        ready, _, _ = select.select([controller], [], [], 30)
+        assert ready, "the worker logged nothing"
+        line = os.read(controller, 4096).decode().splitlines()[0]
+        assert re.match(r"^\d\d:\d\d:\d\d\.\d{3} INFO worker  \S", line), line
+    finally:
+        worker.kill()
+        worker.wait()
+        os.close(controller)
+
+    for flags in ([], ["--log-format", "json"]):  # a pipe (compose, Kubernetes): JSON, as when asked
+        worker = _worker_logging_to(valkey.url, subprocess.PIPE, *flags)
+        try:
+            line = json.loads(worker.stderr.readline())
+            assert line["component"] == "worker" and line["level"] == "info" and line["msg"], line
+        finally:
+            worker.kill()
+            worker.wait()

@@ -29,12 +29,12 @@ from worker import housekeeping
 OTHER = "echo-b"
 
 
-def catalogue(tmp_path: Path, step_delay_ms: int = 2) -> str:
-    """test-echo and a second test-engine model, echo-b."""
+def catalogue(tmp_path: Path, step_delay_ms: int = 2, load_delay_s: float = 0.3) -> str:
+    """test-echo and a second test-engine model, echo-b (which takes `load_delay_s` to load)."""
     options = {"max_model_len": 4096, "max_num_seqs": 64, "kv_cache_tokens": 65536, "step_delay_ms": step_delay_ms}
     path = tmp_path / "two-models.json"
     path.write_text(json.dumps({TEST_MODEL: {"engine": "test", "options": options},
-                                OTHER: {"engine": "test", "options": {**options, "load_delay_s": 0.3}}}))
+                                OTHER: {"engine": "test", "options": {**options, "load_delay_s": load_delay_s}}}))
     return str(path)
 
 

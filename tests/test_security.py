@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 import trustme
+import yarl
 
 from common import api_keys, keys
 from common.api_keys import ApiKey
@@ -50,6 +51,39 @@ async def test_with_auth_on_every_route_but_the_probes_needs_a_valid_key(start_f
     stored = await redis.hgetall(keys.API_KEYS)
     assert hashlib.sha256(user.encode()).hexdigest().encode() in stored
     assert all(user.encode() not in k + v for k, v in stored.items())
+
+
+async def test_a_browser_passes_its_key_as_a_websocket_subprotocol(start_fleet: StartFleet, redis) -> None:
+    """Browsers cannot set headers on a WebSocket: `llm-fleet, bearer.<key>` as subprotocols instead; the
+    gateway answers `llm-fleet` (a browser drops a socket whose answer names none it offered)."""
+    fleet = await start_fleet(auth=True, auth_cache_s=0)
+    user = await api_keys.create(redis, ApiKey(name="browser"))
+    for offered in (["llm-fleet"], ["llm-fleet", "bearer.lf-not-a-key"], ["llm-fleet", "bearer."]):
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await fleet.http.ws_connect(fleet.ws_url, protocols=offered)
+        assert refused.value.status == 401, offered
+    async with fleet.http.ws_connect(fleet.ws_url, protocols=["llm-fleet", f"bearer.{user}"]) as ws:
+        assert ws.protocol == "llm-fleet"
+        await ws.send_json({"model": TEST_MODEL, "prompt": "hi", "max_tokens": 2})
+        assert (await ws.receive_json())["type"] == "accepted"
+
+
+async def test_the_pages_are_public_and_hold_themselves_to_their_own_origin(start_fleet: StartFleet) -> None:
+    fleet = await start_fleet(workers=0, auth=True)
+    for path, title in (("/", "llm-fleet playground"), ("/console", "llm-fleet console")):
+        async with fleet.http.get(fleet.base_url + path) as response:
+            assert response.status == 200 and title in await response.text()
+            assert response.headers["Content-Security-Policy"].startswith("default-src 'self'")
+    async with fleet.http.get(fleet.base_url + "/static/playground.js") as response:
+        assert response.status == 200 and "javascript" in response.content_type
+    assert (await fleet.get("/v1/fleet"))[0] == 401, "what the pages show needs a key"
+
+    open_fleet = await start_fleet(workers=0)
+    for path in ("/static/nothing.js", "/static/../common/settings.py", "/static/%2e%2e%2fgateway%2fapp.py",
+                 "/static/..%2f..%2fpyproject.toml"):
+        async with open_fleet.http.get(yarl.URL(open_fleet.base_url + path, encoded=True)) as response:
+            assert response.status == 404, path
+            assert (await response.json())["error"]["code"] == 404
 
 
 async def test_admin_routes_need_an_admin_key_and_manage_keys(start_fleet: StartFleet, redis) -> None:

@@ -16,6 +16,7 @@ const state = loadState();
 const views = new Map();  // conversation id -> its DOM nodes
 let socket = null;
 let reconnectMs = 500;
+let retryTimer = null;
 let models = [];
 let saveTimer = null;
 
@@ -39,7 +40,7 @@ function saveNow() {
 
 function newConversation() {
   const conversation = {
-    id: `c${state.nextId++}`, mode: "chat", model: models.find((m) => m.state === "ready")?.id || models[0]?.id || "",
+    id: `c${state.nextId++}`, mode: "chat", model: "",
     params: { max_tokens: "128", temperature: "0.7", top_p: "", seed: "" }, system: "", messages: [],
     prompt: "", output: "", draft: "", inflight: null, stats: null, error: null,
   };
@@ -67,13 +68,14 @@ function connect() {
   socket.onmessage = (event) => receive(JSON.parse(event.data));
   socket.onclose = () => {
     setConnection(`disconnected; retrying in ${(reconnectMs / 1000).toFixed(1)} s (is the key right?)`, true);
-    setTimeout(connect, reconnectMs);
+    retryTimer = setTimeout(connect, reconnectMs);
     reconnectMs = Math.min(reconnectMs * 2, 5000);
   };
 }
 
 function reconnect() {
-  if (socket) {
+  clearTimeout(retryTimer);
+  if (socket) {  // a socket that never opened (a wrong key) is replaced the same way
     socket.onclose = null;
     socket.close();
   }
@@ -246,7 +248,7 @@ function renderModels(conversation) {
   if (conversation.model && !models.some((m) => m.id === conversation.model)) {
     select.append(element("option", { value: conversation.model }, conversation.model));
   }
-  if (!conversation.model && models.length) conversation.model = models[0].id;
+  if (!conversation.model && models.length) conversation.model = (models.find((m) => m.state === "ready") || models[0]).id;
   select.value = conversation.model;
 }
 
@@ -293,23 +295,28 @@ function renderStats(conversation) {
     element("span", {}, `${label} `, element("b", { "data-stat": name }, value))));
 }
 
+// The models, into every conversation's menu; false when the fleet wants a key we do not have
+// (the socket would be refused too).
 async function loadModels() {
   const banner = document.getElementById("banner");
+  let keyOk = true;
   try {
     models = (await api("/v1/models")).data;
     banner.textContent = models.length ? "" : "No model yet: start a worker (`make run` starts one).";
   } catch (error) {
     models = [];
-    banner.textContent = error instanceof ApiError && error.status === 401
-      ? "This fleet uses API keys: enter yours above." : `Could not list models: ${error.message}`;
+    keyOk = !(error instanceof ApiError && error.status === 401);
+    banner.textContent = keyOk ? `Could not list models: ${error.message}`
+      : "This fleet uses API keys: enter yours above.";
   }
   for (const conversation of state.conversations) renderModels(conversation);
+  if (!keyOk) setConnection("not connected: no valid API key", true);
+  return keyOk;
 }
 
 document.getElementById("new-conversation").addEventListener("click", newConversation);
-bindKeyField(() => { loadModels(); reconnect(); });
+bindKeyField(async () => { if (await loadModels()) reconnect(); });
 window.addEventListener("pagehide", saveNow);
-await loadModels();
 if (!state.conversations.length) newConversation();
 else state.conversations.forEach(render);
-connect();
+if (await loadModels()) connect();
