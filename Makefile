@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install runtime run test lint bench clean
+.PHONY: install runtime browser run test screenshots api-docs bench clean
 
 install: $(STAMP)
 
@@ -29,9 +29,26 @@ runtime:
 run: install
 	$(VENV)/bin/llm-fleet up
 
-test: install
+# Debian's Chromium for the browser tests (tests/test_browser.py), where apt-get can install it;
+# elsewhere those tests are skipped and say why.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  ( $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+	    --no-install-recommends chromium >/dev/null ) || \
+	  echo "no Chromium could be installed: the browser tests will be skipped"
+
+test: install browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
+
+# The pictures of the pages in docs/, taken by the browser tests.
+screenshots: install browser
+	LLM_FLEET_SCREENSHOTS=docs $(VENV)/bin/pytest -q tests/test_browser.py
+
+# docs/api.md from the gateway's OpenAPI description (a test fails when it is out of date).
+api-docs: install
+	$(PY) -m gateway.api_reference > docs/api.md
 
 bench: install
 	$(PY) bench/cpu_engine.py

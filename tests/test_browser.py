@@ -21,6 +21,7 @@ from common import api_keys
 from common.api_keys import ApiKey
 from tests.conftest import TEST_MODEL, Fleet, StartFleet
 from tests.test_control_plane import OTHER, catalogue
+from tests.test_cpu_model import smollm2_worker_process
 
 DOCS = Path(__file__).parent.parent / "docs"
 # Chromium as root in a container: no sandbox; no connections of its own (this network is closed).
@@ -106,7 +107,41 @@ async def test_a_prompt_streams_in_and_the_text_equals_the_poll_result(start_fle
     await expect(chat.locator("[data-stat=tokens]")).to_have_text("60")
     await expect(chat.locator("[data-stat=ttft]")).to_have_text(re.compile(r"^\d+ ms$"))
     await expect(chat.locator("[data-stat=tokens-per-s]")).to_have_text(re.compile(r"^\d+\.\d$"))
-    await screenshot(page, "playground.png", tmp_path)
+
+
+@pytest.mark.model
+async def test_the_real_model_chats_and_completes_in_the_playground(start_fleet: StartFleet, page: Page,
+                                                                    tmp_path: Path) -> None:
+    """SmolLM2 on the CPU: a two-turn chat (the second turn carries the first) beside a raw prompt."""
+    fleet = await start_fleet(workers=0)
+    worker = smollm2_worker_process(fleet.redis_url)
+    try:
+        await fleet.wait_ready(timeout_s=120)
+        await page.goto(fleet.base_url + "/")
+        await expect(page.locator("#connection")).to_have_text("connected")
+        await page.locator("#new-conversation").click()
+        chat, completion = conversation(page, 0), conversation(page, 1)
+        await completion.locator("select.mode").select_option("prompt")
+        await send(completion, "The three primary colors are", max_tokens=40, temperature=0)
+        prompt_tokens = []
+        for question in ("What is the capital of France?", "And of Italy?"):
+            await send(chat, question, max_tokens=48, temperature=0)
+            request_id = await request_id_of(chat)
+            await expect(chat.locator("[data-stat=finish-reason]")).to_have_text(re.compile("stop|length"),
+                                                                                 timeout=60_000)
+            polled = await fleet.wait_done(request_id, timeout_s=60)
+            assert await answer(chat) == polled["text"] and polled["text"].strip()
+            prompt_tokens.append(polled["usage"]["prompt_tokens"])
+        assert prompt_tokens[1] > prompt_tokens[0] + 10, "the second turn sent the whole conversation"
+        assert await chat.locator(".message").count() == 4
+        await expect(completion.locator("[data-stat=finish-reason]")).to_have_text(re.compile("stop|length"),
+                                                                                   timeout=60_000)
+        polled = await fleet.wait_done(await request_id_of(completion))
+        assert await answer(completion) == polled["text"]
+        await screenshot(page, "playground.png", tmp_path)
+    finally:
+        worker.kill()
+        worker.wait()
 
 
 async def test_stop_cancels_the_request(start_fleet: StartFleet, page: Page) -> None:

@@ -71,7 +71,7 @@ def test_batched_decoding_matches_decoding_each_request_alone(smollm2) -> None:
     assert all(text.strip() for text in alone.values())
 
 
-def _worker_process(redis_url: str) -> subprocess.Popen[bytes]:
+def smollm2_worker_process(redis_url: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-c", "from common.cli import main; main()", "worker", "--redis-url", redis_url,
          "--model", SMOLLM2, "--worker-id", "cpu-test"],
@@ -81,7 +81,7 @@ def _worker_process(redis_url: str) -> subprocess.Popen[bytes]:
 
 async def test_real_model_answers_through_the_whole_fleet(start_fleet: StartFleet) -> None:
     fleet = await start_fleet(workers=0)
-    worker = _worker_process(fleet.redis_url)
+    worker = smollm2_worker_process(fleet.redis_url)
     try:
         await fleet.wait_ready(timeout_s=120)
         # Polling: a greedy chat answer.

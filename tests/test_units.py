@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -153,3 +154,10 @@ def test_incremental_text_decodes_new_tokens_in_the_context_of_earlier_output() 
     ids = tokenizer.encode("ab日本").ids
     resumed = IncrementalText(tokenizer, [], context=ids[:5])
     assert "".join(resumed.add(t) for t in ids[5:]) + resumed.flush() == "本"
+
+
+def test_the_api_reference_in_docs_is_the_one_the_gateway_describes() -> None:
+    from gateway import api_reference, openapi
+
+    written = (Path(__file__).parent.parent / "docs" / "api.md").read_text()
+    assert written == api_reference.render(openapi.SPEC), "docs/api.md is out of date: run `make api-docs`"
