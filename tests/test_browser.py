@@ -184,6 +184,20 @@ async def test_a_reload_mid_stream_reattaches_every_conversation_with_no_gap(sta
         assert await answer(chat) == polled["text"], "no gap, no duplicate across the reload"
 
 
+async def test_a_gateway_restart_mid_stream_is_a_pause_on_the_page(start_fleet: StartFleet, page: Page) -> None:
+    """The gateway closes the socket with 1001 (a deploy); the page reconnects and re-attaches by itself."""
+    fleet = await start_fleet(engine={"step_delay_ms": 20})
+    await page.goto(fleet.base_url + "/")
+    await expect(page.locator("#connection")).to_have_text("connected")
+    chat = conversation(page)
+    await send(chat, "through a deploy", max_tokens=150)
+    request_id = await request_id_of(chat)
+    await expect(chat.locator(".text.streaming")).not_to_have_text("")
+    await fleet.restart_gateway()
+    await expect(chat.locator("[data-stat=finish-reason]")).to_have_text("length", timeout=20_000)
+    assert await answer(chat) == (await fleet.wait_done(request_id))["text"]
+
+
 async def test_bad_input_shows_the_error_the_api_returned(start_fleet: StartFleet, page: Page) -> None:
     fleet = await start_fleet()
     await page.goto(fleet.base_url + "/")
