@@ -109,6 +109,18 @@ async def test_a_prompt_streams_in_and_the_text_equals_the_poll_result(start_fle
     await expect(chat.locator("[data-stat=tokens-per-s]")).to_have_text(re.compile(r"^\d+\.\d$"))
 
 
+async def test_the_sampling_fields_reach_the_request(start_fleet: StartFleet, page: Page) -> None:
+    fleet = await start_fleet()
+    await page.goto(fleet.base_url + "/")
+    chat = conversation(page)
+    await chat.locator("select.mode").select_option("prompt")
+    await expect(page.locator("#connection")).to_have_text("connected")
+    await send(chat, "one two three four", max_tokens=50, stop="three")
+    await expect(chat.locator("[data-stat=finish-reason]")).to_have_text("stop")
+    polled = await fleet.wait_done(await request_id_of(chat))
+    assert polled["text"] == await answer(chat) and "three" not in polled["text"]
+
+
 @pytest.mark.model
 async def test_the_real_model_chats_and_completes_in_the_playground(start_fleet: StartFleet, page: Page,
                                                                     tmp_path: Path) -> None:

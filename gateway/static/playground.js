@@ -7,9 +7,8 @@ import { ApiError, api, bindKeyField, element, openSocket } from "/static/common
 
 const STATE_KEY = "llm-fleet.playground";
 const SAVE_EVERY_MS = 200;
-const PARAMS = [  // [field, label, step]; empty fields are left out of the request (the API's defaults)
-  ["max_tokens", "max_tokens", "1"], ["temperature", "temperature", "0.1"], ["top_p", "top_p", "0.05"],
-  ["seed", "seed", "1"],
+const PARAMS = [  // [field, step]; a number, or text where there is no step. Empty: the API's default.
+  ["max_tokens", "1"], ["temperature", "0.1"], ["top_p", "0.05"], ["seed", "1"], ["stop", null],
 ];
 
 const state = loadState();
@@ -41,7 +40,7 @@ function saveNow() {
 function newConversation() {
   const conversation = {
     id: `c${state.nextId++}`, mode: "chat", model: "",
-    params: { max_tokens: "128", temperature: "0.7", top_p: "", seed: "" }, system: "", messages: [],
+    params: { max_tokens: "128", temperature: "0.7", top_p: "", seed: "", stop: "" }, system: "", messages: [],
     prompt: "", output: "", draft: "", inflight: null, stats: null, error: null,
   };
   state.conversations.push(conversation);
@@ -123,9 +122,9 @@ function sendRequest(conversation) {
   const text = conversation.draft.trim();
   if (!text) return;
   const body = { type: "generate", id: conversation.id, model: conversation.model, outlive_socket: true };
-  for (const [field] of PARAMS) {
+  for (const [field, step] of PARAMS) {
     const value = conversation.params[field];
-    if (value !== "" && value !== undefined) body[field] = Number(value);
+    if (value !== "" && value !== undefined) body[field] = step ? Number(value) : value;
   }
   if (conversation.mode === "chat") {
     const history = conversation.system.trim() ? [{ role: "system", content: conversation.system }] : [];
@@ -205,10 +204,11 @@ function render(conversation) {
     onchange: (e) => { conversation.mode = e.target.value; saveNow(); renderTranscript(conversation); } },
   element("option", { value: "chat" }, "Chat"), element("option", { value: "prompt" }, "Prompt"));
   modeSelect.value = conversation.mode;
-  const params = PARAMS.map(([field, label, step]) => {
-    const box = element("input", { type: "number", step, name: field, value: conversation.params[field] ?? "",
+  const params = PARAMS.map(([field, step]) => {
+    const box = element("input", { type: step ? "number" : "text", step, name: field,
+      value: conversation.params[field] ?? "", placeholder: step ? "" : "a stop string",
       oninput: (e) => { conversation.params[field] = e.target.value; saveSoon(); } });
-    return element("label", {}, label, box);
+    return element("label", {}, field, box);
   });
   const system = element("textarea", { rows: 1, class: "system", placeholder: "System prompt (optional)" });
   system.value = conversation.system;
