@@ -20,12 +20,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import redis.asyncio as aioredis
-
 from common import fleet_state
 from common.embedded_redis import EmbeddedValkey
 from common.progress import advance, load_bar, load_fraction
-from common.redis_conn import REDIS_UNAVAILABLE
+from common.redis_conn import REDIS_UNAVAILABLE, connect
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -181,7 +179,7 @@ def _stop_all(parts: list[Part], timeout_s: float) -> None:
 def _load_fraction(redis_url: str) -> float:
     """How far the workers' model loads are (0..1), from their heartbeats; 0 while Redis is not up."""
     async def read() -> float:
-        redis = aioredis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=1)
+        redis = connect(redis_url, timeout_s=1.0)
         try:
             return load_fraction(await fleet_state.live_workers(redis))
         finally:

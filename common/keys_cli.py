@@ -7,10 +7,9 @@ import argparse
 import asyncio
 import json
 
-import redis.asyncio as aioredis
-
 from common import api_keys
 from common.api_keys import ApiKey
+from common.redis_conn import connect
 from common.settings import GatewaySettings
 
 
@@ -32,7 +31,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 async def _run(args: argparse.Namespace) -> None:
-    redis = aioredis.from_url(GatewaySettings.from_env(redis_url=args.redis_url).redis_url)
+    redis = connect(GatewaySettings.from_env(redis_url=args.redis_url).redis_url, timeout_s=5.0)
     try:
         if args.action == "create":
             secret = await api_keys.create(redis, ApiKey(name=args.name, admin=args.admin, rps=args.rps,

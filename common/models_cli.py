@@ -13,6 +13,7 @@ from arq.jobs import Job
 from common import control, fleet_state
 from common.errors import FleetError
 from common.progress import advance, load_bar, load_fraction
+from common.redis_conn import connect
 from common.settings import GatewaySettings
 
 
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> None:
 
 async def _run(args: argparse.Namespace) -> None:
     url = GatewaySettings.from_env(redis_url=args.redis_url).redis_url
-    redis = aioredis.from_url(url, socket_connect_timeout=2, socket_timeout=10)
+    redis = connect(url, timeout_s=10.0)
     arq = control.arq_client(url, timeout_s=10.0)
     try:
         workers = await fleet_state.live_workers(redis)

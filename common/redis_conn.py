@@ -1,14 +1,25 @@
-"""Redis clients configured for a serving system: fail fast, reconnect on the next call."""
+"""Redis clients configured for a serving system: fail fast, reconnect on the next call.
+
+A URL is a plain Redis URL (`redis://`, `rediss://`, `unix://`) or a Sentinel one:
+`redis+sentinel://[[user]:password@]host1:26379,host2:26379/<service>/<db>` (`rediss+sentinel://`
+for TLS to the data nodes and the Sentinels alike). With Sentinel, every new connection asks the
+Sentinels for the current primary, and a connection that finds the old primary gone or demoted
+(READONLY) is dropped and re-made: a failover is followed without a restart. The password is the
+data nodes'; Sentinels with a password of their own take `?sentinel_password=...`.
+"""
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl, unquote
 
 import hiredis
 import redis.asyncio as aioredis
 from redis._parsers.base import BaseParser
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import (
     ClusterDownError,
@@ -32,6 +43,10 @@ class NoReplicasError(ResponseError):
     """NOREPLICAS: `min-replicas-to-write` is not met, so the primary refuses writes."""
 
 
+class NotReplicatedError(ResponseError):
+    """A write the primary took but no replica confirmed in time (WAIT; common/replication.py)."""
+
+
 # redis-py maps an error reply to a class by its first word, and knows OOM, READONLY and LOADING but
 # not these: registered here, so that every `except REDIS_UNAVAILABLE` below sees them as what they are.
 BaseParser.EXCEPTION_CLASSES.update({"BUSY": ScriptBusyError, "NOREPLICAS": NoReplicasError,
@@ -43,7 +58,8 @@ BaseParser.EXCEPTION_CLASSES.update({"BUSY": ScriptBusyError, "NOREPLICAS": NoRe
 REDIS_DOWN_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 # Redis answers but refuses for now: out of memory (maxmemory), a long script (BUSY), a replica or a
 # primary without its replicas (READONLY, NOREPLICAS, MASTERDOWN). Each passes; none says the call was wrong.
-REDIS_REFUSALS = (OutOfMemoryError, ReadOnlyError, ScriptBusyError, NoReplicasError, ClusterDownError, TryAgainError)
+REDIS_REFUSALS = (OutOfMemoryError, ReadOnlyError, ScriptBusyError, NoReplicasError, ClusterDownError, TryAgainError,
+                  NotReplicatedError)
 # What every caller that retries (workers) or answers 503 (gateways) treats as "Redis cannot serve this now".
 REDIS_UNAVAILABLE = (*REDIS_DOWN_ERRORS, *REDIS_REFUSALS)
 
@@ -91,21 +107,81 @@ def _hiredis_packing(connection_class: type) -> type:
     return type(f"HiredisPacking{connection_class.__name__}", (_HiredisPacking, connection_class), {})
 
 
+SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}  # scheme -> TLS
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelUrl:
+    sentinels: list[tuple[str, int]]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    options: dict[str, str] = field(default_factory=dict)  # the query: sentinel_password, ssl_* ...
+
+    @classmethod
+    def parse(cls, url: str) -> SentinelUrl | None:
+        """The parts of a Sentinel URL; None for any other URL. A malformed one is a ValueError naming
+        what is wrong (it comes from an operator's setting)."""
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme not in SENTINEL_SCHEMES:
+            return None
+        rest, _, query = rest.partition("?")
+        netloc, _, path = rest.partition("/")
+        credentials, at, hosts = netloc.rpartition("@")
+        username, _, password = credentials.partition(":") if at else ("", "", "")
+        sentinels = []
+        for host in filter(None, hosts.split(",")):
+            name, colon, port = host.rpartition(":")
+            if not colon or not port.isdigit():
+                name, port = host, "26379"
+            sentinels.append((name.strip("[]"), int(port)))
+        parts = [p for p in path.split("/") if p]
+        if not sentinels or not parts or len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+            raise ValueError(f"a Sentinel URL is {scheme}://[:password@]host:port[,host:port...]/<service>[/<db>]")
+        return cls(sentinels, unquote(parts[0]), int(parts[1]) if len(parts) == 2 else 0,
+                   unquote(username) or None, unquote(password) or None, SENTINEL_SCHEMES[scheme],
+                   dict(parse_qsl(query)))
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """Sentinel's pool (the primary found per connection) that waits for a free connection as ours do."""
+
+
 def connection_pool(url: str, *, timeout_s: float, blocking_ms: int = 0,
                     max_connections: int = 512) -> aioredis.BlockingConnectionPool:
     """The pool behind `connect`, for clients of another class (arq's ArqRedis)."""
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
+    settings: dict[str, Any] = {
+        "max_connections": max_connections,
+        "timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
         # A blocking read (XREADGROUP BLOCK) must not time out on its own socket.
-        socket_timeout=timeout_s + blocking_ms / 1000,
-        retry=Retry(NoBackoff(), retries=1),
-        health_check_interval=30,
-    )
-    pool.connection_class = _hiredis_packing(pool.connection_class)  # TCP, TLS or a Unix socket alike
+        "socket_timeout": timeout_s + blocking_ms / 1000,
+        "retry": Retry(NoBackoff(), retries=1),
+        "health_check_interval": 30,
+    }
+    sentinel_url = SentinelUrl.parse(url)
+    if sentinel_url is None:
+        pool = aioredis.BlockingConnectionPool.from_url(url, **settings)
+    else:
+        pool = _sentinel_pool(sentinel_url, timeout_s, settings)
+    pool.connection_class = _hiredis_packing(pool.connection_class)  # TCP, TLS, a Unix socket, Sentinel alike
     return pool
+
+
+def _sentinel_pool(url: SentinelUrl, timeout_s: float, settings: dict[str, Any]) -> _BlockingSentinelPool:
+    options = dict(url.options)
+    sentinel_password = options.pop("sentinel_password", None)
+    tls = {k: v for k, v in options.items() if k.startswith("ssl_")}
+    if set(options) - set(tls):
+        raise ValueError(f"unknown Sentinel URL option(s): {', '.join(sorted(set(options) - set(tls)))}")
+    if url.tls:
+        tls["ssl"] = True
+    sentinels = Sentinel(url.sentinels, sentinel_kwargs={
+        "socket_connect_timeout": timeout_s, "socket_timeout": timeout_s, "password": sentinel_password, **tls})
+    return _BlockingSentinelPool(url.service, sentinels, db=url.db, username=url.username, password=url.password,
+                                 **tls, **settings)
 
 
 def as_text(value: bytes | str) -> str:

@@ -22,6 +22,7 @@ worker ack the stream entry; on -1 the entry belongs to the new owner.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from dataclasses import dataclass
@@ -32,7 +33,8 @@ from redis.exceptions import NoScriptError
 
 from common import keys
 from common.protocol import Chunk, FinishReason, Job, RequestStatus
-from common.redis_conn import as_text
+from common.redis_conn import REDIS_UNAVAILABLE, NotReplicatedError, as_text
+from common.replication import Replication
 
 _ENQUEUE = """
 if redis.call('XLEN', KEYS[1]) - redis.call('SCARD', KEYS[3]) >= tonumber(ARGV[1]) then return false end
@@ -84,6 +86,11 @@ local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'missing', 0, {}} end
 if status ~= 'queued' and status ~= 'running' then return {status, 0, {}} end
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
+if status == 'running' and redis.call('HGET', KEYS[1], 'worker') == ARGV[1] then
+  -- Started by this worker already (its reply was lost): the same answer, no strike.
+  if seq == 0 then return {'running', 0, {}} end
+  return {'running', seq, redis.call('LRANGE', KEYS[2], 0, -1)}
+end
 local strikes = 1
 if tonumber(redis.call('HGET', KEYS[1], 'started_seq') or -1) == seq then
   strikes = tonumber(redis.call('HGET', KEYS[1], 'strikes')) + 1
@@ -179,36 +186,36 @@ class StartResult:
 
 
 class RequestStore:
-    def __init__(self, redis: aioredis.Redis) -> None:
+    """Every write goes through `run_scripts`, which waits for a replica when there is one
+    (`replication`; None: never waits, as for reads-only users)."""
+
+    def __init__(self, redis: aioredis.Redis, replication: Replication | None = None) -> None:
         self.redis = redis
-        self._enqueue = redis.register_script(_ENQUEUE)
-        self._cancel = redis.register_script(_CANCEL)
+        self.replication = replication
 
     # -- gateway side -------------------------------------------------------------------
     async def enqueue(self, job: Job, *, max_outstanding: int, ttl_s: int, owner: str = "") -> bool:
         """Admit and enqueue atomically; False when the model's stream is at its cap. `owner`: the
         digest of the API key that created it ("" without API keys)."""
-        entry = await self._enqueue(
-            keys=[keys.job_stream(job.model), keys.request(job.request_id), keys.skipped_jobs(job.model)],
-            args=[
-                max_outstanding,
-                job.pack(),
-                job.model,
-                job.enqueued_at,
-                len(job.prompt_token_ids),
-                job.sampling["max_tokens"],
-                ttl_s,
-                owner,
-            ],
-        )
+        call = ScriptCall(_ENQUEUE, [keys.job_stream(job.model), keys.request(job.request_id),
+                                     keys.skipped_jobs(job.model)],
+                          [max_outstanding, job.pack(), job.model, job.enqueued_at, len(job.prompt_token_ids),
+                           job.sampling["max_tokens"], ttl_s, owner])
+        try:
+            [entry] = await self.run_scripts([call])
+        except NotReplicatedError:
+            # On the primary, on no replica: withdrawn, so that a failover cannot leave a 503'd job
+            # running, nor this primary (if it survives) run a job its client was told failed.
+            with contextlib.suppress(*REDIS_UNAVAILABLE):
+                await self.cancel(job.request_id, job.model, result_ttl_s=ttl_s)
+            raise
         return entry is not None
 
     async def cancel(self, request_id: str, model: str, *, result_ttl_s: int) -> str | None:
         """Cancel a queued or running request. Returns the status it ends in, None if unknown."""
-        status = await self._cancel(
-            keys=[keys.request(request_id), keys.request_chunks(request_id), keys.skipped_jobs(model)],
-            args=[result_ttl_s, time.time(), keys.chunk_channel(request_id), keys.CANCELS, request_id],
-        )
+        [status] = await self.run_scripts([ScriptCall(
+            _CANCEL, [keys.request(request_id), keys.request_chunks(request_id), keys.skipped_jobs(model)],
+            [result_ttl_s, time.time(), keys.chunk_channel(request_id), keys.CANCELS, request_id])])
         return None if status is None else as_text(status)
 
     async def read(self, request_id: str) -> tuple[dict[str, str], list[Chunk]] | None:
@@ -285,27 +292,36 @@ class RequestStore:
                            keys.chunk_channel(request_id)])
 
     async def run_scripts(self, calls: list[ScriptCall], *, raise_on_error: bool = True) -> list[Any]:
-        """Run the calls in one pipeline; their replies in order (an error reply raised, or in its place)."""
-        replies = await self._pipeline(calls)
+        """Run the calls in one pipeline; their replies in order (an error reply raised, or in its place).
+        Raises NotReplicatedError when a replica should have confirmed the writes and did not."""
+        replies, acked = await self._pipeline(calls)
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:  # nothing ran for these: safe to send again
             async with self.redis.pipeline(transaction=False) as pipe:
                 for script in {calls[i].script for i in missing}:
                     pipe.script_load(script)
                 await pipe.execute()
-            for i, reply in zip(missing, await self._pipeline([calls[i] for i in missing]), strict=True):
+            again, acked = await self._pipeline([calls[i] for i in missing])  # a later write: its WAIT covers all
+            for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
+        if acked is not None:
+            self.replication.check(acked)  # type: ignore[union-attr]
         if raise_on_error:
             for reply in replies:
                 if isinstance(reply, Exception):
                     raise reply
         return replies
 
-    async def _pipeline(self, calls: list[ScriptCall]) -> list[Any]:
+    async def _pipeline(self, calls: list[ScriptCall]) -> tuple[list[Any], Any]:
+        """The calls' replies, and WAIT's (None when there is no replica to wait for)."""
+        acks = self.replication.acks_needed if self.replication is not None else 0
         async with self.redis.pipeline(transaction=False) as pipe:
             for call in calls:
                 pipe.evalsha(_SHAS[call.script], len(call.keys), *call.keys, *call.args)
-            return await pipe.execute(raise_on_error=False)
+            if acks:  # on the same connection, after the writes: WAIT covers them
+                pipe.execute_command("WAIT", acks, self.replication.timeout_ms)  # type: ignore[union-attr]
+            replies = await pipe.execute(raise_on_error=False)
+        return (replies[:-1], replies[-1]) if acks else (replies, None)
 
 
 @dataclass(slots=True)
@@ -316,4 +332,4 @@ class ScriptCall:
 
 
 _SHAS = {script: hashlib.sha1(script.encode()).hexdigest()
-         for script in (_START, _APPEND, _FINISH, _HAND_BACK, _DEAD_LETTER)}
+         for script in (_ENQUEUE, _CANCEL, _START, _APPEND, _FINISH, _HAND_BACK, _DEAD_LETTER)}

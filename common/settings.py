@@ -47,12 +47,16 @@ def _coerce(raw: str, annotation: Any) -> Any:
 
 @dataclass(frozen=True)
 class _RequestLifetimes(_FromEnv):
-    """How long a request lives in Redis: gateways set it at enqueue, workers when they write its output
-    and its end, from the same settings (the same `LLM_FLEET_*` variables)."""
+    """How long a request lives in Redis (gateways set it at enqueue, workers when they write its output
+    and its end), and how its writes are made durable: from the same settings (the same
+    `LLM_FLEET_*` variables)."""
 
     # A queued or running request's state, and a finished one's result.
     request_ttl_s: int = 24 * 3600
     result_ttl_s: int = 3600
+    # Where the Redis primary has replicas, a request's writes count only once one confirms them
+    # (WAIT, common/replication.py), waiting at most this long. 0: never wait.
+    replica_ack_timeout_ms: int = 1000
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,8 @@ import sys
 import time
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from common import fleet_state
+from common.redis_conn import connect
 from common.settings import GatewaySettings
 
 
@@ -34,8 +33,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 async def _run(args: argparse.Namespace) -> None:
-    redis = aioredis.from_url(GatewaySettings.from_env(redis_url=args.redis_url).redis_url,
-                              socket_connect_timeout=2, socket_timeout=5)
+    redis = connect(GatewaySettings.from_env(redis_url=args.redis_url).redis_url, timeout_s=5.0)
     try:
         before = await fleet_state.live_workers(redis)
         while True:

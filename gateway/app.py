@@ -12,6 +12,7 @@ from common import heap
 from common.control import arq_client
 from common.errors import FleetError, Overloaded, PayloadTooLarge
 from common.redis_conn import REDIS_UNAVAILABLE, connect, describe, unavailable
+from common.replication import Replication
 from common.request_store import RequestStore
 from common.settings import GatewaySettings
 from common.supervision import Supervisor
@@ -124,12 +125,16 @@ def _lifecycle(settings: GatewaySettings,
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         redis = connect(settings.redis_url, timeout_s=settings.redis_timeout_s,
                         max_connections=settings.redis_max_connections)
-        store = RequestStore(redis)
+        replication = Replication(redis, timeout_ms=settings.replica_ack_timeout_ms)
+        store = RequestStore(redis, replication)
         registry = ModelRegistry(redis, queue_unserved=settings.queue_unserved_models)
         arq = arq_client(settings.redis_url, timeout_s=settings.redis_timeout_s)
         relay = Relay(redis, store, resync_s=settings.stream_resync_s, outage_grace_s=settings.stream_outage_grace_s)
         supervisor = Supervisor(on_crash=lambda task: gateway_metrics.task_crashes.labels(task).inc())
         relay.start(supervisor)
+        with contextlib.suppress(*REDIS_UNAVAILABLE):
+            await replication.look()  # before the first enqueue; then every few seconds
+        replication.start(supervisor)
         disconnects = DisconnectWatcher()
         disconnects.start(supervisor)
         rejections = RejectionTally(redis)

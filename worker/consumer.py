@@ -33,6 +33,7 @@ from tokenizers import Tokenizer
 from common import heap, keys
 from common.protocol import FinishReason, Job, ModelState, WorkerStatus
 from common.redis_conn import REDIS_UNAVAILABLE, as_text, connect, describe
+from common.replication import Replication
 from common.request_store import RequestStore
 from common.settings import ModelSpec, WorkerSettings
 from common.supervision import Supervisor
@@ -72,7 +73,8 @@ class Worker:
         self.catalogue = catalogue
         self.worker_id = settings.worker_id
         self.redis: Redis = connect(settings.redis_url, timeout_s=5.0, blocking_ms=settings.read_block_ms)
-        self.store = RequestStore(self.redis)
+        self.replication = Replication(self.redis, timeout_ms=settings.replica_ack_timeout_ms)
+        self.store = RequestStore(self.redis, self.replication)
         # A front-end process of another worker's model (worker/frontends.py): it serves that one model
         # and takes no control jobs; its worker loads, unloads and stops it.
         self.frontend = frontend
@@ -119,6 +121,9 @@ class Worker:
                 lambda: [url for group in self.loader.frontends.values() for url in group.metrics_urls])
             self.http_port = http_server.bound_port(http)
             log.info("worker HTTP (/health, /ready, /metrics) on %s:%d", self.settings.http_host, self.http_port)
+        with contextlib.suppress(*REDIS_UNAVAILABLE):
+            await self.replication.look()  # before the first write; then every few seconds
+        self.replication.start(self.supervisor)
         for name in self.settings.models:
             self._start_model(name)
         self.supervisor.start("heartbeat", lambda: heartbeat.heartbeat(
@@ -285,7 +290,8 @@ class Worker:
                 if time.monotonic() >= next_reclaim:
                     next_reclaim = time.monotonic() + self.settings.reclaim_interval_s
                     with self._redis_call(spec.name):
-                        claimed = await self.reclaimer.claim(stream, free)
+                        claimed = (await self.reclaimer.lost_track(stream, held.keys(), free)
+                                   or await self.reclaimer.claim(stream, free))
                 if claimed:
                     held.update((c.entry_id, c.job) for c in claimed)
                     self.metrics.reclaimed.labels(spec.name).inc(len(claimed))
@@ -380,8 +386,17 @@ class Worker:
         if not jobs:
             return
         request_ids = [job.request_id for _, job in jobs]
-        started = await self._retrying(lambda: self.store.start(request_ids, self.worker_id,
-                                                                max_attempts=self.settings.max_attempts))
+        try:
+            started = await self.store.start(request_ids, self.worker_id, max_attempts=self.settings.max_attempts)
+        except REDIS_UNAVAILABLE as exc:
+            # Not retried: after a failover the new primary may not have this read, and then another
+            # worker reads these entries. What Redis does say this worker holds, it takes back on its
+            # next look (Reclaimer.lost_track): the start script is idempotent for the same worker.
+            log.warning("starting %d job(s) failed; left to the next look: %s", len(jobs), describe(exc))
+            for entry_id, job in jobs:
+                budget.release(job.request_id)
+                self._held[stream].pop(entry_id, None)
+            return
         for (entry_id, job), start in zip(jobs, started, strict=True):
             if start.status == "poison":
                 budget.release(job.request_id)

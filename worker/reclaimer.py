@@ -7,12 +7,18 @@ restart); its pending entries are claimed with XCLAIM, up to the free slots. XCL
 guard makes two reclaimers racing for the same entry harmless: the first claim resets the
 idle time, so the second claims nothing. A live worker's jobs are never claimed, however long
 they run. (Dead consumers with nothing pending are removed by the housekeeping sweep.)
+
+A live worker also looks at its own pending entries (`lost_track`): an entry Redis says it holds
+but it does not know of was read, or started, in a write whose reply it never got (a connection
+dropped; a Redis failover, where the new primary has the read but the worker gave the batch up).
+It takes such entries again; the start script tells whether to continue, skip or ack them.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -73,3 +79,14 @@ class Reclaimer:
                     claimed.append(Claimed(entry_id, Job.unpack(fields[b"job"])))
             log.warning("reclaimed %d job(s) of dead worker %s", len(entries), name)
         return claimed
+
+    async def lost_track(self, stream: str, held: Collection[bytes], count: int) -> list[Claimed]:
+        """Up to `count` entries pending to this worker in Redis that it does not hold."""
+        rows = await self._redis.xpending_range(stream, keys.CONSUMER_GROUP, min="-", max="+",
+                                                count=count + len(held), consumername=self._worker_id)
+        lost = [row["message_id"] for row in rows if row["message_id"] not in held][:count]
+        if not lost:
+            return []
+        log.warning("taking back %d job(s) this worker held in Redis but had lost track of", len(lost))
+        entries = await self._redis.xclaim(stream, keys.CONSUMER_GROUP, self._worker_id, 0, lost)
+        return [Claimed(entry_id, Job.unpack(fields[b"job"])) for entry_id, fields in entries if fields]

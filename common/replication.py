@@ -1,0 +1,68 @@
+"""Writes that count only once a replica has them (`WAIT`).
+
+Redis replicates asynchronously: a primary that acknowledged a write and then died may take it with
+it, and the replica Sentinel promotes never had it. So every write of a request's life (the
+enqueue a 202 answers, a cancel, a worker's start, output and end; common/request_store.py) is
+followed, on the same connection, by `WAIT 1 <replica_ack_timeout_ms>`: the write is acknowledged
+only once a replica has it too. A write no replica confirmed in time raises `NotReplicatedError`:
+the gateway answers 503 (and withdraws the job), a worker sends its flush again (appends are
+idempotent), so a failover loses nothing that was acknowledged.
+
+Where the primary has no replica (one Redis, a development fleet) there is nothing to wait for, and
+writes do not wait. The replica count is looked up every `_LOOK_EVERY_S` and again after a write
+came up short (a failover leaves a new primary whose replicas may be fewer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from redis.asyncio import Redis
+
+from common.redis_conn import REDIS_UNAVAILABLE, NotReplicatedError
+from common.supervision import Supervisor
+
+log = logging.getLogger(__name__)
+_LOOK_EVERY_S = 2.0
+
+
+class Replication:
+    def __init__(self, redis: Redis, *, timeout_ms: int) -> None:
+        self._redis = redis
+        self.timeout_ms = timeout_ms
+        self.replicas = 0  # connected replicas of the primary, at the last look
+        self._look_now = asyncio.Event()
+
+    @property
+    def acks_needed(self) -> int:
+        return 1 if self.replicas and self.timeout_ms > 0 else 0
+
+    def start(self, supervisor: Supervisor) -> None:
+        supervisor.start("replication", self._watch)
+
+    async def look(self) -> None:
+        info = await self._redis.info("replication")
+        replicas = int(info.get("connected_slaves", 0))
+        if replicas != self.replicas:
+            log.info("the Redis primary has %d connected replica(s)%s", replicas,
+                     "; writes wait for one" if replicas and self.timeout_ms > 0 else "")
+        self.replicas = replicas
+
+    def check(self, acked: object) -> None:
+        """`acked` is WAIT's reply (or the error in its place); raises unless enough replicas have the writes."""
+        if isinstance(acked, int) and acked >= self.acks_needed:
+            return
+        self._look_now.set()  # the replicas may be gone (a failover): count them again
+        if isinstance(acked, BaseException):
+            raise acked
+        raise NotReplicatedError(f"no replica confirmed the write within {self.timeout_ms} ms")
+
+    async def _watch(self) -> None:
+        while True:
+            self._look_now.clear()
+            with contextlib.suppress(*REDIS_UNAVAILABLE):
+                await self.look()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._look_now.wait(), _LOOK_EVERY_S)
