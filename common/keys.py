@@ -61,6 +61,12 @@ def tokenizer(model: str) -> str:
     return f"model:{{{model}}}:tokenizer"
 
 
+def idempotency(owner: str, key_digest: str) -> str:
+    """`Idempotency-Key` of a POST that created a request -> "<body fingerprint> <request id>" (TTL).
+    Scoped by the API key's digest (`owner`, "" without keys): one caller's keys never meet another's."""
+    return f"idem:{owner}:{key_digest}"
+
+
 def rate_window(key_digest: str, second: int) -> str:
     return f"ratelimit:{{{key_digest}}}:{second}"
 

@@ -37,12 +37,20 @@ from common.redis_conn import REDIS_UNAVAILABLE, NotReplicatedError, as_text
 from common.replication import Replication
 
 _ENQUEUE = """
+if #KEYS == 4 then
+  local seen = redis.call('GET', KEYS[4])
+  if seen then return {'replay', seen} end
+end
 if redis.call('XLEN', KEYS[1]) - redis.call('SCARD', KEYS[3]) >= tonumber(ARGV[1]) then return false end
 local entry = redis.call('XADD', KEYS[1], '*', 'job', ARGV[2])
 redis.call('HSET', KEYS[2], 'status', 'queued', 'model', ARGV[3], 'entry', entry, 'seq', 0,
   'created_at', ARGV[4], 'prompt_tokens', ARGV[5], 'completion_tokens', 0, 'max_tokens', ARGV[6],
   'owner', ARGV[8])
 redis.call('EXPIRE', KEYS[2], ARGV[7])
+if #KEYS == 4 then
+  redis.call('SET', KEYS[4], ARGV[9] .. ' ' .. ARGV[10], 'EX', ARGV[7])
+  redis.call('HSET', KEYS[2], 'idempotency_key', KEYS[4])
+end
 return entry
 """
 
@@ -60,6 +68,8 @@ local function end_request(status, reason, err, finished_at, ttl, channel)
   if err then redis.call('HSET', KEYS[1], 'error', err) end
   redis.call('EXPIRE', KEYS[1], ttl)
   redis.call('EXPIRE', KEYS[2], ttl)
+  local idempotency_key = redis.call('HGET', KEYS[1], 'idempotency_key')
+  if idempotency_key then redis.call('EXPIRE', idempotency_key, ttl) end
   redis.call('PUBLISH', channel, done)
 end
 """
@@ -128,6 +138,8 @@ redis.call('HSET', KEYS[1], 'status', ARGV[3], 'seq', ARGV[4], 'completion_token
 redis.call('HSETNX', KEYS[1], 'first_token_at', ARGV[8])
 redis.call('EXPIRE', KEYS[1], ARGV[9])
 redis.call('EXPIRE', KEYS[2], ARGV[9])
+local idempotency_key = redis.call('HGET', KEYS[1], 'idempotency_key')
+if idempotency_key then redis.call('EXPIRE', idempotency_key, ARGV[9]) end  -- it lives as long as the result
 redis.call('PUBLISH', ARGV[10], ARGV[2])
 return 1
 """
@@ -169,6 +181,20 @@ return 1
 """
 
 
+@dataclass(frozen=True, slots=True)
+class Idempotency:
+    key: str  # keys.idempotency(...)
+    fingerprint: str  # of the request's body: a retry has the same one
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """An idempotency key seen before: the request it created, and the fingerprint it was created with."""
+
+    request_id: str
+    fingerprint: str
+
+
 @dataclass(slots=True)
 class RequestMeta:
     model: str
@@ -194,22 +220,31 @@ class RequestStore:
         self.replication = replication
 
     # -- gateway side -------------------------------------------------------------------
-    async def enqueue(self, job: Job, *, max_outstanding: int, ttl_s: int, owner: str = "") -> bool:
-        """Admit and enqueue atomically; False when the model's stream is at its cap. `owner`: the
-        digest of the API key that created it ("" without API keys)."""
+    async def enqueue(self, job: Job, *, max_outstanding: int, ttl_s: int, owner: str = "",
+                      idempotency: Idempotency | None = None) -> str | Replay | None:
+        """Admit and enqueue atomically: the entry's id; None when the model's stream is at its cap.
+        `owner`: the digest of the API key that created it ("" without API keys). With `idempotency`, a
+        key seen before gets the earlier request instead (a Replay), admitted or not."""
         call = ScriptCall(_ENQUEUE, [keys.job_stream(job.model), keys.request(job.request_id),
-                                     keys.skipped_jobs(job.model)],
+                                     keys.skipped_jobs(job.model), *([idempotency.key] if idempotency else [])],
                           [max_outstanding, job.pack(), job.model, job.enqueued_at, len(job.prompt_token_ids),
-                           job.sampling["max_tokens"], ttl_s, owner])
+                           job.sampling["max_tokens"], ttl_s, owner,
+                           *([idempotency.fingerprint, job.request_id] if idempotency else [])])
         try:
-            [entry] = await self.run_scripts([call])
+            [reply] = await self.run_scripts([call])
         except NotReplicatedError:
             # On the primary, on no replica: withdrawn, so that a failover cannot leave a 503'd job
-            # running, nor this primary (if it survives) run a job its client was told failed.
+            # running, nor this primary (if it survives) run a job its client was told failed; its
+            # idempotency key goes too, so that the client's retry is a new attempt.
             with contextlib.suppress(*REDIS_UNAVAILABLE):
                 await self.cancel(job.request_id, job.model, result_ttl_s=ttl_s)
+                if idempotency is not None:
+                    await self.redis.delete(idempotency.key)
             raise
-        return entry is not None
+        if isinstance(reply, list):
+            fingerprint, _, request_id = as_text(reply[1]).partition(" ")
+            return Replay(request_id, fingerprint)
+        return None if reply is None else as_text(reply)
 
     async def cancel(self, request_id: str, model: str, *, result_ttl_s: int) -> str | None:
         """Cancel a queued or running request. Returns the status it ends in, None if unknown."""

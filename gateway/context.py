@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from common.errors import NotFound
 from common.fleet_state import HeartbeatHistory
 from common.protocol import Job
-from common.request_store import RequestMeta, RequestStore
+from common.request_store import Idempotency, RequestMeta, RequestStore
 from common.settings import GatewaySettings
 from common.supervision import Supervisor
 from gateway.auth import Authenticator, Caller
@@ -48,27 +48,38 @@ class Gateway:
     def of(request: web.Request) -> Gateway:
         return request.app[GATEWAY_KEY]
 
-    async def submit(self, job: Job, caller: Caller | None) -> None:
-        """Enqueue, counted against the caller's concurrency limit."""
+    async def submit(self, job: Job, caller: Caller | None, idempotency: Idempotency | None = None) -> str:
+        """Enqueue, counted against the caller's concurrency limit. The id of the request this submit
+        stands for: the job's, or the earlier one a repeated idempotency key names."""
         await self.auth.acquire(caller, job.request_id)
         try:
-            await self.submitter.enqueue(job, owner=caller.digest if caller else "")
+            request_id = await self.submitter.enqueue(job, owner=caller.digest if caller else "",
+                                                      idempotency=idempotency)
         except BaseException:
             await self.auth.release(caller, job.request_id)
             raise
+        if request_id != job.request_id:
+            await self.auth.release(caller, job.request_id)
+            log.info("replayed (idempotency key)", extra={"request_id": request_id})
+            return request_id
         log.info("accepted", extra={"request_id": job.request_id, "model": job.model,
                                     "prompt_tokens": len(job.prompt_token_ids),
                                     "max_tokens": job.sampling["max_tokens"]})
+        return request_id
 
-    async def submit_streaming(self, job: Job, caller: Caller | None) -> Subscription:
+    async def submit_streaming(self, job: Job, caller: Caller | None,
+                               idempotency: Idempotency | None = None) -> Subscription:
         """Enqueue a job whose output this process relays. Subscribes first: a worker may publish
-        the moment the job is in the stream."""
+        the moment the job is in the stream. A replay is relayed from the earlier request's start."""
         subscription = await self.relay.subscribe(job.request_id)
         try:
-            await self.submit(job, caller)
+            request_id = await self.submit(job, caller, idempotency)
         except BaseException:
             subscription.close()
             raise
+        if request_id != job.request_id:
+            subscription.close()
+            subscription = await self.relay.subscribe(request_id)
         return subscription
 
     async def cancel(self, request_id: str, caller: Caller | None) -> str:

@@ -21,6 +21,7 @@ from common.protocol import Chunk, FinishReason
 from common.redis_conn import REDIS_UNAVAILABLE, describe
 from gateway.auth import CALLER_KEY
 from gateway.context import REQUEST_ID_KEY, Gateway
+from gateway.idempotency import idempotency_of
 from gateway.relay import Subscription
 from gateway.validation import GenerateRequest, check_messages, int_field, parse_json_object, sampling_fields
 
@@ -116,15 +117,17 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def _serve(request: web.Request, *, chat: bool) -> web.StreamResponse:
     gateway = Gateway.of(request)
-    generate, stream, usage = _parse(parse_json_object(await request.read()), chat=chat)
+    body = parse_json_object(await request.read())
+    generate, stream, usage = _parse(body, chat=chat)
     job = await gateway.submitter.prepare(generate, request_id=request[REQUEST_ID_KEY])
     caller = request.get(CALLER_KEY)
-    subscription = await gateway.submit_streaming(job, caller)
+    subscription = await gateway.submit_streaming(job, caller, idempotency_of(request, body))
+    request_id = request[REQUEST_ID_KEY] = subscription.request_id  # a replay's: the earlier request's
     # A client that leaves while its request waits (queued, or between chunks) cancels it; the cancel's
     # final chunk then ends the loops below.
     try:
-        async with gateway.disconnects.watching(request, lambda: gateway.cancel(job.request_id, caller)):
-            shape = _Shape(chat, job.request_id, job.model, len(job.prompt_token_ids))
+        async with gateway.disconnects.watching(request, lambda: gateway.cancel(request_id, caller)):
+            shape = _Shape(chat, request_id, job.model, len(job.prompt_token_ids))
             if stream:
                 return await _stream(request, subscription, shape, usage)
             return await _complete(request, subscription, shape)

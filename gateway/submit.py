@@ -9,8 +9,9 @@ from collections.abc import Callable
 
 from common.errors import Overloaded, PayloadTooLarge, Unprocessable
 from common.protocol import Job, SamplingParams
-from common.request_store import RequestStore
+from common.request_store import Idempotency, Replay, RequestStore
 from common.settings import GatewaySettings
+from gateway.idempotency import check_replay
 from gateway.models import ModelRegistry
 from gateway.validation import GenerateRequest
 
@@ -67,14 +68,18 @@ class Submitter:
                    sampling=dataclasses.asdict(params),
                    enqueued_at=time.time())
 
-    async def enqueue(self, job: Job, *, owner: str = "") -> None:
-        admitted = await self._store.enqueue(
-            job, max_outstanding=self._settings.max_outstanding, ttl_s=self._settings.request_ttl_s, owner=owner
-        )
-        if not admitted:
+    async def enqueue(self, job: Job, *, owner: str = "", idempotency: Idempotency | None = None) -> str:
+        """The id of the request now queued for this submit: the job's, or with an idempotency key seen
+        before, the earlier request's."""
+        reply = await self._store.enqueue(job, max_outstanding=self._settings.max_outstanding,
+                                          ttl_s=self._settings.request_ttl_s, owner=owner, idempotency=idempotency)
+        if isinstance(reply, Replay):
+            return check_replay(reply, idempotency)  # type: ignore[arg-type]
+        if reply is None:
             self._on_rejected(job.model)
             raise Overloaded(
                 f"model {job.model!r} is at capacity ({self._settings.max_outstanding} outstanding requests); "
                 "retry later",
                 retry_after_s=self._settings.retry_after_s,
             )
+        return job.request_id

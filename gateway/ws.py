@@ -1,7 +1,9 @@
 """GET /ws/generate: many requests per socket, streamed live, cancellable, re-attachable.
 
-Client -> server: a generate request (the /v1/generate body, plus optional `id` and
-`outlive_socket`), `{"type": "cancel", "request_id"}`, `{"type": "attach", "request_id", "last_seq"}`.
+Client -> server: a generate request (the /v1/generate body, plus optional `id`,
+`outlive_socket` and `idempotency_key`: a generate repeated with the same key is the first one,
+as with the Idempotency-Key header of a POST), `{"type": "cancel", "request_id"}`,
+`{"type": "attach", "request_id", "last_seq"}`.
 Server -> client: accepted, chunk (with seq), done, error, cancelled. A chunk's `seq` is the last
 stored piece of output it carries: seqs increase, and a client that fell behind (or re-attached to
 output already stored) gets what waited in one chunk. A bad message gets an
@@ -24,15 +26,17 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from common.errors import BadRequest, FleetError, Forbidden, Overloaded, Unprocessable
 from common.protocol import TERMINAL_STATUSES, Chunk, FinishReason
 from common.redis_conn import REDIS_UNAVAILABLE, unavailable
+from common.request_store import Idempotency
 from gateway.auth import CALLER_KEY, WS_PROTOCOL, Caller
 from gateway.context import Gateway
+from gateway.idempotency import idempotency_for
 from gateway.relay import Subscription
 from gateway.validation import parse_generate, parse_json_object
 from gateway.views import usage_of
 
 log = logging.getLogger(__name__)
 
-_WS_FIELDS = frozenset({"type", "id", "outlive_socket"})
+_WS_FIELDS = frozenset({"type", "id", "outlive_socket", "idempotency_key"})
 _OUTBOX_SIZE = 1024
 
 
@@ -155,12 +159,24 @@ class SocketSession:
         if self.caller is not None:
             await self.gateway.auth.check_rate(self.caller)
         job = await self.gateway.submitter.prepare(parse_generate(body, also_allowed=_WS_FIELDS))
-        subscription = await self.gateway.submit_streaming(job, self.caller)
+        subscription = await self.gateway.submit_streaming(job, self.caller, self._idempotency(body))
+        request_id = subscription.request_id  # a replay's: the earlier request's
         if not outlive:
-            self.cancel_on_close.add(job.request_id)
-        await self._send({"type": "accepted", "request_id": job.request_id, "model": job.model}, client_id)
+            self.cancel_on_close.add(request_id)
+        await self._send({"type": "accepted", "request_id": request_id, "model": job.model}, client_id)
         self._start_stream(subscription, 0, client_id)
-        return job.request_id
+        return request_id
+
+    def _idempotency(self, body: dict[str, Any]) -> Idempotency | None:
+        """`idempotency_key` in a generate message: what the Idempotency-Key header is to a POST."""
+        raw = body.get("idempotency_key")
+        if raw is None:
+            return None
+        if not isinstance(raw, str):
+            raise Unprocessable("`idempotency_key` must be a string", param="idempotency_key")
+        request = {k: v for k, v in body.items() if k not in _WS_FIELDS}
+        return idempotency_for(raw, request, route="WS /ws/generate",
+                               owner=self.caller.digest if self.caller else "")
 
     def _start_stream(self, subscription: Subscription, last_seq: int, client_id: Any) -> None:
         request_id = subscription.request_id
