@@ -9,6 +9,10 @@ of the way in) and Valkey is restarted once (two thirds in). Without, the same l
 0.5 s and pauses its clients (CLIENT PAUSE) twice for 1 s; after the last fault a probe request
 measures how soon the fleet serves again.
 
+Every client retries a submit that timed out (5 s) or failed, with an Idempotency-Key (the
+WebSocket generate with `idempotency_key`): `requests created` counts the requests the fleet
+holds at the end, which must be one per client request, never a second one.
+
 The test engine (fixed per-token delay) makes the expected text of every request known, so
 the client checks it exactly; `--model smollm2-135m` runs the real CPU model (seq checks only).
 
@@ -52,6 +56,7 @@ class Outcome:
     wrong_text: int = 0  # completed, but not the exact expected text
     duplicated_chunks: int = 0
     submit_retries: int = 0
+    requests_created: int = 0  # requests the fleet holds at the end, less the probe: one per client request
     reattaches: int = 0
     stalls: int = 0  # WebSocket streams silent for 30 s (the client re-attached)
     latencies: list[float] = field(default_factory=list)
@@ -72,10 +77,14 @@ class Client:
         body = {"model": self.model, "prompt": prompt, "max_tokens": self.max_tokens, "temperature": 0}
         return body, expected
 
+    @staticmethod
+    def idempotency_key(i: int) -> str:
+        return f"chaos-{i}"
+
     async def polled(self, http: aiohttp.ClientSession, i: int, deadline: float) -> None:
         body, expected = self.body(i)
         started = time.monotonic()
-        request_id = await self._submit(http, body, deadline)
+        request_id = await self._submit(http, body, self.idempotency_key(i), deadline)
         seen = ""
         while request_id is not None and time.monotonic() < deadline:
             try:
@@ -104,8 +113,9 @@ class Client:
         while time.monotonic() < deadline:
             try:
                 async with http.ws_connect(self.ws_url, heartbeat=10) as ws:
-                    if request_id is None:
-                        await ws.send_json({**body, "outlive_socket": True})
+                    if request_id is None:  # a first try, or a retry of one that never said `accepted`
+                        await ws.send_json({**body, "outlive_socket": True,
+                                            "idempotency_key": self.idempotency_key(i)})
                     else:
                         self.out.reattaches += 1
                         await ws.send_json({"type": "attach", "request_id": request_id, "last_seq": last_seq})
@@ -146,10 +156,11 @@ class Client:
             await asyncio.sleep(0.5)
         self.out.lost += 1
 
-    async def _submit(self, http: aiohttp.ClientSession, body: dict, deadline: float) -> str | None:
+    async def _submit(self, http: aiohttp.ClientSession, body: dict, key: str, deadline: float) -> str | None:
         while time.monotonic() < deadline:
             try:
-                async with http.post(f"{self.base}/v1/generate", json=body) as response:
+                async with http.post(f"{self.base}/v1/generate", json=body, headers={"Idempotency-Key": key},
+                                     timeout=aiohttp.ClientTimeout(total=5)) as response:
                     if response.status == 202:
                         return (await response.json())["request_id"]
                     wait = float(response.headers.get("Retry-After", 0.5))
@@ -226,8 +237,9 @@ class Chaos:
         body = {"model": self.model, "prompt": "probe ", "max_tokens": 4}
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
             while time.monotonic() - since < 60:
-                try:
-                    async with http.post(f"{self.base_url}/v1/generate", json=body) as response:
+                try:  # one request, however often it is sent (it is not one of the clients')
+                    async with http.post(f"{self.base_url}/v1/generate", json=body,
+                                         headers={"Idempotency-Key": "chaos-probe"}) as response:
                         request_id = (await response.json())["request_id"] if response.status == 202 else None
                     while request_id is not None and time.monotonic() - since < 60:
                         async with http.get(f"{self.base_url}/v1/requests/{request_id}") as response:
@@ -298,6 +310,14 @@ def start_fleet(args: argparse.Namespace, redis_url: str, port: int) -> subproce
     )
 
 
+async def requests_created(redis_url: str) -> int:
+    redis = aioredis.from_url(redis_url)
+    try:
+        return len([key async for key in redis.scan_iter("req:{*}", count=1000) if not key.endswith(b":chunks")])
+    finally:
+        await redis.aclose()
+
+
 async def run_once(args: argparse.Namespace, chaos: bool) -> dict:
     valkey = EmbeddedValkey()
     valkey.start()
@@ -328,6 +348,7 @@ async def run_once(args: argparse.Namespace, chaos: bool) -> dict:
             wall = time.monotonic() - started
             if chaos_task is not None:
                 await chaos_task  # its probe, if any, ends it
+        outcome.requests_created = await requests_created(valkey.url) - (chaos and agent.recovery_s is not None)
         events = agent.events if chaos else []
         recovery_s = agent.recovery_s if chaos else None
     finally:
@@ -363,12 +384,12 @@ def main() -> None:
                if args.only is None or args.only == ("chaos" if chaos else "calm")]
     print(f"\nchaos benchmark: {args.model}, {args.workers} workers, {args.requests} requests "
           f"(half WebSocket, half polled), concurrency {args.concurrency}, max_tokens {args.max_tokens}")
-    print("| run | faults | completed | lost | wrong text | dup chunks | p50 s | p99 s | wall s |"
+    print("| run | faults | completed | lost | wrong text | dup chunks | requests created | p50 s | p99 s | wall s |"
           " submit retries | re-attaches | stalls | serving again after s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['mode']} | {r['faults'] or '-'} | {r['completed']} | {r['lost']} | {r['wrong_text']} | "
-              f"{r['duplicated_chunks']} | {r['p50_s']} | {r['p99_s']} | {r['wall_s']} | "
+              f"{r['duplicated_chunks']} | {r['requests_created']} | {r['p50_s']} | {r['p99_s']} | {r['wall_s']} | "
               f"{r['submit_retries']} | {r['reattaches']} | {r['stalls']} | {r['recovery_s'] or '-'} |")
     for r in results:
         for event in r["events"]:

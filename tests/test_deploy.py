@@ -9,7 +9,9 @@ import asyncio
 import dataclasses
 import json
 import re
+import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ import yaml
 from compose_spec import PyCompose
 
 from common import keys
+from common.redis_conn import SentinelUrl
 from common.settings import ENV_PREFIX, GatewaySettings, ModelSpec, WorkerSettings
 from tests.conftest import StartFleet
 
@@ -120,6 +123,37 @@ def test_keda_scales_each_worker_group_on_its_model_streams_lag() -> None:
     assert catalogue["llama-8b"]["options"]["tensor_parallel_size"] == 2
 
 
+def test_ha_values_run_valkey_with_replicas_and_sentinels_and_every_part_goes_through_them(tmp_path) -> None:
+    docs = render("ha-sentinel.yaml")
+    (valkey,) = by_kind(docs, "StatefulSet")
+    assert valkey["spec"]["replicas"] == 3
+    pod = valkey["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["containers"]] == ["valkey", "sentinel"]
+    assert all(env_of(c)["REDIS_PASSWORD"] == {"secretKeyRef": {"name": "fleet-redis", "key": "redis-password"}}
+               for c in pod["containers"])
+    scripts = next(d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-redis-scripts"))
+    for name, script in scripts["data"].items():  # each parses as a shell script
+        path = tmp_path / name
+        path.write_text(script)
+        assert subprocess.run(["sh", "-n", str(path)], capture_output=True).returncode == 0, name
+    assert "--masterauth" in scripts["data"]["valkey.sh"] and "auth-pass fleet" in scripts["data"]["sentinel.sh"]
+
+    sentinels = [f"fleet-llm-fleet-redis-{i}.fleet-llm-fleet-redis-headless.llm.svc:26379" for i in range(3)]
+    for deployment in by_kind(docs, "Deployment"):
+        env = env_of(deployment["spec"]["template"]["spec"]["containers"][0])
+        url = env["LLM_FLEET_REDIS_URL"]
+        assert url == f"redis+sentinel://:$(REDIS_PASSWORD)@{','.join(sentinels)}/fleet/0"
+        parsed = SentinelUrl.parse(url.replace("$(REDIS_PASSWORD)", "pw"))
+        assert parsed is not None and len(parsed.sentinels) == 3 and parsed.service == "fleet"
+    for scaled in by_kind(docs, "ScaledObject"):
+        for trigger in scaled["spec"]["triggers"]:
+            assert trigger["type"] == "redis-sentinel-streams"
+            assert trigger["metadata"]["addresses"] == ",".join(sentinels)
+            assert trigger["metadata"]["sentinelMaster"] == "fleet"
+    headless = next(d for d in by_kind(docs, "Service") if d["metadata"]["name"].endswith("-redis-headless"))
+    assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"]
+
+
 def test_without_keda_workers_get_cpu_hpas_and_the_bundled_valkey_keeps_an_aof() -> None:
     docs = render("cpu-bundled-hpa.yaml")
     assert not by_kind(docs, "ScaledObject")
@@ -163,7 +197,8 @@ def test_compose_file_is_a_valid_compose_spec() -> None:
     data = compose()
     spec = PyCompose.from_json(json.dumps(data)).to_spec()  # raises on anything the spec does not allow
     services = spec.services or {}
-    assert set(services) == {"redis", "gateway", "lb", "worker-gpu", "worker-cpu"}
+    assert set(services) == {"redis", "gateway", "lb", "worker-gpu", "worker-cpu", "redis-replica", "sentinel-1",
+                             "sentinel-2", "sentinel-3"}
     for name, service in services.items():
         for dependency in service.depends_on or {}:
             assert dependency in services, (name, dependency)
@@ -181,6 +216,41 @@ def test_compose_file_is_a_valid_compose_spec() -> None:
     catalogue = json.loads(data["configs"]["catalogue"]["content"])
     assert catalogue[data["services"]["worker-gpu"]["command"][2]]["engine"] == "vllm"
     assert_catalogue_loads(catalogue)
+    # The `ha` profile: a replica of `redis` and three Sentinels; the URL is chosen at `up` (see the header).
+    assert all(services[name].profiles == {"ha"} for name in ("redis-replica", "sentinel-1", "sentinel-2",
+                                                                "sentinel-3"))
+    assert services["redis-replica"].command[-4:] == ["redis", "6379", "--replica-announce-ip", "redis-replica"]
+    assert data["services"]["gateway"]["environment"]["LLM_FLEET_REDIS_URL"] == (
+        "${LLM_FLEET_REDIS_URL:-redis://redis:6379/0}") == data["services"]["worker-cpu"]["environment"][
+        "LLM_FLEET_REDIS_URL"]
+    ha_url = re.search(r"LLM_FLEET_REDIS_URL=(\S+)", (ROOT / "compose.yaml").read_text()).group(1)
+    parsed = SentinelUrl.parse(ha_url)
+    assert parsed is not None and [h for h, _ in parsed.sentinels] == ["sentinel-1", "sentinel-2", "sentinel-3"]
+    assert f"sentinel monitor {parsed.service} redis 6379 2" in data["configs"]["sentinel"]["content"]
+
+
+def test_the_compose_sentinel_config_runs_on_the_real_server(valkey, tmp_path) -> None:
+    """The `ha` profile's Sentinel config, with `redis` pointed at a local Valkey, on the same server binary."""
+    from common.embedded_redis import EmbeddedSentinel
+
+    config = compose()["configs"]["sentinel"]["content"].replace("redis 6379", f"127.0.0.1 {valkey.port}")
+    sentinel = EmbeddedSentinel(valkey.port, "unused", tmp_path, down_after_ms=5000, failover_timeout_ms=60000)
+    sentinel.config.write_text(f"port {sentinel.port}\ndir {tmp_path}\n{config}")
+    sentinel.start()
+    try:
+        import redis
+
+        client = redis.Redis(port=sentinel.port, socket_connect_timeout=1)
+        for _ in range(50):
+            try:
+                host, port = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "fleet")
+                break
+            except redis.ConnectionError:
+                time.sleep(0.1)
+        assert (host, int(port)) == (b"127.0.0.1", valkey.port)
+        client.close()
+    finally:
+        sentinel.stop()
 
 
 def test_images_pin_what_the_project_pins() -> None:

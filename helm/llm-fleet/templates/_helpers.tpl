@@ -23,9 +23,21 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "%s-redis" (include "llm-fleet.fullname" .) -}}
 {{- end -}}
 
+{{/* The bundled Valkey pods' Sentinels, host:port each (sentinel.enabled). */}}
+{{- define "llm-fleet.sentinelAddresses" -}}
+{{- $host := include "llm-fleet.redisHost" . -}}
+{{- $addresses := list -}}
+{{- range $i := until (int .Values.redis.sentinel.nodes) -}}
+{{- $addresses = append $addresses (printf "%s-%d.%s-headless.%s.svc:26379" $host $i $host $.Release.Namespace) -}}
+{{- end -}}
+{{- join "," $addresses -}}
+{{- end -}}
+
 {{/* The URL processes connect to; $(REDIS_PASSWORD) is expanded by Kubernetes from the env below. */}}
 {{- define "llm-fleet.redisUrl" -}}
-{{- if .Values.redis.bundled -}}
+{{- if and .Values.redis.bundled .Values.redis.sentinel.enabled -}}
+redis+sentinel://{{ if .Values.redis.existingSecret }}:$(REDIS_PASSWORD)@{{ end }}{{ include "llm-fleet.sentinelAddresses" . }}/{{ .Values.redis.sentinel.masterName }}/0
+{{- else if .Values.redis.bundled -}}
 {{- if .Values.redis.existingSecret -}}
 redis://:$(REDIS_PASSWORD)@{{ include "llm-fleet.redisHost" . }}:6379/0
 {{- else -}}
@@ -37,7 +49,13 @@ redis://{{ include "llm-fleet.redisHost" . }}:6379/0
 {{- end -}}
 
 {{- define "llm-fleet.redisAddress" -}}
+{{- if .Values.redis.sentinel.enabled -}}
 {{- if .Values.redis.bundled -}}
+{{- include "llm-fleet.sentinelAddresses" . -}}
+{{- else -}}
+{{- required "redis.sentinel.addresses (host:port,...) is required for KEDA with an external Sentinel set" .Values.redis.sentinel.addresses -}}
+{{- end -}}
+{{- else if .Values.redis.bundled -}}
 {{- printf "%s.%s.svc:6379" (include "llm-fleet.redisHost" .) .Release.Namespace -}}
 {{- else -}}
 {{- required "redis.address (host:port) is required for KEDA when redis.bundled is false" .Values.redis.address -}}
