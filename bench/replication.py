@@ -1,0 +1,128 @@
+"""What waiting for a replica (WAIT, common/replication.py) costs on the submit path.
+
+Three set-ups of `llm-fleet up` (one gateway, one test-engine worker) on loopback: a lone Valkey
+(nothing to wait for), a primary with a replica and three Sentinels with WAIT off
+(LLM_FLEET_REPLICA_ACK_TIMEOUT_MS=0: a 202 may be lost in a failover), and the same with WAIT on
+(the default). For each: the latency of one submit at a time (POST /v1/generate -> 202), then the
+submits per second of --concurrency clients.
+
+    python bench/replication.py --out bench/results/.../replication.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common.embedded_redis import EmbeddedValkey, EmbeddedValkeyHA, free_port
+from common.fleet import interrupt
+
+MODEL = "test-echo"
+
+
+def start_fleet(port: int, redis_url: str, wait_ms: int) -> subprocess.Popen:
+    catalogue = Path(tempfile.mkdtemp()) / "catalogue.json"
+    catalogue.write_text(json.dumps({MODEL: {"engine": "test", "options": {
+        "max_model_len": 4096, "max_num_seqs": 64, "kv_cache_tokens": 1 << 20, "step_delay_ms": 1}}}))
+    return subprocess.Popen(
+        [sys.executable, "-m", "common.cli", "up", "--redis-url", redis_url, "--port", str(port),
+         "--worker-http-port", "0", "--model", MODEL, "--catalogue", str(catalogue)],
+        cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "LLM_FLEET_REPLICA_ACK_TIMEOUT_MS": str(wait_ms), "LLM_FLEET_MAX_OUTSTANDING": "1000000"})
+
+
+async def wait_ready(http: aiohttp.ClientSession, base_url: str) -> None:
+    for _ in range(600):
+        try:
+            async with http.get(f"{base_url}/ready") as response:
+                if response.status == 200 and (await response.json()).get("models"):
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.2)
+    raise RuntimeError("fleet not ready")
+
+
+async def submit(http: aiohttp.ClientSession, base_url: str, i: int) -> float:
+    started = time.perf_counter()
+    async with http.post(f"{base_url}/v1/generate", json={"model": MODEL, "prompt": f"r{i} ", "max_tokens": 2}) as r:
+        assert r.status == 202, await r.text()
+    return time.perf_counter() - started
+
+
+async def measure(redis_url: str, wait_ms: int, sequential: int, concurrent: int, concurrency: int) -> dict:
+    port = free_port()
+    fleet = start_fleet(port, redis_url, wait_ms)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+            await wait_ready(http, base_url)
+            for i in range(50):  # warm-up: connections, scripts loaded, tokenizer fetched
+                await submit(http, base_url, i)
+            latencies = sorted([await submit(http, base_url, i) for i in range(sequential)])
+            gate = asyncio.Semaphore(concurrency)
+
+            async def one(i: int) -> None:
+                async with gate:
+                    await submit(http, base_url, i)
+
+            started = time.perf_counter()
+            await asyncio.gather(*(one(i) for i in range(concurrent)))
+            rate = concurrent / (time.perf_counter() - started)
+    finally:
+        interrupt(fleet, 30)
+    return {"p50_ms": round(1000 * statistics.median(latencies), 2),
+            "p99_ms": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 2), "submits_per_s": round(rate)}
+
+
+async def main_async(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    lone = EmbeddedValkey()
+    lone.start()
+    try:
+        rows.append({"redis": "one Valkey", "wait": "-", **await measure(lone.url, 1000, args.sequential,
+                                                                       args.concurrent, args.concurrency)})
+    finally:
+        lone.stop()
+    group = EmbeddedValkeyHA(replicas=1)
+    group.start()
+    try:
+        for wait_ms, label in ((0, "off"), (1000, "on (1 replica)")):
+            rows.append({"redis": "primary + replica + 3 Sentinels", "wait": label,
+                         **await measure(group.url, wait_ms, args.sequential, args.concurrent, args.concurrency)})
+    finally:
+        group.stop()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sequential", type=int, default=500)
+    parser.add_argument("--concurrent", type=int, default=4000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    rows = asyncio.run(main_async(args))
+    print(f"\nsubmit path (POST /v1/generate -> 202), loopback; {args.sequential} one at a time, then "
+          f"{args.concurrent} by {args.concurrency} clients")
+    print("| Redis | WAIT for a replica | submit p50 ms | p99 ms | submits/s |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['redis']} | {row['wait']} | {row['p50_ms']} | {row['p99_ms']} | {row['submits_per_s']} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
