@@ -8,9 +8,12 @@ only once a replica has it too. A write no replica confirmed in time raises `Not
 the gateway answers 503 (and withdraws the job), a worker sends its flush again (appends are
 idempotent), so a failover loses nothing that was acknowledged.
 
-Where the primary has no replica (one Redis, a development fleet) there is nothing to wait for, and
-writes do not wait. The replica count is looked up every `_LOOK_EVERY_S` and again after a write
-came up short (a failover leaves a new primary whose replicas may be fewer).
+With Sentinel (a `redis+sentinel://` URL: high availability was asked for) a write always needs a
+replica: a primary that has lost its replicas, as the old primary does on the wrong side of a
+network partition, acknowledges nothing (the fleet answers 503 until a replica is back or Sentinel
+has promoted one). With a plain URL the fleet waits only while the primary has replicas: one Redis
+(a development fleet) has nothing to wait for. The replica count is looked up every `_LOOK_EVERY_S`
+and again after a write came up short.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import logging
 
 from redis.asyncio import Redis
 
-from common.redis_conn import REDIS_UNAVAILABLE, NotReplicatedError
+from common.redis_conn import REDIS_UNAVAILABLE, NotReplicatedError, SentinelUrl
 from common.supervision import Supervisor
 
 log = logging.getLogger(__name__)
@@ -29,15 +32,16 @@ _LOOK_EVERY_S = 2.0
 
 
 class Replication:
-    def __init__(self, redis: Redis, *, timeout_ms: int) -> None:
+    def __init__(self, redis: Redis, *, timeout_ms: int, require_replica: bool) -> None:
         self._redis = redis
         self.timeout_ms = timeout_ms
+        self.require_replica = require_replica  # Sentinel: never acknowledge what no replica has
         self.replicas = 0  # connected replicas of the primary, at the last look
         self._look_now = asyncio.Event()
 
     @property
     def acks_needed(self) -> int:
-        return 1 if self.replicas and self.timeout_ms > 0 else 0
+        return 1 if self.timeout_ms > 0 and (self.replicas or self.require_replica) else 0
 
     def start(self, supervisor: Supervisor) -> None:
         supervisor.start("replication", self._watch)
@@ -46,8 +50,10 @@ class Replication:
         info = await self._redis.info("replication")
         replicas = int(info.get("connected_slaves", 0))
         if replicas != self.replicas:
-            log.info("the Redis primary has %d connected replica(s)%s", replicas,
-                     "; writes wait for one" if replicas and self.timeout_ms > 0 else "")
+            waits = self.timeout_ms > 0 and (replicas or self.require_replica)
+            log.log(logging.WARNING if self.require_replica and not replicas else logging.INFO,
+                    "the Redis primary has %d connected replica(s); writes %s", replicas,
+                    "wait for one" if waits else "do not wait")
         self.replicas = replicas
 
     def check(self, acked: object) -> None:
@@ -66,3 +72,7 @@ class Replication:
                 await self.look()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._look_now.wait(), _LOOK_EVERY_S)
+
+
+def replication_for(redis: Redis, url: str, *, timeout_ms: int) -> Replication:
+    return Replication(redis, timeout_ms=timeout_ms, require_replica=SentinelUrl.parse(url) is not None)

@@ -12,7 +12,7 @@ from common import heap
 from common.control import arq_client
 from common.errors import FleetError, Overloaded, PayloadTooLarge
 from common.redis_conn import REDIS_UNAVAILABLE, connect, describe, unavailable
-from common.replication import Replication
+from common.replication import replication_for
 from common.request_store import RequestStore
 from common.settings import GatewaySettings
 from common.supervision import Supervisor
@@ -125,7 +125,7 @@ def _lifecycle(settings: GatewaySettings,
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         redis = connect(settings.redis_url, timeout_s=settings.redis_timeout_s,
                         max_connections=settings.redis_max_connections)
-        replication = Replication(redis, timeout_ms=settings.replica_ack_timeout_ms)
+        replication = replication_for(redis, settings.redis_url, timeout_ms=settings.replica_ack_timeout_ms)
         store = RequestStore(redis, replication)
         registry = ModelRegistry(redis, queue_unserved=settings.queue_unserved_models)
         arq = arq_client(settings.redis_url, timeout_s=settings.redis_timeout_s)

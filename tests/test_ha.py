@@ -23,8 +23,8 @@ _WORKER_ENV = {"LLM_FLEET_HEARTBEAT_TTL_S": "10"}
 
 
 @pytest.fixture
-async def valkey_ha() -> AsyncIterator[EmbeddedValkeyHA]:
-    group = EmbeddedValkeyHA(replicas=1)
+async def valkey_ha(request: pytest.FixtureRequest) -> AsyncIterator[EmbeddedValkeyHA]:
+    group = EmbeddedValkeyHA(replicas=getattr(request, "param", 1))
     await asyncio.to_thread(group.start)
     yield group
     await asyncio.to_thread(group.stop)
@@ -43,8 +43,8 @@ def test_sentinel_urls_parse_and_bad_ones_say_why() -> None:
             SentinelUrl.parse(bad)
 
 
-async def test_writes_wait_for_the_replica_and_a_lone_primary_does_not_wait(valkey_ha: EmbeddedValkeyHA,
-                                                                            start_fleet: StartFleet) -> None:
+async def test_writes_wait_for_a_replica_and_with_sentinel_never_go_without_one(
+        valkey_ha: EmbeddedValkeyHA, start_fleet: StartFleet) -> None:
     fleet = await start_fleet(redis_url=valkey_ha.url)
     assert fleet.gateway.store.replication.acks_needed == 1
     request_id = await fleet.submit(prompt="durable ", max_tokens=8)
@@ -55,10 +55,19 @@ async def test_writes_wait_for_the_replica_and_a_lone_primary_does_not_wait(valk
         await replica.aclose()
     assert (await fleet.wait_done(request_id))["text"] == echo("durable ", 8)
 
-    valkey_ha.nodes[1].kill()  # no replica left: waiting for one would only make every write slow
+    # A plain URL to the same primary waits too, while it has a replica.
+    plain = await start_fleet(workers=0, redis_url=f"redis://127.0.0.1:{valkey_ha.nodes[0].port}/0")
+    assert plain.gateway.store.replication.acks_needed == 1
+
+    # The replica is gone (as on the wrong side of a partition): with Sentinel, nothing is acknowledged.
+    valkey_ha.nodes[1].kill()
     await fleet.gateway.store.replication.look()
-    assert fleet.gateway.store.replication.acks_needed == 0
-    assert (await fleet.wait_done(await fleet.submit(prompt="alone ", max_tokens=4)))["status"] == "completed"
+    assert fleet.gateway.store.replication.replicas == 0 and fleet.gateway.store.replication.acks_needed == 1
+    status, reply, _ = await fleet.post("/v1/generate", {"model": TEST_MODEL, "prompt": "alone ", "max_tokens": 4})
+    assert status == 503 and "no replica confirmed" in reply["error"]["message"], reply
+    # ... and with a plain URL, a primary without replicas is a development Redis: nothing to wait for.
+    await plain.gateway.store.replication.look()
+    assert plain.gateway.store.replication.acks_needed == 0
 
 
 async def _client(fleet: Fleet, name: str, stop: asyncio.Event, accepted: dict[str, tuple[str, int]],
@@ -108,6 +117,7 @@ async def _submitter(fleet: Fleet, name: str, stop: asyncio.Event, accepted: dic
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.parametrize("valkey_ha", [2], indirect=True)  # after the failover, the new primary has a replica
 async def test_primary_killed_under_load_loses_nothing_accepted(valkey_ha: EmbeddedValkeyHA,
                                                                 start_fleet: StartFleet) -> None:
     fleet = await start_fleet(redis_url=valkey_ha.url, workers=0, redis_timeout_s=1.0)
@@ -151,7 +161,7 @@ async def test_a_write_no_replica_confirms_is_refused_and_withdrawn(valkey_ha: E
     """The replica stops answering (SIGSTOP: as if cut off from the primary): the primary would take the
     write, but it could be lost in a failover, so the client gets 503, not a 202, and the job is withdrawn.
     A generation in flight pauses and then finishes exactly once the replica is back."""
-    fleet = await start_fleet(redis_url=valkey_ha.url, replica_ack_timeout_ms=300)
+    fleet = await start_fleet(redis_url=valkey_ha.url, replica_ack_timeout_ms=500)
     running = await fleet.submit(prompt="paused ", max_tokens=120)
     await asyncio.sleep(0.3)
     replica = valkey_ha.nodes[1].process

@@ -33,7 +33,7 @@ from tokenizers import Tokenizer
 from common import heap, keys
 from common.protocol import FinishReason, Job, ModelState, WorkerStatus
 from common.redis_conn import REDIS_UNAVAILABLE, as_text, connect, describe
-from common.replication import Replication
+from common.replication import replication_for
 from common.request_store import RequestStore
 from common.settings import ModelSpec, WorkerSettings
 from common.supervision import Supervisor
@@ -73,7 +73,7 @@ class Worker:
         self.catalogue = catalogue
         self.worker_id = settings.worker_id
         self.redis: Redis = connect(settings.redis_url, timeout_s=5.0, blocking_ms=settings.read_block_ms)
-        self.replication = Replication(self.redis, timeout_ms=settings.replica_ack_timeout_ms)
+        self.replication = replication_for(self.redis, settings.redis_url, timeout_ms=settings.replica_ack_timeout_ms)
         self.store = RequestStore(self.redis, self.replication)
         # A front-end process of another worker's model (worker/frontends.py): it serves that one model
         # and takes no control jobs; its worker loads, unloads and stops it.
