@@ -6,6 +6,7 @@ its exact text: nothing lost, no gap, no chunk twice at a WebSocket client."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -13,10 +14,14 @@ from typing import Any
 
 import pytest
 
+from common import api_keys
+from common.api_keys import ApiKey
 from common.embedded_redis import EmbeddedValkeyHA
 from common.redis_conn import SentinelUrl, connect
 from tests.conftest import TEST_MODEL, Fleet, StartFleet
+from tests.test_control_plane import OTHER, catalogue
 from tests.test_faults import assert_contiguous, echo
+from tests.test_status import status as cli_status
 
 # Heartbeats outlive a failover (a few seconds without a primary): no live worker counts as dead.
 _WORKER_ENV = {"LLM_FLEET_HEARTBEAT_TTL_S": "10"}
@@ -177,3 +182,23 @@ async def test_a_write_no_replica_confirms_is_refused_and_withdrawn(valkey_ha: E
     assert (await fleet.wait_done(withdrawn))["status"] == "cancelled", "the refused job never runs"
     assert (await fleet.wait_done(running, timeout_s=30))["text"] == echo("paused ", 120)
     assert (await fleet.wait_done(await fleet.submit(prompt="back ", max_tokens=4)))["status"] == "completed"
+
+
+async def test_the_control_plane_and_the_cli_work_through_sentinel(valkey_ha: EmbeddedValkeyHA,
+                                                                   start_fleet: StartFleet, tmp_path) -> None:
+    """arq's control jobs (a hot load) and `llm-fleet status` on a redis+sentinel URL."""
+    fleet = await start_fleet(workers=0, redis_url=valkey_ha.url, auth=True)
+    admin_client = connect(valkey_ha.url, timeout_s=2.0)
+    try:
+        admin = await api_keys.create(admin_client, ApiKey(name="ops", admin=True))
+    finally:
+        await admin_client.aclose()
+    fleet.headers = {"Authorization": f"Bearer {admin}"}
+    await fleet.start_worker(settings={"catalogue": catalogue(tmp_path)})
+    await fleet.wait_ready()
+    status, reply, _ = await fleet.post(f"/admin/models/{OTHER}/load", {"wait": True}, headers=fleet.headers)
+    assert status == 200 and reply["workers"][0]["ok"], reply
+
+    snapshot = json.loads(await cli_status(valkey_ha.url, "--json", "--interval", "0.2"))
+    [worker] = snapshot["workers"]
+    assert set(worker["models"]) == {TEST_MODEL, OTHER}
