@@ -23,6 +23,7 @@ import contextlib
 import logging
 
 from redis.asyncio import Redis
+from redis.asyncio.sentinel import SentinelConnectionPool
 
 from common.redis_conn import REDIS_UNAVAILABLE, NotReplicatedError, SentinelUrl
 from common.supervision import Supervisor
@@ -67,11 +68,27 @@ class Replication:
 
     async def _watch(self) -> None:
         while True:
+            came_up_short = self._look_now.is_set()
             self._look_now.clear()
             with contextlib.suppress(*REDIS_UNAVAILABLE):
+                if came_up_short:
+                    await self._follow_primary()
                 await self.look()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._look_now.wait(), _LOOK_EVERY_S)
+
+    async def _follow_primary(self) -> None:
+        """A write no replica confirmed may mean this process still talks to a primary the Sentinels
+        have replaced (cut off from them by a partition, it answers, but can replicate to no one):
+        ask them, and if the primary moved, drop every connection so the next ones go to the new one."""
+        pool = self._redis.connection_pool
+        if not isinstance(pool, SentinelConnectionPool):
+            return
+        before = pool.master_address
+        now = await pool.get_master_address()
+        if before is not None and now != before:
+            log.warning("the Sentinels moved the primary from %s to %s; reconnecting", before, now)
+            await pool.disconnect()
 
 
 def replication_for(redis: Redis, url: str, *, timeout_ms: int) -> Replication:

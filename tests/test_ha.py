@@ -202,3 +202,46 @@ async def test_the_control_plane_and_the_cli_work_through_sentinel(valkey_ha: Em
     snapshot = json.loads(await cli_status(valkey_ha.url, "--json", "--interval", "0.2"))
     [worker] = snapshot["workers"]
     assert set(worker["models"]) == {TEST_MODEL, OTHER}
+
+
+@pytest.mark.parametrize("valkey_ha", [2], indirect=True)
+async def test_a_primary_cut_off_from_its_replicas_and_sentinels_acknowledges_nothing(
+        valkey_ha: EmbeddedValkeyHA, start_fleet: StartFleet) -> None:
+    """A partition: the Sentinels and replicas lose the primary, the fleet does not. The old primary
+    keeps taking writes for a moment, but none is acknowledged (no replica confirms it); the fleet
+    learns from the Sentinels that the primary moved, follows, and every accepted request completes.
+    (Simulated without a network: the primary starts requiring a password and drops the connections
+    of its replicas and Sentinels, which cannot come back; the fleet's own connections stay.)"""
+    fleet = await start_fleet(redis_url=valkey_ha.url, workers=0, redis_timeout_s=1.0)
+    fleet.spawn_worker("part-0", env=_WORKER_ENV, step_delay_ms=10)
+    await fleet.wait_ready(timeout_s=30)
+    stop, accepted, streams, refused = asyncio.Event(), {}, {}, []
+    polled: dict[str, tuple[str, int]] = {}
+    clients = [asyncio.create_task(_client(fleet, f"c{i}", stop, accepted, streams, refused)) for i in range(4)]
+    clients += [asyncio.create_task(_submitter(fleet, f"p{i}", stop, polled, refused)) for i in range(2)]
+    await asyncio.sleep(1.5)
+
+    old = valkey_ha.primary_port()
+    primary = connect(f"redis://127.0.0.1:{old}/0", timeout_s=2.0)
+    try:
+        await primary.config_set("requirepass", "cut-off")
+        await primary.execute_command("CLIENT", "KILL", "TYPE", "replica")
+        for client in await primary.client_list():  # the Sentinels' connections (Sentinel names them)
+            if client.get("name", "").startswith("sentinel-"):
+                await primary.execute_command("CLIENT", "KILL", "ID", client["id"])
+    finally:
+        await primary.aclose()
+    async with asyncio.timeout(30):
+        while valkey_ha.primary_port() in (old, None):
+            await asyncio.sleep(0.1)
+    await asyncio.sleep(4.0)  # traffic on the new primary
+    stop.set()
+    await asyncio.gather(*clients)
+
+    assert len(accepted) > 10 and len(polled) > 20 and refused
+    for request_id, (prompt, max_tokens) in {**accepted, **polled}.items():
+        done = await fleet.wait_done(request_id, timeout_s=30)
+        assert done["status"] == "completed" and done["text"] == echo(prompt, max_tokens), done
+    for request_id, (prompt, max_tokens) in accepted.items():
+        assert assert_contiguous(streams[request_id]) == echo(prompt, max_tokens), request_id
+
