@@ -3,8 +3,9 @@
 Three set-ups of `llm-fleet up` (one gateway, one test-engine worker) on loopback: a lone Valkey
 (nothing to wait for), a primary with a replica and three Sentinels with WAIT off
 (LLM_FLEET_REPLICA_ACK_TIMEOUT_MS=0: a 202 may be lost in a failover), and the same with WAIT on
-(the default). For each: the latency of one submit at a time (POST /v1/generate -> 202), then the
-submits per second of --concurrency clients.
+(the default). For each: the latency of one submit at a time (POST /v1/generate -> 202), the
+submits per second of --concurrency clients, and a lone WebSocket stream's gaps between chunks (the
+test engine steps every 2 ms, so a worker flush, which waits for the replica too, sets the pace).
 
     python bench/replication.py --out bench/results/.../replication.json
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import statistics
@@ -34,7 +36,7 @@ MODEL = "test-echo"
 def start_fleet(port: int, redis_url: str, wait_ms: int) -> subprocess.Popen:
     catalogue = Path(tempfile.mkdtemp()) / "catalogue.json"
     catalogue.write_text(json.dumps({MODEL: {"engine": "test", "options": {
-        "max_model_len": 4096, "max_num_seqs": 64, "kv_cache_tokens": 1 << 20, "step_delay_ms": 1}}}))
+        "max_model_len": 4096, "max_num_seqs": 64, "kv_cache_tokens": 1 << 20, "step_delay_ms": 2}}}))
     return subprocess.Popen(
         [sys.executable, "-m", "common.cli", "up", "--redis-url", redis_url, "--port", str(port),
          "--worker-http-port", "0", "--model", MODEL, "--catalogue", str(catalogue)],
@@ -80,10 +82,33 @@ async def measure(redis_url: str, wait_ms: int, sequential: int, concurrent: int
             started = time.perf_counter()
             await asyncio.gather(*(one(i) for i in range(concurrent)))
             rate = concurrent / (time.perf_counter() - started)
+            await drained(http, base_url)  # the submitted work is done before the stream is timed
+            gaps = await stream_gaps(http, base_url)
     finally:
         interrupt(fleet, 30)
     return {"p50_ms": round(1000 * statistics.median(latencies), 2),
-            "p99_ms": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 2), "submits_per_s": round(rate)}
+            "p99_ms": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 2), "submits_per_s": round(rate),
+            "stream_gap_p50_ms": round(1000 * statistics.median(gaps), 2)}
+
+
+async def stream_gaps(http: aiohttp.ClientSession, base_url: str) -> list[float]:
+    async with http.ws_connect(base_url.replace("http", "ws", 1) + "/ws/generate") as ws:
+        await ws.send_json({"model": MODEL, "prompt": "a lone stream ", "max_tokens": 300})
+        seen = []
+        while True:
+            message = await ws.receive_json()
+            if message["type"] == "chunk":
+                seen.append(time.perf_counter())
+            elif message["type"] == "done":
+                return [b - a for a, b in itertools.pairwise(seen)]
+
+
+async def drained(http: aiohttp.ClientSession, base_url: str) -> None:
+    for _ in range(1200):
+        async with http.get(f"{base_url}/v1/fleet") as response:
+            if not (await response.json())["queues"][MODEL]["outstanding"]:
+                return
+        await asyncio.sleep(0.5)
 
 
 async def main_async(args: argparse.Namespace) -> list[dict]:
@@ -116,10 +141,11 @@ def main() -> None:
     rows = asyncio.run(main_async(args))
     print(f"\nsubmit path (POST /v1/generate -> 202), loopback; {args.sequential} one at a time, then "
           f"{args.concurrent} by {args.concurrency} clients")
-    print("| Redis | WAIT for a replica | submit p50 ms | p99 ms | submits/s |")
-    print("|---|---|---|---|---|")
+    print("| Redis | WAIT for a replica | submit p50 ms | p99 ms | submits/s | lone stream: gap p50 ms |")
+    print("|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['redis']} | {row['wait']} | {row['p50_ms']} | {row['p99_ms']} | {row['submits_per_s']} |")
+        print(f"| {row['redis']} | {row['wait']} | {row['p50_ms']} | {row['p99_ms']} | {row['submits_per_s']} | "
+              f"{row['stream_gap_p50_ms']} |")
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
 

@@ -103,6 +103,7 @@ class Chunk(Packed):
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     error: str | None = None
+    cached_tokens: int | None = None  # of the prompt, from the engine's prefix cache (the last chunk)
 
     @classmethod
     def merged(cls, chunks: list[Chunk]) -> Chunk:
@@ -113,7 +114,7 @@ class Chunk(Packed):
         token_ids = [t for c in chunks for t in c.token_ids or ()] if any(c.token_ids for c in chunks) else None
         return cls(seq=last.seq, text="".join(c.text for c in chunks), token_ids=token_ids,
                    finish_reason=last.finish_reason, prompt_tokens=last.prompt_tokens,
-                   completion_tokens=last.completion_tokens, error=last.error)
+                   completion_tokens=last.completion_tokens, error=last.error, cached_tokens=last.cached_tokens)
 
 
 @dataclass(slots=True)

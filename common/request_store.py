@@ -134,7 +134,7 @@ return 1
 _FINISH = _OWNED + """
 redis.call('RPUSH', KEYS[2], ARGV[2])
 redis.call('HSET', KEYS[1], 'status', ARGV[3], 'seq', ARGV[4], 'completion_tokens', ARGV[5],
-  'finish_reason', ARGV[6], 'error', ARGV[7], 'finished_at', ARGV[8])
+  'finish_reason', ARGV[6], 'error', ARGV[7], 'finished_at', ARGV[8], 'cached_tokens', ARGV[11])
 redis.call('HSETNX', KEYS[1], 'first_token_at', ARGV[8])
 redis.call('EXPIRE', KEYS[1], ARGV[9])
 redis.call('EXPIRE', KEYS[2], ARGV[9])
@@ -324,7 +324,7 @@ class RequestStore:
         return ScriptCall(_FINISH, [keys.request(request_id), keys.request_chunks(request_id)],
                           [worker_id, chunk.pack(), status.value, chunk.seq, chunk.completion_tokens or 0,
                            chunk.finish_reason, chunk.error or "", time.time(), result_ttl_s,
-                           keys.chunk_channel(request_id)])
+                           keys.chunk_channel(request_id), chunk.cached_tokens or 0])
 
     async def run_scripts(self, calls: list[ScriptCall], *, raise_on_error: bool = True) -> list[Any]:
         """Run the calls in one pipeline; their replies in order (an error reply raised, or in its place).

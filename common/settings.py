@@ -183,7 +183,8 @@ BUILTIN_CATALOGUE: dict[str, ModelSpec] = {
     "test-echo": ModelSpec(
         name="test-echo",
         engine="test",
-        options={"max_model_len": 4096, "max_num_seqs": 64, "kv_cache_tokens": 65536, "step_delay_ms": 2},
+        options={"max_model_len": 4096, "max_num_seqs": 64, "kv_cache_tokens": 65536, "step_delay_ms": 2,
+                 "prefix_block_size": 16, "prefill_ms_per_token": 0.0},
     ),
 }
 

@@ -24,6 +24,7 @@ from gateway.context import REQUEST_ID_KEY, Gateway
 from gateway.idempotency import idempotency_of
 from gateway.relay import Subscription
 from gateway.validation import GenerateRequest, check_messages, int_field, parse_json_object, sampling_fields
+from gateway.views import usage_of
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ class _Shape:
         else:
             choice["text"] = text
         return {**self._base("chat.completion" if self.chat else "text_completion"), "choices": [choice],
-                "usage": _usage(chunk)}
+                "usage": usage_of(chunk)}
 
     def delta(self, text: str, finish_reason: str | None, first: bool) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
@@ -169,7 +170,7 @@ class _Shape:
         return {**self._chunk_base(), "choices": [choice]}
 
     def usage_only(self, chunk: Chunk) -> dict[str, Any]:
-        return {**self._chunk_base(), "choices": [], "usage": _usage(chunk)}
+        return {**self._chunk_base(), "choices": [], "usage": usage_of(chunk)}
 
     def usage_so_far(self, completion_tokens: int) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
@@ -179,11 +180,6 @@ class _Shape:
 def _finish(chunk: Chunk) -> str:
     # OpenAI has no "cancelled"; vLLM reports an aborted request as "abort".
     return "abort" if chunk.finish_reason == FinishReason.CANCELLED else str(chunk.finish_reason)
-
-
-def _usage(chunk: Chunk) -> dict[str, int]:
-    prompt, completion = chunk.prompt_tokens or 0, chunk.completion_tokens or 0
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _failed(chunk: Chunk) -> FleetError:

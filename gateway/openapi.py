@@ -43,8 +43,11 @@ _MESSAGES = {"type": "array", "minItems": 1, "items": {
     "properties": {"role": {"type": "string", "enum": ["system", "user", "assistant", "tool"]},
                    "content": {"type": "string"}, "name": {"type": "string"}}}}
 _INT = {"type": "integer", "minimum": 0}
+_CACHED = {"type": "object", "required": ["cached_tokens"], "properties": {"cached_tokens": _INT},
+           "description": "cached_tokens: prompt tokens the engine's prefix cache held"}
 _USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
-          "properties": {"prompt_tokens": _INT, "completion_tokens": _INT, "total_tokens": _INT}}
+          "properties": {"prompt_tokens": _INT, "completion_tokens": _INT, "total_tokens": _INT,
+                         "prompt_tokens_details": _CACHED}}
 _FINISH = {"type": "string", "enum": ["stop", "length", "abort"]}
 
 
@@ -101,8 +104,10 @@ SPEC: dict[str, Any] = {
                                  "finish_reason": {"type": "string", "nullable": True},
                                  "error": {"type": "string", "nullable": True},
                                  "last_seq": _INT,
-                                 "usage": {"type": "object", "required": ["prompt_tokens", "completion_tokens"],
-                                           "properties": {"prompt_tokens": _INT, "completion_tokens": _INT}},
+                                 "usage": {"type": "object", "required": ["prompt_tokens", "completion_tokens",
+                                                                          "prompt_tokens_details"],
+                                           "properties": {"prompt_tokens": _INT, "completion_tokens": _INT,
+                                                          "prompt_tokens_details": _CACHED}},
                                  "timings": {"type": "object", "required": ["created_at", "queue_s", "ttft_s",
                                                                             "total_s"],
                                              "properties": {k: {"type": "number", "nullable": True} for k in

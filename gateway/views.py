@@ -24,6 +24,7 @@ def request_view(request_id: str, state: dict[str, str], chunks: list[Chunk]) ->
         "usage": {
             "prompt_tokens": int(state.get("prompt_tokens", 0)),
             "completion_tokens": int(state.get("completion_tokens", 0)),
+            "prompt_tokens_details": {"cached_tokens": int(state.get("cached_tokens", 0))},
         },
         "error": state.get("error") or None,
         "last_seq": int(state.get("seq", 0)),
@@ -36,5 +37,8 @@ def request_view(request_id: str, state: dict[str, str], chunks: list[Chunk]) ->
     }
 
 
-def usage_of(chunk: Chunk) -> dict[str, int]:
-    return {"prompt_tokens": chunk.prompt_tokens or 0, "completion_tokens": chunk.completion_tokens or 0}
+def usage_of(chunk: Chunk) -> dict[str, Any]:
+    """A final chunk's usage, OpenAI's shape (with `prompt_tokens_details.cached_tokens`)."""
+    prompt, completion = chunk.prompt_tokens or 0, chunk.completion_tokens or 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": chunk.cached_tokens or 0}}

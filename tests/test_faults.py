@@ -68,7 +68,8 @@ async def test_a_killed_workers_job_is_reclaimed_and_continued_with_no_gap_or_du
         after = (await ws_collect(ws, {request_id}, timeout_s=30))[request_id]
 
     assert assert_contiguous(before + after) == echo(prompt, 300)
-    assert after[-1]["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 300}
+    assert after[-1]["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 300,
+                                  "total_tokens": len(prompt) + 300, "prompt_tokens_details": {"cached_tokens": 0}}
     assert await worker_of(redis, request_id) == "survivor"
     state = (await fleet.get(f"/v1/requests/{request_id}"))[1]
     assert state["status"] == "completed" and state["text"] == echo(prompt, 300)

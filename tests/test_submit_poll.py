@@ -31,7 +31,7 @@ async def test_submit_then_poll_returns_the_generated_text(start_fleet: StartFle
     assert done["status"] == "completed"
     assert done["text"] == "abcabca"
     assert done["finish_reason"] == "length"
-    assert done["usage"] == {"prompt_tokens": 3, "completion_tokens": 7}
+    assert done["usage"] == {"prompt_tokens": 3, "completion_tokens": 7, "prompt_tokens_details": {"cached_tokens": 0}}
     assert done["timings"]["total_s"] >= done["timings"]["ttft_s"] >= 0
 
 

@@ -453,6 +453,7 @@ class Worker:
                 self.metrics.job_done(job.model, enqueued_at=job.enqueued_at, started_at=started_at,
                                       first_output_at=published.first_output_at, finished_at=time.time(),
                                       prompt_tokens=0 if plan.tokens_done else len(job.prompt_token_ids),
+                                      cached_tokens=0 if plan.tokens_done else published.cached_tokens,
                                       new_tokens=published.completion_tokens - plan.tokens_done,
                                       finish_reason=finish_reason)
         if request_id in self._handing_back:

@@ -31,6 +31,9 @@ class WorkerMetrics:
         self.e2e = Histogram("llm_fleet_e2e_request_latency_seconds", "Enqueued until the request finished",
                              model, buckets=_LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("llm_fleet_prompt_tokens", "Prompt tokens of jobs started", model, registry=r)
+        self.cached_tokens = Counter("llm_fleet_prompt_tokens_cached", "Prompt tokens of jobs started that the "
+                                     "engine's prefix cache held (hit rate: this over llm_fleet_prompt_tokens)",
+                                     model, registry=r)
         self.generation_tokens = Counter("llm_fleet_generation_tokens", "Output tokens generated", model, registry=r)
         self.finished = Counter("llm_fleet_requests_finished", "Jobs that ended here, by finish reason",
                                 ["model", "finish_reason"], registry=r)
@@ -63,12 +66,13 @@ class WorkerMetrics:
         # its front-end processes' series of these families (worker/frontend_metrics.py); engine and GPU
         # series come from the worker alone.
         self.per_process_families = frozenset(family.name for metric in (
-            self.queue_wait, self.ttft, self.itl, self.e2e, self.prompt_tokens, self.generation_tokens,
-            self.finished, self.reclaimed, self.handed_back, self.dead_lettered, self.running, self.kv_used,
-            self.kv_capacity, self.task_crashes) for family in metric.describe())
+            self.queue_wait, self.ttft, self.itl, self.e2e, self.prompt_tokens, self.cached_tokens,
+            self.generation_tokens, self.finished, self.reclaimed, self.handed_back, self.dead_lettered,
+            self.running, self.kv_used, self.kv_capacity, self.task_crashes) for family in metric.describe())
 
     def job_done(self, model: str, *, enqueued_at: float, started_at: float, first_output_at: float | None,
-                 finished_at: float, prompt_tokens: int, new_tokens: int, finish_reason: str) -> None:
+                 finished_at: float, prompt_tokens: int, cached_tokens: int, new_tokens: int,
+                 finish_reason: str) -> None:
         """One finished run of a job on this worker (a continuation counts only what it generated)."""
         self.queue_wait.labels(model).observe(max(0.0, started_at - enqueued_at))
         if first_output_at is not None:
@@ -77,6 +81,7 @@ class WorkerMetrics:
                 self.itl.labels(model).observe((finished_at - first_output_at) / (new_tokens - 1))
         self.e2e.labels(model).observe(max(0.0, finished_at - enqueued_at))
         self.prompt_tokens.labels(model).inc(prompt_tokens)
+        self.cached_tokens.labels(model).inc(min(cached_tokens, prompt_tokens))
         self.generation_tokens.labels(model).inc(new_tokens)
         self.finished.labels(model, finish_reason).inc()
 

@@ -35,6 +35,7 @@ class OpenRequest:
     last_seq: int
     prompt_tokens: int
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt, as the engine reported it
     first_output_at: float | None = None  # wall clock of this run's first output (TTFT, ITL metrics)
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
@@ -94,6 +95,8 @@ class ChunkPublisher:
             if state.last_seq == 0:
                 self._urgent = True  # first output of a request: no coalescing delay
             self._dirty[output.request_id] = state
+        if output.cached_tokens is not None:
+            state.cached_tokens = output.cached_tokens
         state.text.append(output.text)
         state.token_ids.extend(output.token_ids)
         state.completion_tokens += len(output.token_ids)
@@ -223,6 +226,7 @@ class ChunkPublisher:
         chunk.error = final.error
         chunk.prompt_tokens = state.prompt_tokens
         chunk.completion_tokens = state.completion_tokens
+        chunk.cached_tokens = state.cached_tokens
         return self._store.finish(request_id, self._worker_id, chunk, result_ttl_s=self._result_ttl), chunk
 
 

@@ -31,6 +31,8 @@ class EngineOutput:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    # Prompt tokens served from the engine's prefix cache (said once, by engines that know; else 0).
+    cached_tokens: int | None = None
 
 
 @dataclass(slots=True)

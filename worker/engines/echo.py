@@ -10,6 +10,11 @@ whole text is exactly what an uninterrupted run gives: tests check "no gap, no d
 Several front-ends (`frontends: N`, worker/frontends.py) each run their own copy: the test engine
 stands in for a shared engine, so that the fleet side of front-ends is tested without a GPU.
 
+A simulated prefix cache (common/prefix_blocks.py): the blocks of the prompts it has seen, the least
+recently used evicted past its `kv_cache_tokens`; each request reports the prompt tokens found there
+(`cached_tokens`), and its first token waits `prefill_ms_per_token` for each one that was not
+(`prefix_block_size`, 16, and `prefill_ms_per_token`, 0, in the catalogue's options).
+
 Fault injection, for the failure tests only: `die_on_prompt` (a string) makes the worker
 process exit at once, as if killed, when it decodes a prompt that contains it; `unstorable_on_prompt`
 makes the engine emit text that cannot be encoded (a lone surrogate, as a broken detokenizer might)
@@ -25,6 +30,7 @@ from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+from common.prefix_blocks import PrefixCache
 from common.protocol import FinishReason, ModelCard, TokenizerBundle
 from common.settings import ModelSpec
 from worker.engines.base import EngineOutput, EngineRequest, ProgressCallback
@@ -58,6 +64,11 @@ class EchoEngine(QueuedEngine):
         self.tokenizer = TokenizerBundle(
             tokenizer_json=self._tokenizer.to_str(), chat_template=_CHAT_TEMPLATE, bos_token=None, eos_token=None
         )
+        block_size = int(options.get("prefix_block_size", 16))
+        self._prefix_cache = PrefixCache(block_size, self.kv_capacity_tokens // block_size)
+        self._prefill_s_per_token = float(options.get("prefill_ms_per_token", 0)) / 1000
+        self._prefilled_at: dict[str, float] = {}  # request id -> when its first token may come
+        self._cached: dict[str, int] = {}  # request id -> cached prompt tokens, until its first output says so
         self._die_on = str(options.get("die_on_prompt", ""))
         self._unstorable_on = str(options.get("unstorable_on_prompt", ""))
         self._unstorable: set[str] = set()
@@ -73,6 +84,11 @@ class EchoEngine(QueuedEngine):
         if self._unstorable_on and self._unstorable_on in self._tokenizer.decode(prompt):
             self._unstorable.add(request.request_id)
         self._echo[request.request_id] = (prompt, request.resumed_tokens)
+        cached = self._prefix_cache.lookup_and_store(request.prompt_token_ids)
+        self._cached[request.request_id] = cached
+        uncached = len(request.prompt_token_ids) - cached
+        self._prefilled_at[request.request_id] = (asyncio.get_running_loop().time()
+                                                  + uncached * self._prefill_s_per_token)
         self._running[request.request_id] = Sequence(request, self._tokenizer, frozenset())
         self._wakeup.set()
 
@@ -84,6 +100,8 @@ class EchoEngine(QueuedEngine):
         self._running.pop(request_id, None)
         self._echo.pop(request_id, None)
         self._unstorable.discard(request_id)
+        self._prefilled_at.pop(request_id, None)
+        self._cached.pop(request_id, None)
 
     async def _step_loop(self) -> None:
         # Steps on a fixed clock, as a GPU does whatever the host is busy with: the time this process
@@ -99,9 +117,13 @@ class EchoEngine(QueuedEngine):
             deadline = max(deadline + self._step_s, loop.time())
             await asyncio.sleep(deadline - loop.time())
             outputs = []
+            now = loop.time()
             for seq in list(self._running.values()):
+                if self._prefilled_at.get(seq.request_id, 0) > now:
+                    continue  # still "prefilling" the prompt tokens the cache did not have
                 prompt, already_out = self._echo[seq.request_id]
                 output = seq.append(prompt[(already_out + len(seq.generated)) % len(prompt)])
+                output.cached_tokens = self._cached.pop(seq.request_id, None)
                 if output.finish_reason is not None:
                     del self._running[seq.request_id]
                 if seq.request_id in self._unstorable:

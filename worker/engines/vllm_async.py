@@ -86,7 +86,8 @@ class VllmEngine(Engine):
                 # it half-way, and vLLM answers that with an abort of the request through the engine core.
                 yield EngineOutput(request.request_id, completion.text, list(completion.token_ids),
                                    finish_reason=finish,
-                                   error="vLLM reported an error" if finish == FinishReason.ERROR else None)
+                                   error="vLLM reported an error" if finish == FinishReason.ERROR else None,
+                                   cached_tokens=out.num_cached_tokens)
         finally:
             self._active.discard(request.request_id)
 
