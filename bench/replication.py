@@ -1,11 +1,11 @@
 """What waiting for a replica (WAIT, common/replication.py) costs on the submit path.
 
-Three set-ups of `llm-fleet up` (one gateway, one test-engine worker) on loopback: a lone Valkey
-(nothing to wait for), a primary with a replica and three Sentinels with WAIT off
-(LLM_FLEET_REPLICA_ACK_TIMEOUT_MS=0: a 202 may be lost in a failover), and the same with WAIT on
-(the default). For each: the latency of one submit at a time (POST /v1/generate -> 202), the
-submits per second of --concurrency clients, and a lone WebSocket stream's gaps between chunks (the
-test engine steps every 2 ms, so a worker flush, which waits for the replica too, sets the pace).
+Three set-ups of `llm-fleet up` (one gateway, one test-engine worker stepping every 2 ms) on
+loopback: a lone Valkey (nothing to wait for), a primary with a replica and three Sentinels with
+WAIT off (LLM_FLEET_REPLICA_ACK_TIMEOUT_MS=0: a 202 may be lost in a failover), and the same with
+WAIT on (the default). For each: the latency of one submit at a time (POST /v1/generate -> 202),
+the submits per second of --concurrency clients, and a lone WebSocket stream's gaps between chunks
+(a worker flush, which waits for the replica too, sets their pace).
 
     python bench/replication.py --out bench/results/.../replication.json
 """
@@ -16,44 +16,17 @@ import argparse
 import asyncio
 import itertools
 import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.local_fleet import MODEL, start_test_fleet, wait_ready
 from common.embedded_redis import EmbeddedValkey, EmbeddedValkeyHA, free_port
 from common.fleet import interrupt
-
-MODEL = "test-echo"
-
-
-def start_fleet(port: int, redis_url: str, wait_ms: int) -> subprocess.Popen:
-    catalogue = Path(tempfile.mkdtemp()) / "catalogue.json"
-    catalogue.write_text(json.dumps({MODEL: {"engine": "test", "options": {
-        "max_model_len": 4096, "max_num_seqs": 64, "kv_cache_tokens": 1 << 20, "step_delay_ms": 2}}}))
-    return subprocess.Popen(
-        [sys.executable, "-m", "common.cli", "up", "--redis-url", redis_url, "--port", str(port),
-         "--worker-http-port", "0", "--model", MODEL, "--catalogue", str(catalogue)],
-        cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**os.environ, "LLM_FLEET_REPLICA_ACK_TIMEOUT_MS": str(wait_ms), "LLM_FLEET_MAX_OUTSTANDING": "1000000"})
-
-
-async def wait_ready(http: aiohttp.ClientSession, base_url: str) -> None:
-    for _ in range(600):
-        try:
-            async with http.get(f"{base_url}/ready") as response:
-                if response.status == 200 and (await response.json()).get("models"):
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.2)
-    raise RuntimeError("fleet not ready")
 
 
 async def submit(http: aiohttp.ClientSession, base_url: str, i: int) -> float:
@@ -65,11 +38,12 @@ async def submit(http: aiohttp.ClientSession, base_url: str, i: int) -> float:
 
 async def measure(redis_url: str, wait_ms: int, sequential: int, concurrent: int, concurrency: int) -> dict:
     port = free_port()
-    fleet = start_fleet(port, redis_url, wait_ms)
+    fleet = start_test_fleet(port, redis_url, kv_cache_tokens=1 << 20, env={
+        "LLM_FLEET_REPLICA_ACK_TIMEOUT_MS": str(wait_ms), "LLM_FLEET_MAX_OUTSTANDING": "1000000"})
     base_url = f"http://127.0.0.1:{port}"
     try:
+        await wait_ready(base_url)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-            await wait_ready(http, base_url)
             for i in range(50):  # warm-up: connections, scripts loaded, tokenizer fetched
                 await submit(http, base_url, i)
             latencies = sorted([await submit(http, base_url, i) for i in range(sequential)])

@@ -19,13 +19,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,10 +33,10 @@ import psutil
 import redis.asyncio as aioredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.local_fleet import MODEL, start_test_fleet, wait_ready
 from common.embedded_redis import EmbeddedValkey, free_port
 from common.fleet import interrupt
 
-MODEL = "test-echo"
 KINDS = ("ws", "sse", "poll", "cancel", "drop")
 WEIGHTS = (4, 2, 2, 1, 1)
 
@@ -216,36 +214,13 @@ async def restarts(fleet: subprocess.Popen, valkey: EmbeddedValkey, every_s: flo
             sig = signal.SIGKILL if sig == signal.SIGTERM else signal.SIGTERM
 
 
-async def wait_ready(base_url: str) -> None:
-    async with aiohttp.ClientSession() as http:
-        for _ in range(600):
-            try:
-                async with http.get(f"{base_url}/ready") as response:
-                    if response.status == 200 and (await response.json()).get("models"):
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.2)
-    raise RuntimeError("fleet not ready")
-
-
-def start_fleet(port: int, redis_url: str, workers: int, step_ms: float, result_ttl_s: int) -> subprocess.Popen:
-    catalogue = Path(tempfile.mkdtemp()) / "catalogue.json"
-    catalogue.write_text(json.dumps({MODEL: {"engine": "test", "options": {
-        "max_model_len": 4096, "max_num_seqs": 64, "kv_cache_tokens": 65536, "step_delay_ms": step_ms}}}))
-    return subprocess.Popen(
-        [sys.executable, "-m", "common.cli", "up", "--redis-url", redis_url, "--port", str(port),
-         "--worker-http-port", "0", "--workers", str(workers), "--model", MODEL, "--catalogue", str(catalogue)],
-        cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        # Finished results kept this long: Redis reaches its steady size once the warm-up outlasts it.
-        env={**os.environ, "LLM_FLEET_RESULT_TTL_S": str(result_ttl_s)})
-
-
 async def soak(args: argparse.Namespace) -> dict:
     valkey = EmbeddedValkey()
     valkey.start()
     port = free_port()
-    fleet = start_fleet(port, valkey.url, args.workers, args.step_ms, args.result_ttl_s)
+    # Finished results kept --result-ttl-s: Redis reaches its steady size once the warm-up outlasts it.
+    fleet = start_test_fleet(port, valkey.url, workers=args.workers, step_ms=args.step_ms,
+                             env={"LLM_FLEET_RESULT_TTL_S": str(args.result_ttl_s)})
     base_url = f"http://127.0.0.1:{port}"
     redis = aioredis.from_url(valkey.url)
     tally, samples, events = Tally(), [], []
@@ -293,7 +268,7 @@ async def idle_sockets(count: int) -> dict:
     valkey = EmbeddedValkey()
     valkey.start()
     port = free_port()
-    fleet = start_fleet(port, valkey.url, 1, 5.0, 60)
+    fleet = start_test_fleet(port, valkey.url, step_ms=5.0)
     base_url = f"http://127.0.0.1:{port}"
     sockets = []
     try:

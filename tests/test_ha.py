@@ -10,6 +10,7 @@ import json
 import signal
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -75,51 +76,76 @@ async def test_writes_wait_for_a_replica_and_with_sentinel_never_go_without_one(
     assert plain.gateway.store.replication.acks_needed == 0
 
 
-async def _client(fleet: Fleet, name: str, stop: asyncio.Event, accepted: dict[str, tuple[str, int]],
-                  streams: dict[str, list[dict[str, Any]]], refused: list[float]) -> None:
-    """Submit over a WebSocket one request after another until `stop`; keep every message."""
-    n = 0
-    while not stop.is_set():
+@dataclass
+class Load:
+    """Clients on both sides of a failover: WebSocket streams (every message kept) and submit-then-poll
+    clients; a submit refused with 503 is counted (no other refusal is allowed)."""
+
+    fleet: Fleet
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    streamed: dict[str, tuple[str, int]] = field(default_factory=dict)  # accepted: request id -> (prompt, max)
+    streams: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    polled: dict[str, tuple[str, int]] = field(default_factory=dict)
+    refused: list[float] = field(default_factory=list)  # when each 503 came
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def start(self, streaming: int, polling: int) -> None:
+        self.tasks += [asyncio.create_task(self._stream(f"c{i}")) for i in range(streaming)]
+        self.tasks += [asyncio.create_task(self._poll(f"p{i}")) for i in range(polling)]
+
+    async def finish(self) -> None:
+        self.stop.set()
+        await asyncio.gather(*self.tasks)
+
+    async def assert_every_accepted_request_completed_exactly(self) -> None:
+        for request_id, (prompt, max_tokens) in self.streamed.items():
+            assert assert_contiguous(self.streams[request_id]) == echo(prompt, max_tokens), request_id
+        for request_id, (prompt, max_tokens) in {**self.streamed, **self.polled}.items():
+            done = await self.fleet.wait_done(request_id, timeout_s=30)
+            assert done["status"] == "completed" and done["text"] == echo(prompt, max_tokens), done
+
+    async def _stream(self, name: str) -> None:
+        n = 0
         try:
-            async with fleet.http.ws_connect(fleet.ws_url) as ws:
-                while not stop.is_set():
+            async with self.fleet.http.ws_connect(self.fleet.ws_url) as ws:
+                while not self.stop.is_set():
                     prompt, max_tokens = f"{name}-{n} ", 40 + n % 5 * 10
                     n += 1
                     await ws.send_json({"model": TEST_MODEL, "prompt": prompt, "max_tokens": max_tokens})
                     reply = await ws.receive_json()
                     if reply["type"] == "error":
                         assert reply["status"] == 503, reply
-                        refused.append(time.monotonic())
+                        self.refused.append(time.monotonic())
                         await asyncio.sleep(0.05)
                         continue
                     request_id = reply["request_id"]
-                    accepted[request_id] = (prompt, max_tokens)
-                    messages = streams.setdefault(request_id, [])
-                    while True:
-                        message = await asyncio.wait_for(ws.receive_json(), 30)
-                        assert message.get("request_id") == request_id, message
-                        messages.append(message)
-                        if message["type"] in ("done", "error"):
-                            break
+                    self.streamed[request_id] = (prompt, max_tokens)
+                    messages = self.streams.setdefault(request_id, [])
+                    while not messages or messages[-1]["type"] not in ("done", "error"):
+                        messages.append(await asyncio.wait_for(ws.receive_json(), 30))
+                        assert messages[-1].get("request_id") == request_id, messages[-1]
         except (ConnectionError, TimeoutError) as exc:  # the stream itself must not break: fail loudly
             raise AssertionError(f"client {name}: the stream broke ({exc!r})") from exc
 
+    async def _poll(self, name: str) -> None:
+        n = 0
+        while not self.stop.is_set():
+            prompt, max_tokens = f"{name}-{n} ", 30
+            n += 1
+            status, reply, _ = await self.fleet.post("/v1/generate", {"model": TEST_MODEL, "prompt": prompt,
+                                                                      "max_tokens": max_tokens})
+            if status == 202:
+                self.polled[reply["request_id"]] = (prompt, max_tokens)
+            else:
+                assert status == 503, reply
+                self.refused.append(time.monotonic())
+            await asyncio.sleep(0.05)
 
-async def _submitter(fleet: Fleet, name: str, stop: asyncio.Event, accepted: dict[str, tuple[str, int]],
-                     refused: list[float]) -> None:
-    """Submit-then-poll clients: POST one request after another (they are polled at the end)."""
-    n = 0
-    while not stop.is_set():
-        prompt, max_tokens = f"{name}-{n} ", 30
-        n += 1
-        status, reply, _ = await fleet.post("/v1/generate", {"model": TEST_MODEL, "prompt": prompt,
-                                                             "max_tokens": max_tokens})
-        if status == 202:
-            accepted[reply["request_id"]] = (prompt, max_tokens)
-        else:
-            assert status == 503, reply
-            refused.append(time.monotonic())
-        await asyncio.sleep(0.05)
+
+async def new_primary(valkey_ha: EmbeddedValkeyHA, old: int | None) -> None:
+    async with asyncio.timeout(30):
+        while valkey_ha.primary_port() in (old, None):
+            await asyncio.sleep(0.1)
 
 
 @pytest.mark.parametrize("valkey_ha", [2], indirect=True)  # after the failover, the new primary has a replica
@@ -129,34 +155,23 @@ async def test_primary_killed_under_load_loses_nothing_accepted(valkey_ha: Embed
     for i in range(2):
         fleet.spawn_worker(f"ha-{i}", env=_WORKER_ENV, step_delay_ms=10)
     await fleet.wait_ready(timeout_s=30)
-    stop, accepted, streams, refused = asyncio.Event(), {}, {}, []
-    polled: dict[str, tuple[str, int]] = {}
-    clients = [asyncio.create_task(_client(fleet, f"c{i}", stop, accepted, streams, refused)) for i in range(8)]
-    clients += [asyncio.create_task(_submitter(fleet, f"p{i}", stop, polled, refused)) for i in range(2)]
+    load = Load(fleet)
+    load.start(streaming=8, polling=2)
     long_request = await fleet.submit(prompt="through the failover ", max_tokens=400)  # mid-generation
     await asyncio.sleep(2.0)
 
     old_primary = valkey_ha.primary_port()
     valkey_ha.node(old_primary).kill()
     killed_at = time.monotonic()
-    async with asyncio.timeout(30):
-        while valkey_ha.primary_port() in (old_primary, None):
-            await asyncio.sleep(0.1)
+    await new_primary(valkey_ha, old_primary)
     await asyncio.sleep(4.0)  # traffic on the new primary
-    stop.set()
-    await asyncio.gather(*clients)
+    await load.finish()
 
-    assert len(accepted) > 50 and len(polled) > 50 and refused, "load on both sides; 503s while no primary"
-    unavailable_s = max(refused) - min(refused)
-    print(f"\nfailover: {len(accepted)} streamed + {len(polled)} polled accepted, {len(refused)} refused with "
-          f"503 over {unavailable_s:.2f} s (the first {min(refused) - killed_at:+.2f} s after the kill)")
-    for request_id, (prompt, max_tokens) in accepted.items():
-        assert assert_contiguous(streams[request_id]) == echo(prompt, max_tokens), request_id
-        done = await fleet.wait_done(request_id, timeout_s=30)
-        assert done["status"] == "completed" and done["text"] == echo(prompt, max_tokens), done
-    for request_id, (prompt, max_tokens) in polled.items():
-        done = await fleet.wait_done(request_id, timeout_s=30)
-        assert done["status"] == "completed" and done["text"] == echo(prompt, max_tokens), done
+    assert len(load.streamed) > 50 and len(load.polled) > 50 and load.refused, "load on both sides; 503s between"
+    print(f"\nfailover: {len(load.streamed)} streamed + {len(load.polled)} polled accepted, {len(load.refused)} "
+          f"refused with 503 over {max(load.refused) - min(load.refused):.2f} s (the first "
+          f"{min(load.refused) - killed_at:+.2f} s after the kill)")
+    await load.assert_every_accepted_request_completed_exactly()
     done = await fleet.wait_done(long_request, timeout_s=30)
     assert done["text"] == echo("through the failover ", 400)
 
@@ -215,10 +230,8 @@ async def test_a_primary_cut_off_from_its_replicas_and_sentinels_acknowledges_no
     fleet = await start_fleet(redis_url=valkey_ha.url, workers=0, redis_timeout_s=1.0)
     fleet.spawn_worker("part-0", env=_WORKER_ENV, step_delay_ms=10)
     await fleet.wait_ready(timeout_s=30)
-    stop, accepted, streams, refused = asyncio.Event(), {}, {}, []
-    polled: dict[str, tuple[str, int]] = {}
-    clients = [asyncio.create_task(_client(fleet, f"c{i}", stop, accepted, streams, refused)) for i in range(4)]
-    clients += [asyncio.create_task(_submitter(fleet, f"p{i}", stop, polled, refused)) for i in range(2)]
+    load = Load(fleet)
+    load.start(streaming=4, polling=2)
     await asyncio.sleep(1.5)
 
     old = valkey_ha.primary_port()
@@ -231,17 +244,9 @@ async def test_a_primary_cut_off_from_its_replicas_and_sentinels_acknowledges_no
                 await primary.execute_command("CLIENT", "KILL", "ID", client["id"])
     finally:
         await primary.aclose()
-    async with asyncio.timeout(30):
-        while valkey_ha.primary_port() in (old, None):
-            await asyncio.sleep(0.1)
+    await new_primary(valkey_ha, old)
     await asyncio.sleep(4.0)  # traffic on the new primary
-    stop.set()
-    await asyncio.gather(*clients)
+    await load.finish()
 
-    assert len(accepted) > 10 and len(polled) > 20 and refused
-    for request_id, (prompt, max_tokens) in {**accepted, **polled}.items():
-        done = await fleet.wait_done(request_id, timeout_s=30)
-        assert done["status"] == "completed" and done["text"] == echo(prompt, max_tokens), done
-    for request_id, (prompt, max_tokens) in accepted.items():
-        assert assert_contiguous(streams[request_id]) == echo(prompt, max_tokens), request_id
-
+    assert len(load.streamed) > 10 and len(load.polled) > 20 and load.refused
+    await load.assert_every_accepted_request_completed_exactly()
