@@ -52,14 +52,16 @@ class Replication:
         replicas = int(info.get("connected_slaves", 0))
         if replicas != self.replicas:
             waits = self.timeout_ms > 0 and (replicas or self.require_replica)
-            log.log(logging.WARNING if self.require_replica and not replicas else logging.INFO,
-                    "the Redis primary has %d connected replica(s); writes %s", replicas,
-                    "wait for one" if waits else "do not wait")
+            stalled = self.require_replica and not replicas
+            log.log(logging.WARNING if stalled else logging.INFO, "the Redis primary has %d connected replica(s); "
+                    "writes %s", replicas, "are not acknowledged until one connects" if stalled
+                    else "wait for one" if waits else "do not wait")
         self.replicas = replicas
 
-    def check(self, acked: object) -> None:
-        """`acked` is WAIT's reply (or the error in its place); raises unless enough replicas have the writes."""
-        if isinstance(acked, int) and acked >= self.acks_needed:
+    def check(self, acked: object, needed: int) -> None:
+        """`acked` is the reply (or the error in its place) of a WAIT for `needed` replicas; raises
+        unless that many have the writes."""
+        if isinstance(acked, int) and acked >= needed:
             return
         self._look_now.set()  # the replicas may be gone (a failover): count them again
         if isinstance(acked, BaseException):

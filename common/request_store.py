@@ -329,26 +329,26 @@ class RequestStore:
     async def run_scripts(self, calls: list[ScriptCall], *, raise_on_error: bool = True) -> list[Any]:
         """Run the calls in one pipeline; their replies in order (an error reply raised, or in its place).
         Raises NotReplicatedError when a replica should have confirmed the writes and did not."""
-        replies, acked = await self._pipeline(calls)
+        replies, wait = await self._pipeline(calls)
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:  # nothing ran for these: safe to send again
             async with self.redis.pipeline(transaction=False) as pipe:
                 for script in {calls[i].script for i in missing}:
                     pipe.script_load(script)
                 await pipe.execute()
-            again, acked = await self._pipeline([calls[i] for i in missing])  # a later write: its WAIT covers all
+            again, wait = await self._pipeline([calls[i] for i in missing])  # a later write: its WAIT covers all
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
-        if acked is not None:
-            self.replication.check(acked)  # type: ignore[union-attr]
+        if wait is not None:
+            self.replication.check(*wait)  # type: ignore[union-attr]
         if raise_on_error:
             for reply in replies:
                 if isinstance(reply, Exception):
                     raise reply
         return replies
 
-    async def _pipeline(self, calls: list[ScriptCall]) -> tuple[list[Any], Any]:
-        """The calls' replies, and WAIT's (None when there is no replica to wait for)."""
+    async def _pipeline(self, calls: list[ScriptCall]) -> tuple[list[Any], tuple[Any, int] | None]:
+        """The calls' replies, and WAIT's reply with the replicas it waited for (None: no replica to wait for)."""
         acks = self.replication.acks_needed if self.replication is not None else 0
         async with self.redis.pipeline(transaction=False) as pipe:
             for call in calls:
@@ -356,7 +356,7 @@ class RequestStore:
             if acks:  # on the same connection, after the writes: WAIT covers them
                 pipe.execute_command("WAIT", acks, self.replication.timeout_ms)  # type: ignore[union-attr]
             replies = await pipe.execute(raise_on_error=False)
-        return (replies[:-1], replies[-1]) if acks else (replies, None)
+        return (replies[:-1], (replies[-1], acks)) if acks else (replies, None)
 
 
 @dataclass(slots=True)
