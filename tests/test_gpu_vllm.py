@@ -220,6 +220,19 @@ async def _generate(http: aiohttp.ClientSession, base_url: str, prompt: str, max
     return await _poll(http, base_url, reply["request_id"], {"completed", "failed"})
 
 
+async def test_vllm_prefix_cache_hits_are_reported_as_cached_tokens(gpu_fleet: GpuFleet) -> None:
+    """The same long prefix twice: vLLM's prefix cache serves the second's shared blocks, and the fleet
+    reports them (`usage.prompt_tokens_details.cached_tokens`, from vLLM's num_cached_tokens)."""
+    shared = "You are a careful assistant. " * 40  # several KV blocks
+    async with aiohttp.ClientSession() as http:
+        first = await _generate(http, gpu_fleet.base_url, shared + "Question one?", 4)
+        second = await _generate(http, gpu_fleet.base_url, shared + "Question two?", 4)
+    print("cached tokens:", first["usage"], second["usage"])
+    assert first["status"] == second["status"] == "completed"
+    prompt = second["usage"]["prompt_tokens"]
+    assert prompt - 32 <= second["usage"]["prompt_tokens_details"]["cached_tokens"] < prompt
+
+
 async def test_worker_metrics_report_the_gpu_kv_and_latencies(gpu_fleet: GpuFleet) -> None:
     model = (("model", MODEL),)
     async with aiohttp.ClientSession() as http:
