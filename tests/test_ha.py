@@ -93,6 +93,9 @@ class Load:
         self.tasks += [asyncio.create_task(self._stream(f"c{i}")) for i in range(streaming)]
         self.tasks += [asyncio.create_task(self._poll(f"p{i}")) for i in range(polling)]
 
+    def accepted(self) -> int:
+        return len(self.streamed) + len(self.polled)
+
     async def finish(self) -> None:
         self.stop.set()
         await asyncio.gather(*self.tasks)
@@ -161,13 +164,16 @@ async def test_primary_killed_under_load_loses_nothing_accepted(valkey_ha: Embed
     await asyncio.sleep(2.0)
 
     old_primary = valkey_ha.primary_port()
+    before = load.accepted()
     valkey_ha.node(old_primary).kill()
     killed_at = time.monotonic()
     await new_primary(valkey_ha, old_primary)
+    promoted = load.accepted()
     await asyncio.sleep(4.0)  # traffic on the new primary
     await load.finish()
 
-    assert len(load.streamed) > 50 and len(load.polled) > 50 and load.refused, "load on both sides; 503s between"
+    assert before >= 10 and load.accepted() - promoted >= 10, "requests accepted on both sides of the failover"
+    assert load.refused, "503s while no primary was known"
     print(f"\nfailover: {len(load.streamed)} streamed + {len(load.polled)} polled accepted, {len(load.refused)} "
           f"refused with 503 over {max(load.refused) - min(load.refused):.2f} s (the first "
           f"{min(load.refused) - killed_at:+.2f} s after the kill)")
@@ -181,7 +187,7 @@ async def test_a_write_no_replica_confirms_is_refused_and_withdrawn(valkey_ha: E
     """The replica stops answering (SIGSTOP: as if cut off from the primary): the primary would take the
     write, but it could be lost in a failover, so the client gets 503, not a 202, and the job is withdrawn.
     A generation in flight pauses and then finishes exactly once the replica is back."""
-    fleet = await start_fleet(redis_url=valkey_ha.url, replica_ack_timeout_ms=500)
+    fleet = await start_fleet(redis_url=valkey_ha.url)
     running = await fleet.submit(prompt="paused ", max_tokens=120)
     await asyncio.sleep(0.3)
     replica = valkey_ha.nodes[1].process
@@ -233,6 +239,7 @@ async def test_a_primary_cut_off_from_its_replicas_and_sentinels_acknowledges_no
     load = Load(fleet)
     load.start(streaming=4, polling=2)
     await asyncio.sleep(1.5)
+    assert load.accepted() >= 5, "requests accepted before the partition"
 
     old = valkey_ha.primary_port()
     primary = connect(f"redis://127.0.0.1:{old}/0", timeout_s=2.0)
@@ -245,8 +252,9 @@ async def test_a_primary_cut_off_from_its_replicas_and_sentinels_acknowledges_no
     finally:
         await primary.aclose()
     await new_primary(valkey_ha, old)
+    promoted = load.accepted()
     await asyncio.sleep(4.0)  # traffic on the new primary
     await load.finish()
 
-    assert len(load.streamed) > 10 and len(load.polled) > 20 and load.refused
+    assert load.accepted() - promoted >= 10 and load.refused, "served again after the move; 503s meanwhile"
     await load.assert_every_accepted_request_completed_exactly()

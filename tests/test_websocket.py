@@ -63,7 +63,10 @@ async def test_ws_attach_with_last_seq_gets_the_rest_without_gaps_or_duplicates(
         await ws.send_json({"type": "attach", "request_id": request_id, "last_seq": first[-1]["seq"]})
         rest = (await ws_collect(ws, {request_id}))[request_id]
     chunks = first + [m for m in rest if m["type"] == "chunk"]
-    assert [c["seq"] for c in chunks] == list(range(1, len(chunks) + 1))
+    # Seqs increase from 1 (a reader that fell behind gets waiting pieces merged: a chunk's seq is its
+    # last); the text, whole, is what proves nothing is missing or twice.
+    seqs = [c["seq"] for c in chunks]
+    assert seqs[0] == 1 and seqs == sorted(set(seqs)), seqs
     polled = await fleet.wait_done(request_id)
     assert polled["status"] == "completed"
     assert "".join(c["text"] for c in chunks) == polled["text"]
