@@ -144,7 +144,8 @@ async def test_native_websocket_and_openai_requests_are_served(gpu_fleet: GpuFle
                 while not messages or messages[-1]["type"] not in ("done", "error"):
                     messages.append(await ws.receive_json())
         chunks = [m for m in messages if m["type"] == "chunk"]
-        assert [m["seq"] for m in chunks] == list(range(1, len(chunks) + 1))
+        seqs = [m["seq"] for m in chunks]  # increasing from 1 (pieces a slow reader missed come merged)
+        assert seqs[0] == 1 and seqs == sorted(set(seqs)), seqs
         assert messages[-1]["type"] == "done" and 0 < messages[-1]["usage"]["completion_tokens"] <= 16
         assert "".join(m["text"] for m in chunks).strip()
 
