@@ -44,19 +44,22 @@ class Replication:
     def acks_needed(self) -> int:
         return 1 if self.timeout_ms > 0 and (self.replicas or self.require_replica) else 0
 
-    def start(self, supervisor: Supervisor) -> None:
+    async def start(self, supervisor: Supervisor) -> None:
+        """A first look before the process writes anything (Redis may not answer yet: the watcher
+        looks again), then one every few seconds."""
+        with contextlib.suppress(*REDIS_UNAVAILABLE):
+            await self.look()
         supervisor.start("replication", self._watch)
 
     async def look(self) -> None:
         info = await self._redis.info("replication")
-        replicas = int(info.get("connected_slaves", 0))
-        if replicas != self.replicas:
-            waits = self.timeout_ms > 0 and (replicas or self.require_replica)
+        replicas, before = int(info.get("connected_slaves", 0)), self.replicas
+        self.replicas = replicas
+        if replicas != before:
             stalled = self.require_replica and not replicas
             log.log(logging.WARNING if stalled else logging.INFO, "the Redis primary has %d connected replica(s); "
                     "writes %s", replicas, "are not acknowledged until one connects" if stalled
-                    else "wait for one" if waits else "do not wait")
-        self.replicas = replicas
+                    else "wait for one" if self.acks_needed else "do not wait")
 
     def check(self, acked: object, needed: int) -> None:
         """`acked` is the reply (or the error in its place) of a WAIT for `needed` replicas; raises

@@ -132,9 +132,7 @@ def _lifecycle(settings: GatewaySettings,
         relay = Relay(redis, store, resync_s=settings.stream_resync_s, outage_grace_s=settings.stream_outage_grace_s)
         supervisor = Supervisor(on_crash=lambda task: gateway_metrics.task_crashes.labels(task).inc())
         relay.start(supervisor)
-        with contextlib.suppress(*REDIS_UNAVAILABLE):
-            await replication.look()  # before the first enqueue; then every few seconds
-        replication.start(supervisor)
+        await replication.start(supervisor)
         disconnects = DisconnectWatcher()
         disconnects.start(supervisor)
         rejections = RejectionTally(redis)

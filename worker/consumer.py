@@ -121,9 +121,7 @@ class Worker:
                 lambda: [url for group in self.loader.frontends.values() for url in group.metrics_urls])
             self.http_port = http_server.bound_port(http)
             log.info("worker HTTP (/health, /ready, /metrics) on %s:%d", self.settings.http_host, self.http_port)
-        with contextlib.suppress(*REDIS_UNAVAILABLE):
-            await self.replication.look()  # before the first write; then every few seconds
-        self.replication.start(self.supervisor)
+        await self.replication.start(self.supervisor)
         for name in self.settings.models:
             self._start_model(name)
         self.supervisor.start("heartbeat", lambda: heartbeat.heartbeat(
