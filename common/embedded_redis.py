@@ -64,14 +64,7 @@ class EmbeddedValkey:
             client.close()
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        _stop(self.process, timeout_s)
         self.process = None
 
     def kill(self) -> None:
@@ -79,6 +72,18 @@ class EmbeddedValkey:
             self.process.kill()
             self.process.wait()
             self.process = None
+
+
+def _stop(process: subprocess.Popen[bytes] | None, timeout_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL past `timeout_s`."""
+    if process is None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _spawn(config: Path, cwd: Path, *flags: str) -> subprocess.Popen[bytes]:
@@ -107,10 +112,8 @@ class EmbeddedSentinel:
         self.process = _spawn(self.config, self.data_dir, "--sentinel")
 
     def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-            self.process = None
+        _stop(self.process)
+        self.process = None
 
 
 class EmbeddedValkeyHA:
@@ -177,4 +180,3 @@ class EmbeddedValkeyHA:
             sentinel.stop()
         for node in self.nodes:
             node.stop()
-            self.process = None
