@@ -42,6 +42,7 @@ import psutil
 import redis.asyncio as aioredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.local_fleet import wait_ready
 from common.embedded_redis import EmbeddedValkey, free_port
 from common.fleet import interrupt
 from common.settings import BUILTIN_CATALOGUE
@@ -275,20 +276,6 @@ class Chaos:
                 await asyncio.to_thread(self.valkey.start)
                 self.events.append(f"{elapsed:5.1f}s Valkey restarted (down ~1 s)")
                 redis_done = True
-
-
-async def wait_ready(base_url: str, timeout_s: float) -> None:
-    async with aiohttp.ClientSession() as http:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                async with http.get(f"{base_url}/ready") as response:
-                    if response.status == 200 and (await response.json()).get("models"):
-                        return
-            except RETRYABLE:
-                pass
-            await asyncio.sleep(0.2)
-    raise RuntimeError("fleet not ready")
 
 
 def start_fleet(args: argparse.Namespace, redis_url: str, port: int) -> subprocess.Popen:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import aiohttp
@@ -30,14 +31,16 @@ def start_test_fleet(port: int, redis_url: str, *, workers: int = 1, step_ms: fl
         env={**os.environ, **(env or {})})
 
 
-async def wait_ready(base_url: str) -> None:
+async def wait_ready(base_url: str, timeout_s: float = 120.0) -> None:
+    """Until the gateway answers /ready with a model ready on some worker."""
     async with aiohttp.ClientSession() as http:
-        for _ in range(600):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
             try:
                 async with http.get(f"{base_url}/ready") as response:
                     if response.status == 200 and (await response.json()).get("models"):
                         return
-            except aiohttp.ClientError:
+            except (TimeoutError, aiohttp.ClientError):
                 pass
-            await asyncio.sleep(0.2)
-    raise RuntimeError("fleet not ready")
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"fleet not ready after {timeout_s:.0f} s")

@@ -30,6 +30,7 @@ import psutil
 import redis.asyncio as aioredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.local_fleet import wait_ready
 from common.embedded_redis import EmbeddedValkey, free_port
 from common.fleet import interrupt
 
@@ -47,18 +48,6 @@ def start_fleet(redis_url: str, port: int, step_ms: float, max_outstanding: int)
          "--catalogue", str(catalogue)],
         cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         env={**os.environ, "LLM_FLEET_MAX_OUTSTANDING": str(max_outstanding)})
-
-
-async def wait_ready(http: aiohttp.ClientSession, base: str) -> None:
-    for _ in range(600):
-        try:
-            async with http.get(f"{base}/ready") as response:
-                if response.status == 200 and (await response.json()).get("models"):  # a model is ready
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.1)
-    raise RuntimeError("fleet not ready")
 
 
 async def run_request(http: aiohttp.ClientSession, base: str, counts: Counter, latencies: list[float]) -> None:
@@ -130,7 +119,7 @@ async def main_async(args: argparse.Namespace) -> dict:
     try:
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as http:
-            await wait_ready(http, base)
+            await wait_ready(base, timeout_s=60)
             gateway = next(c for c in psutil.Process(fleet.pid).children() if "gateway" in c.cmdline())
             rate = await capacity(http, base, args.calibrate_s, args.max_outstanding // 2)
             offered_rate = rate * args.multiple
