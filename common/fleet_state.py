@@ -67,35 +67,57 @@ async def model_names(redis: Redis) -> list[str]:
     return sorted(name.decode() for name in await redis.hkeys(keys.MODELS))
 
 
-async def queues(redis: Redis) -> dict[str, dict[str, Any]]:
-    """Per registered model: outstanding jobs (XLEN less the skipped: cancelled or expired while queued),
-    of which held by workers (pending) and waiting (unread), the age of the oldest unread entry, dead
-    letters, and `lag` as KEDA reads it (XINFO GROUPS; skipped entries count until a worker reads them)."""
-    names = await model_names(redis)
+async def model_streams(redis: Redis, models: list[str]) -> dict[str, list[str]]:
+    """Per model, every stream of it: the shared one, then each engine's own (prefix affinity)."""
     async with redis.pipeline(transaction=False) as pipe:
-        for name in names:
-            pipe.xlen(keys.job_stream(name))
-            pipe.xpending(keys.job_stream(name), keys.CONSUMER_GROUP)
+        for name in models:
+            pipe.smembers(keys.engine_streams(name))
+        members = await pipe.execute()
+    return {name: [keys.job_stream(name), *sorted(as_text(s) for s in engines)]
+            for name, engines in zip(models, members, strict=True)}
+
+
+async def queues(redis: Redis) -> dict[str, dict[str, Any]]:
+    """Per registered model, over all its streams (the shared one and each engine's own): outstanding jobs
+    (XLEN less the skipped: cancelled or expired while queued), of which held by workers (pending) and
+    waiting (unread), how many of those wait in engines' own streams, the age of the oldest unread entry,
+    dead letters, and `lag` (XINFO GROUPS; skipped entries count until a worker reads them; KEDA reads
+    the shared stream's)."""
+    streams = await model_streams(redis, await model_names(redis))
+    async with redis.pipeline(transaction=False) as pipe:
+        for name, stream_names in streams.items():
             pipe.xlen(keys.dead_letters(name))
-            pipe.xinfo_groups(keys.job_stream(name))
             pipe.scard(keys.skipped_jobs(name))
-        replies = await pipe.execute(raise_on_error=False)
+            for stream in stream_names:
+                pipe.xlen(stream)
+                pipe.xpending(stream, keys.CONSUMER_GROUP)
+                pipe.xinfo_groups(stream)
+        replies = iter(await pipe.execute(raise_on_error=False))
     result = {}
     now_ms = time.time() * 1000
-    for i, name in enumerate(names):
-        length, pending, dead, groups, skipped = replies[5 * i: 5 * i + 5]
-        held = 0 if isinstance(pending, ResponseError) else int(pending["pending"])
-        outstanding = max(0, int(length) - int(skipped))
-        group = None if isinstance(groups, ResponseError) else _workers_group(groups)
+    for name, stream_names in streams.items():
+        dead, skipped = next(replies), next(replies)
+        length = held = lag = engine_waiting = 0
+        lag_known, oldest_ms = False, None
+        for stream in stream_names:
+            stream_length, pending, groups = next(replies), next(replies), next(replies)
+            stream_held = 0 if isinstance(pending, ResponseError) else int(pending["pending"])
+            length, held = length + int(stream_length), held + stream_held
+            if stream != keys.job_stream(name):
+                engine_waiting += max(0, int(stream_length) - stream_held)
+            group = None if isinstance(groups, ResponseError) else _workers_group(groups)
+            if group is not None and group.get("lag") is not None:
+                lag, lag_known = lag + int(group["lag"]), True
+            if int(stream_length) > stream_held and not isinstance(groups, ResponseError):
+                oldest = await unread_entries(redis, stream, groups, count=1)
+                if oldest:  # stream ids are millisecond times
+                    added_ms = int(as_text(oldest[0][0]).split("-")[0])
+                    oldest_ms = added_ms if oldest_ms is None else min(oldest_ms, added_ms)
+        outstanding = max(0, length - int(skipped))
         result[name] = {"outstanding": outstanding, "held_by_workers": held,
-                        "waiting": max(0, outstanding - held), "dead_letters": int(dead),
-                        "lag": None if group is None or group.get("lag") is None else int(group["lag"]),
-                        "oldest_waiting_s": 0.0}
-        if result[name]["waiting"] and not isinstance(groups, ResponseError):
-            oldest = await unread_entries(redis, keys.job_stream(name), groups, count=1)
-            if oldest:  # stream ids are millisecond times
-                added_ms = int(as_text(oldest[0][0]).split("-")[0])
-                result[name]["oldest_waiting_s"] = round(max(0.0, now_ms - added_ms) / 1000, 3)
+                        "waiting": max(0, outstanding - held), "waiting_in_engine_streams": engine_waiting,
+                        "dead_letters": int(dead), "lag": lag if lag_known else None,
+                        "oldest_waiting_s": 0.0 if oldest_ms is None else round(max(0.0, now_ms - oldest_ms) / 1000, 3)}
     return result
 
 

@@ -18,16 +18,50 @@ REJECTIONS = "stats:rejections"  # hash: model -> 429s (queue full) since the fl
 API_KEYS = "api_keys"  # hash: sha256 of an API key -> packed ApiKey (the key itself is never stored)
 
 
-def job_stream(model: str) -> str:
-    return f"jobs:{{{model}}}"
+def job_stream(model: str, engine: str | None = None) -> str:
+    """The model's shared stream, which any worker serving it reads; with `engine`, that engine's own
+    stream (prefix affinity, common/affinity.py): jobs routed to where their prefix is cached, read by
+    that engine's worker processes first and by any other once they waited `affinity_wait_ms`."""
+    return f"jobs:{{{model}}}" if engine is None else f"jobs:{{{model}}}:at:{engine}"
 
 
 def model_of_job_stream(stream: str) -> str:
-    return stream[len("jobs:{") : -1]
+    return stream[len("jobs:{") : stream.index("}")]
+
+
+def engine_of_job_stream(stream: str) -> str | None:
+    _, found, engine = stream.partition("}:at:")
+    return engine if found else None
+
+
+def engine_streams(model: str) -> str:
+    """Set of the engines that have their own stream of `model` (created by the first job routed there
+    or by the engine's reader; removed by housekeeping once the engine is dead and its stream empty)."""
+    return f"jobs:{{{model}}}:engines"
+
+
+def entry_ref(stream: str, entry_id: bytes | str) -> str:
+    """How a request (`req:{id}` field `entry`) and the skip set name a stream entry: the id for the
+    shared stream, `<id>@<engine>` for an engine's own stream (ids are only unique within a stream)."""
+    entry = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    engine = engine_of_job_stream(stream)
+    return entry if engine is None else f"{entry}@{engine}"
+
+
+def stream_of_ref(model: str, ref: str) -> tuple[str, str]:
+    """(stream, entry id) of an entry_ref."""
+    entry, _, engine = ref.partition("@")
+    return job_stream(model, engine or None), entry
+
+
+def prefix_blocks(model: str, engine: str) -> str:
+    """Sorted set: the prefix block hashes (common/prefix_blocks.py) the engine holds in its KV cache,
+    scored by when it last used each; trimmed to the engine's capacity, least recent first."""
+    return f"prefix:{{{model}}}:{engine}"
 
 
 def skipped_jobs(model: str) -> str:
-    """Set of entry ids in `jobs:{model}` that no worker needs to run (cancelled while queued, expired):
+    """Set of entries (entry_ref) in the model's streams that no worker needs to run (cancelled while queued, expired):
     they stay in the stream until a worker reads and acks them, because deleting an entry no one has
     read leaves the group's lag (what KEDA scales on) undefined. Admission counts XLEN minus these."""
     return f"jobs:{{{model}}}:skip"

@@ -124,6 +124,9 @@ class ModelCard(Packed):
     name: str
     engine: str
     max_model_len: int
+    # Tokens per block of the engine's prefix cache (0: it caches no prefixes): the gateway hashes prompts
+    # in blocks of this size to route them to where they are cached (common/affinity.py).
+    prefix_block_size: int = 0
 
 
 @dataclass(slots=True)

@@ -32,26 +32,39 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from common import keys
+from common.affinity import ROUTE_LUA
 from common.protocol import Chunk, FinishReason, Job, RequestStatus
 from common.redis_conn import REDIS_UNAVAILABLE, NotReplicatedError, as_text
 from common.replication import Replication
 
-_ENQUEUE = """
-if #KEYS == 4 then
-  local seen = redis.call('GET', KEYS[4])
+# KEYS: the shared stream, req:{id}, the skip set, the engine-streams set[, the idempotency key].
+# Admission counts every stream of the model; the job goes to the stream `route` picks (ARGV[11]).
+_ENQUEUE = ROUTE_LUA + """
+if KEYS[5] then
+  local seen = redis.call('GET', KEYS[5])
   if seen then return {'replay', seen} end
 end
-if redis.call('XLEN', KEYS[1]) - redis.call('SCARD', KEYS[3]) >= tonumber(ARGV[1]) then return false end
-local entry = redis.call('XADD', KEYS[1], '*', 'job', ARGV[2])
-redis.call('HSET', KEYS[2], 'status', 'queued', 'model', ARGV[3], 'entry', entry, 'seq', 0,
+local outstanding = redis.call('XLEN', KEYS[1]) - redis.call('SCARD', KEYS[3])
+for _, stream in ipairs(redis.call('SMEMBERS', KEYS[4])) do outstanding = outstanding + redis.call('XLEN', stream) end
+if outstanding >= tonumber(ARGV[1]) then return false end
+local stream, ref_suffix = KEYS[1], ''
+if ARGV[11] ~= '' then
+  local engine = route(ARGV[11])
+  if engine then stream, ref_suffix = engine[2], '@' .. engine[1] end
+end
+local ref = redis.call('XADD', stream, '*', 'job', ARGV[2]) .. ref_suffix
+if stream ~= KEYS[1] and redis.call('SADD', KEYS[4], stream) == 1 then
+  redis.pcall('XGROUP', 'CREATE', stream, ARGV[12], '0')  -- from 0: this entry is unread
+end
+redis.call('HSET', KEYS[2], 'status', 'queued', 'model', ARGV[3], 'entry', ref, 'seq', 0,
   'created_at', ARGV[4], 'prompt_tokens', ARGV[5], 'completion_tokens', 0, 'max_tokens', ARGV[6],
   'owner', ARGV[8])
 redis.call('EXPIRE', KEYS[2], ARGV[7])
-if #KEYS == 4 then
-  redis.call('SET', KEYS[4], ARGV[9] .. ' ' .. ARGV[10], 'EX', ARGV[7])
-  redis.call('HSET', KEYS[2], 'idempotency_key', KEYS[4])
+if KEYS[5] then
+  redis.call('SET', KEYS[5], ARGV[9] .. ' ' .. ARGV[10], 'EX', ARGV[7])
+  redis.call('HSET', KEYS[2], 'idempotency_key', KEYS[5])
 end
-return entry
+return ref
 """
 
 # Ends a request that no worker will finish (cancel, dead letter): KEYS[1] is `req:{id}`, KEYS[2]
@@ -145,11 +158,13 @@ return 1
 """
 
 
+# KEYS: req:{id}, the stream the entry is in, the skip set, the shared stream. ARGV[5]: the entry's ref.
+# The job goes back to the shared stream: whichever worker has room continues it.
 _HAND_BACK = """
 local function remove_entry()
   redis.call('XACK', KEYS[2], ARGV[4], ARGV[3])
   redis.call('XDEL', KEYS[2], ARGV[3])
-  redis.call('SREM', KEYS[3], ARGV[3])
+  redis.call('SREM', KEYS[3], ARGV[5])
 end
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status or (status ~= 'queued' and status ~= 'running') then
@@ -157,12 +172,12 @@ if not status or (status ~= 'queued' and status ~= 'running') then
   return status or 'missing'
 end
 if status == 'running' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then return 'taken' end
-if status == 'queued' and redis.call('HGET', KEYS[1], 'entry') ~= ARGV[3] then
+if status == 'queued' and redis.call('HGET', KEYS[1], 'entry') ~= ARGV[5] then
   -- Handed back already (a retry): the new entry exists; only the old one needs removing.
   remove_entry()
   return 'requeued'
 end
-local entry = redis.call('XADD', KEYS[2], '*', 'job', ARGV[2])
+local entry = redis.call('XADD', KEYS[4], '*', 'job', ARGV[2])
 remove_entry()
 redis.call('HSET', KEYS[1], 'status', 'queued', 'entry', entry, 'worker', '', 'strikes', 0)
 return 'requeued'
@@ -173,7 +188,7 @@ redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[9], '*', 'job', ARGV[2], 'reques
   'reason', ARGV[3], 'worker', ARGV[1], 'failed_at', ARGV[4])
 redis.call('XACK', KEYS[3], ARGV[7], ARGV[6])
 redis.call('XDEL', KEYS[3], ARGV[6])
-redis.call('SREM', KEYS[5], ARGV[6])
+redis.call('SREM', KEYS[5], ARGV[11])
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'queued' and status ~= 'running' then return 0 end
 end_request('failed', 'error', ARGV[3], ARGV[4], ARGV[5], ARGV[8])
@@ -221,15 +236,18 @@ class RequestStore:
 
     # -- gateway side -------------------------------------------------------------------
     async def enqueue(self, job: Job, *, max_outstanding: int, ttl_s: int, owner: str = "",
-                      idempotency: Idempotency | None = None) -> str | Replay | None:
-        """Admit and enqueue atomically: the entry's id; None when the model's stream is at its cap.
+                      idempotency: Idempotency | None = None, route: bytes | None = None) -> str | Replay | None:
+        """Admit and enqueue atomically: the entry's ref (keys.entry_ref: it names the engine where `route`,
+        common/affinity.py, chose one); None when the model's streams are at their cap.
         `owner`: the digest of the API key that created it ("" without API keys). With `idempotency`, a
         key seen before gets the earlier request instead (a Replay), admitted or not."""
         call = ScriptCall(_ENQUEUE, [keys.job_stream(job.model), keys.request(job.request_id),
-                                     keys.skipped_jobs(job.model), *([idempotency.key] if idempotency else [])],
+                                     keys.skipped_jobs(job.model), keys.engine_streams(job.model),
+                                     *([idempotency.key] if idempotency else [])],
                           [max_outstanding, job.pack(), job.model, job.enqueued_at, len(job.prompt_token_ids),
                            job.sampling["max_tokens"], ttl_s, owner,
-                           *([idempotency.fingerprint, job.request_id] if idempotency else [])])
+                           *([idempotency.fingerprint, job.request_id] if idempotency else ["", ""]),
+                           route or "", keys.CONSUMER_GROUP])
         try:
             [reply] = await self.run_scripts([call])
         except NotReplicatedError:
@@ -290,24 +308,26 @@ class RequestStore:
         return [StartResult(as_text(status), int(seq), [Chunk.unpack(c) for c in chunks])
                 for status, seq, chunks in replies]
 
-    async def hand_back(self, job: Job, entry_id: bytes | str, worker_id: str) -> str:
-        """Put a job this worker will not finish back at the end of its stream as a new entry
+    async def hand_back(self, job: Job, stream: str, entry_id: bytes | str, worker_id: str) -> str:
+        """Put a job this worker will not finish back at the end of the shared stream as a new entry
         (what it emitted stays: the next worker continues). 'requeued', 'taken' (another worker
         owns it), or the terminal status it already had; the old entry is acked unless taken."""
         [reply] = await self.run_scripts([ScriptCall(
-            _HAND_BACK, [keys.request(job.request_id), keys.job_stream(job.model), keys.skipped_jobs(job.model)],
-            [worker_id, job.pack(), entry_id, keys.CONSUMER_GROUP])])
+            _HAND_BACK, [keys.request(job.request_id), stream, keys.skipped_jobs(job.model),
+                         keys.job_stream(job.model)],
+            [worker_id, job.pack(), entry_id, keys.CONSUMER_GROUP, keys.entry_ref(stream, entry_id)])])
         return as_text(reply)
 
-    async def dead_letter(self, job: Job, entry_id: bytes | str, worker_id: str, reason: str, *,
+    async def dead_letter(self, job: Job, stream: str, entry_id: bytes | str, worker_id: str, reason: str, *,
                           result_ttl_s: int, max_dead_letters: int) -> None:
         """Fail the request with `reason` and move its job to `dead:{model}`, in one step."""
         await self.run_scripts([ScriptCall(
             _DEAD_LETTER,
-            [keys.request(job.request_id), keys.request_chunks(job.request_id), keys.job_stream(job.model),
+            [keys.request(job.request_id), keys.request_chunks(job.request_id), stream,
              keys.dead_letters(job.model), keys.skipped_jobs(job.model)],
             [worker_id, job.pack(), reason, time.time(), result_ttl_s, entry_id, keys.CONSUMER_GROUP,
-             keys.chunk_channel(job.request_id), max_dead_letters, job.request_id])])
+             keys.chunk_channel(job.request_id), max_dead_letters, job.request_id,
+             keys.entry_ref(stream, entry_id)])])
 
     @staticmethod
     def append(request_id: str, worker_id: str, chunk: Chunk, completion_tokens: int, ttl_s: int) -> ScriptCall:

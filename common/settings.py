@@ -96,6 +96,13 @@ class GatewaySettings(_RequestLifetimes):
     queue_unserved_models: bool = False
     # `"wait": true` on an admin load/unload: the most the call waits for the workers' answers.
     control_wait_timeout_s: float = 600.0
+    # Prefix affinity (common/affinity.py): route a job to the engine that holds most of its prompt in
+    # its KV cache. How much load outweighs hits, how many batches an engine's own stream may hold,
+    # and how long an engine's record of a block counts without the block being used again.
+    prefix_affinity: bool = True
+    affinity_load_weight: float = 0.5
+    affinity_queue_batches: float = 1.0
+    prefix_fresh_s: float = 600.0
 
 
 def default_worker_id() -> str:
@@ -119,6 +126,9 @@ class WorkerSettings(_RequestLifetimes):
     # output is never held back).
     flush_interval_ms: float = 0.0
     read_block_ms: int = 1000
+    # A job routed to another engine's own stream (prefix affinity) that waited this long may be taken
+    # by this worker when it has room and nothing else to do (worker/job_reader.py).
+    affinity_wait_ms: int = 25
     # SIGTERM: in-flight jobs get this long to finish; what is left is handed back (re-queued,
     # to be continued by another worker) before the worker exits.
     drain_timeout_s: float = 30.0

@@ -142,7 +142,9 @@ def _lifecycle(settings: GatewaySettings,
             gateway_metrics.rejected.labels(model).inc()
             rejections.add(model)
 
-        submitter = Submitter(settings, store, registry, on_rejected=on_rejected)
+        submitter = Submitter(settings, store, registry, on_rejected=on_rejected,
+                              on_routed=lambda model, to_engine: gateway_metrics.routed.labels(
+                                  model, "engine" if to_engine else "shared").inc())
         app[GATEWAY_KEY] = Gateway(settings, redis, store, registry, submitter, relay,
                                    Authenticator(redis, settings.auth_cache_s), arq, supervisor, disconnects,
                                    rejections)

@@ -30,13 +30,19 @@ class GatewayMetrics:
                                   buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
         self.rejected = Counter("llm_fleet_admission_rejections", "Requests refused with 429: the model's queue "
                                 "was full", ["model"], registry=r)
+        self.routed = Counter("llm_fleet_jobs_routed", "Jobs enqueued, by the stream they went to: an engine's own "
+                              "(prefix affinity: it holds the prompt's prefix) or the shared one", ["model", "to"],
+                              registry=r)
         self.outstanding = Gauge("llm_fleet_queue_outstanding", "Unfinished jobs in the model's stream (XLEN less "
                                  "the cancelled or expired ones no worker has read yet)",
                                  ["model"], registry=r)
         self.waiting = Gauge("llm_fleet_queue_waiting", "Jobs no worker has read yet, less the cancelled ones",
                              ["model"], registry=r)
-        self.lag = Gauge("llm_fleet_queue_lag", "The workers group's lag (XINFO GROUPS), what KEDA scales on: "
-                         "entries no worker has read, cancelled ones included until read", ["model"], registry=r)
+        self.lag = Gauge("llm_fleet_queue_lag", "The workers group's lag (XINFO GROUPS) summed over the model's "
+                         "streams: entries no worker has read, cancelled ones included until read", ["model"],
+                         registry=r)
+        self.waiting_routed = Gauge("llm_fleet_queue_waiting_routed", "Unread jobs in engines' own streams "
+                                    "(prefix affinity)", ["model"], registry=r)
         self.held = Gauge("llm_fleet_queue_held", "Jobs read by a worker, not finished", ["model"], registry=r)
         self.oldest = Gauge("llm_fleet_queue_oldest_waiting_seconds", "Age of the oldest unread job", ["model"],
                             registry=r)
@@ -51,12 +57,13 @@ class GatewayMetrics:
     async def render(self, gateway: Gateway) -> bytes:
         queues = await fleet_state.queues(gateway.redis)
         workers = await gateway.registry.live_workers()
-        for gauge in (self.outstanding, self.waiting, self.lag, self.held, self.oldest, self.dead_letters,
-                      self.serving):
+        for gauge in (self.outstanding, self.waiting, self.waiting_routed, self.lag, self.held, self.oldest,
+                      self.dead_letters, self.serving):
             gauge.clear()
         for model, queue in queues.items():
             self.outstanding.labels(model).set(queue["outstanding"])
             self.waiting.labels(model).set(queue["waiting"])
+            self.waiting_routed.labels(model).set(queue["waiting_in_engine_streams"])
             if queue["lag"] is not None:
                 self.lag.labels(model).set(queue["lag"])
             self.held.labels(model).set(queue["held_by_workers"])

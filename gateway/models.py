@@ -8,8 +8,9 @@ import time
 from redis.asyncio import Redis
 
 from common import fleet_state, keys
+from common.affinity import EngineLoad
 from common.errors import NotFound, Unavailable, Unprocessable
-from common.protocol import SERVING_STATES, ModelCard, TokenizerBundle, WorkerStatus
+from common.protocol import SERVING_STATES, ModelCard, ModelState, TokenizerBundle, WorkerStatus
 from gateway.tokenization import PromptEncoder
 
 _CARDS_TTL_S = 2.0
@@ -24,6 +25,7 @@ class ModelRegistry:
         self._redis = redis
         self._queue_unserved = queue_unserved
         self._served: tuple[int, frozenset[str]] = (0, frozenset())  # live workers, models they serve
+        self._engines: dict[str, list[EngineLoad]] = {}  # model -> live engines serving it (prefix affinity)
         self._served_at = 0.0
         self._served_lock = asyncio.Lock()
         self._cards: dict[str, ModelCard] = {}
@@ -66,10 +68,7 @@ class ModelRegistry:
         With no live worker at all, requests queue (a restart, a scale-up from zero brings workers)."""
         if self._queue_unserved:
             return
-        if time.monotonic() - self._served_at > _SERVED_TTL_S and not self._served_lock.locked():
-            # One refresh at a time; meanwhile other requests use the last answer (a burst of a
-            # thousand requests must not become a thousand reads of every worker's heartbeat).
-            await self._refresh_served(_SERVED_TTL_S)
+        await self._keep_fresh()
         live, served = self._served
         if live and card.name not in served:
             await self._refresh_served(_UNSERVED_RECHECK_S)  # before a 503, a fresher answer: a load may just be done
@@ -78,6 +77,17 @@ class ModelRegistry:
             raise Unavailable(f"model {card.name!r} is not loaded on any of the {live} live worker(s); an operator "
                               f"can load it with POST /admin/models/{card.name}/load")
 
+    async def engines(self, model: str) -> list[EngineLoad]:
+        """The live engines (a worker with its front-end processes) serving `model` now, with their load."""
+        await self._keep_fresh()
+        return self._engines.get(model, [])
+
+    async def _keep_fresh(self) -> None:
+        if time.monotonic() - self._served_at > _SERVED_TTL_S and not self._served_lock.locked():
+            # One refresh at a time; meanwhile other requests use the last answer (a burst of a
+            # thousand requests must not become a thousand reads of every worker's heartbeat).
+            await self._refresh_served(_SERVED_TTL_S)
+
     async def _refresh_served(self, max_age_s: float) -> None:
         async with self._served_lock:
             if time.monotonic() - self._served_at <= max_age_s:
@@ -85,6 +95,7 @@ class ModelRegistry:
             workers = await self.live_workers()
             self._served = (len(workers), frozenset(name for w in workers for name, m in w.models.items()
                                                     if m["state"] in SERVING_STATES))
+            self._engines = _engines_by_model(workers)
             self._served_at = time.monotonic()
 
     async def encoder(self, card: ModelCard) -> PromptEncoder:
@@ -105,3 +116,18 @@ class ModelRegistry:
 
     async def live_workers(self) -> list[WorkerStatus]:
         return await fleet_state.live_workers(self._redis)
+
+
+def _engines_by_model(workers: list[WorkerStatus]) -> dict[str, list[EngineLoad]]:
+    """Per model, each engine that serves it now (not draining), its processes' loads added up."""
+    loads: dict[str, dict[str, tuple[int, int]]] = {}
+    for worker in workers:
+        if worker.state != "serving":
+            continue
+        engine = worker.frontend_of or worker.worker_id
+        for name, model in worker.models.items():
+            if model["state"] == ModelState.READY:
+                running, max_seqs = loads.setdefault(name, {}).get(engine, (0, 0))
+                loads[name][engine] = (running + model["running"], max_seqs + model["max_num_seqs"])
+    return {name: [EngineLoad(engine, running, max_seqs) for engine, (running, max_seqs) in sorted(engines.items())]
+            for name, engines in loads.items()}

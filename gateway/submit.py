@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import Callable
 
+from common.affinity import AffinityPolicy, route_arg
 from common.errors import Overloaded, PayloadTooLarge, Unprocessable
 from common.protocol import Job, SamplingParams
 from common.request_store import Idempotency, Replay, RequestStore
@@ -22,9 +23,13 @@ def new_request_id() -> str:
 
 class Submitter:
     def __init__(self, settings: GatewaySettings, store: RequestStore, registry: ModelRegistry, *,
-                 on_rejected: Callable[[str], None] = lambda model: None) -> None:
+                 on_rejected: Callable[[str], None] = lambda model: None,
+                 on_routed: Callable[[str, bool], None] = lambda model, to_engine: None) -> None:
         self._settings = settings
         self._on_rejected = on_rejected  # a model's queue was full (counted in /metrics)
+        self._on_routed = on_routed  # a job went to an engine's own stream (True) or the shared one
+        self._affinity = AffinityPolicy(settings.affinity_load_weight, settings.affinity_queue_batches,
+                                        settings.prefix_fresh_s) if settings.prefix_affinity else None
         self._store = store
         self._registry = registry
 
@@ -72,7 +77,10 @@ class Submitter:
         """The id of the request now queued for this submit: the job's, or with an idempotency key seen
         before, the earlier request's."""
         reply = await self._store.enqueue(job, max_outstanding=self._settings.max_outstanding,
-                                          ttl_s=self._settings.request_ttl_s, owner=owner, idempotency=idempotency)
+                                          ttl_s=self._settings.request_ttl_s, owner=owner, idempotency=idempotency,
+                                          route=await self._route(job))
+        if isinstance(reply, str):
+            self._on_routed(job.model, "@" in reply)
         if isinstance(reply, Replay):
             return check_replay(reply, idempotency)  # type: ignore[arg-type]
         if reply is None:
@@ -83,3 +91,12 @@ class Submitter:
                 retry_after_s=self._settings.retry_after_s,
             )
         return job.request_id
+
+    async def _route(self, job: Job) -> bytes | None:
+        if self._affinity is None:
+            return None
+        card = await self._registry.resolve(job.model)
+        if not card.prefix_block_size:
+            return None
+        return route_arg(job.model, job.prompt_token_ids, card.prefix_block_size,
+                         await self._registry.engines(job.model), self._affinity)

@@ -217,7 +217,7 @@ async def test_housekeeping_functions(redis, caplog: pytest.LogCaptureFixture) -
     await redis.xreadgroup(keys.CONSUMER_GROUP, "dead-holder", {keys.job_stream(other): ">"}, count=2)
     with caplog.at_level(logging.WARNING, logger="worker.housekeeping"):
         result = await housekeeping.sweep(redis, dead_consumer_idle_ms=0)
-    assert result == {"live_workers": 0, "consumers_removed": 1, "stranded_jobs": 3}
+    assert result == {"live_workers": 0, "consumers_removed": 1, "stranded_jobs": 3, "engine_streams_removed": 0}
     warnings = sorted(r.getMessage() for r in caplog.records if "held by dead workers" in r.getMessage())
     assert warnings[0].startswith(f"1 job(s) of {TEST_MODEL} ") and warnings[1].startswith(f"2 job(s) of {other} ")
     consumers = await redis.xinfo_consumers(keys.job_stream(TEST_MODEL), keys.CONSUMER_GROUP)

@@ -1,7 +1,8 @@
 """The worker's life, top to bottom (after arq's Worker):
 
 main -> load (per model, at start or from a control job) -> _serve_model (register; reclaim dead
-        workers' jobs, read the stream, as the KV budget allows)
+        workers' jobs, take jobs (worker/job_reader.py: the engine's own stream, the shared one, other
+        engines' waiting too long), as the KV budget allows; record the prompts' prefix blocks)
      -> _run_job (engine stream -> publisher -> finish -> XACK+XDEL)
 plus heartbeat, the cancel listener, the control plane (arq: load/unload, housekeeping cron), and
 a SIGTERM path: stop reading, let in-flight jobs finish for `drain_timeout_s`, hand back (re-queue,
@@ -27,7 +28,6 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
 from tokenizers import Tokenizer
 
 from common import heap, keys
@@ -43,9 +43,11 @@ from worker.control_plane import run_control_plane
 from worker.engines.base import Engine, EngineOutput
 from worker.frontends import FrontendProcess
 from worker.gpu_stats import GpuProbe
+from worker.job_reader import JobReader, Taken
 from worker.kv_budget import KvBudget
 from worker.loader import ModelLoader, frontend_share
 from worker.metrics import WorkerMetrics
+from worker.prefix_recorder import PrefixRecorder
 from worker.publisher import ChunkPublisher
 from worker.reclaimer import Reclaimer
 
@@ -53,6 +55,9 @@ log = logging.getLogger(__name__)
 
 # The most jobs one XREADGROUP takes; the KV budget usually allows fewer.
 _MAX_READ_BATCH = 64
+# Unread jobs of the engine's own stream moved to the shared stream when it stops serving a model: more
+# than the gateways route to one engine (affinity_queue_batches x its max_num_seqs) before they see it go.
+_RELEASE_COUNT = 10_000
 # After the drain's grace period: how long handing back the remaining jobs may take.
 _HAND_BACK_TIMEOUT_S = 10.0
 # How long a cancelled task may take to end before a stop goes on without it.
@@ -78,6 +83,9 @@ class Worker:
         # A front-end process of another worker's model (worker/frontends.py): it serves that one model
         # and takes no control jobs; its worker loads, unloads and stops it.
         self.frontend = frontend
+        # The engine this process feeds: a worker and its front-end processes share one (and its cache).
+        self.engine_id = frontend.parent_id if frontend else self.worker_id
+        self.prefixes = PrefixRecorder(self.redis, self.engine_id)
         self.loader = ModelLoader(settings, on_loaded=lambda engine: self._retrying(lambda: self._register(engine)),
                                   role=frontend.role if frontend else None)
         self.publisher = ChunkPublisher(
@@ -96,6 +104,7 @@ class Worker:
         self._handing_back: set[str] = set()  # request ids aborted to be re-queued (drain)
         self._decoders: dict[str, Decode] = {}  # model -> detokenizer, for continuations
         self._readers: dict[str, asyncio.Task[None]] = {}  # model -> its _serve_model task
+        self._job_readers: dict[str, JobReader] = {}  # model -> where its _serve_model takes jobs from
         self._closing: set[str] = set()  # models whose reader is to stop after its current read
         self._in_redis: set[str] = set()  # models whose reader is in a stream read or claim now
         self._jobs: dict[str, set[asyncio.Task[None]]] = {}  # model -> its running _run_job tasks
@@ -127,6 +136,7 @@ class Worker:
         self.supervisor.start("heartbeat", lambda: heartbeat.heartbeat(
             self.redis, self.status, self.settings.heartbeat_interval_s, self.settings.heartbeat_ttl_s, self._beat_now))
         self.supervisor.start("publisher", self.publisher.run)
+        self.supervisor.start("prefix_recorder", self.prefixes.run)
         self.supervisor.start("cancel_listener", self._listen_for_cancels)
         self.supervisor.start("engine_watch", self._watch_engines)
         control = None if self.frontend else self.supervisor.start(
@@ -174,10 +184,15 @@ class Worker:
             _, late = await asyncio.wait(jobs, timeout=_HAND_BACK_TIMEOUT_S)
             for task in late:
                 task.cancel()
-        stream = keys.job_stream(name)
-        for entry_id, job in list(self._held.get(stream, {}).items()):  # read, never started (no KV room)
+        reader = self._job_readers.pop(name, None)
+        if reader is not None:  # routed here and not read yet: to the shared stream, for whoever has room
             with contextlib.suppress(*REDIS_UNAVAILABLE):
-                await self._hand_back(stream, entry_id, job)
+                for taken in await self._parse(await reader.unread_own(_RELEASE_COUNT)):
+                    self._hold(taken)
+        for stream in [s for s in self._held if keys.model_of_job_stream(s) == name]:
+            for entry_id, job in list(self._held[stream].items()):  # read, never started (no KV room)
+                with contextlib.suppress(*REDIS_UNAVAILABLE):
+                    await self._hand_back(Taken(stream, entry_id, job))
 
     # -- models: load at start or on a control job, unload on a control job ------------------
     def _start_model(self, name: str) -> None:
@@ -260,7 +275,7 @@ class Worker:
             frontend_of=self.frontend.parent_id if self.frontend else "",
         )
 
-    # -- one model's stream -------------------------------------------------------------
+    # -- one model's streams ------------------------------------------------------------
     async def _serve_model(self, spec: ModelSpec) -> None:
         try:
             engine = await self.loader.ready(spec.name)
@@ -276,58 +291,79 @@ class Worker:
                                                         oversubscription=spec.kv_oversubscription)
             log.info("model %s ready: %d KV tokens, %d sequences", spec.name, budget.capacity_tokens,
                      budget.max_seqs)
-        stream = keys.job_stream(spec.name)
-        held = self._held.setdefault(stream, {})
-        await self._hand_back_unstarted(stream, budget)  # what an earlier run of this reader left (a crash)
+        reader = self._job_readers[spec.name] = JobReader(
+            self.redis, self.worker_id, self.engine_id, spec.name, wait_ms=self.settings.affinity_wait_ms,
+            block_ms=self.settings.read_block_ms)
+        await self._hand_back_unstarted(spec.name, budget)  # what an earlier run of this reader left (a crash)
         next_reclaim = 0.0
         while spec.name not in self._closing:
             await budget.wait_for_slot()
             free = min(budget.free_seqs, _MAX_READ_BATCH)
             try:
-                claimed = []
+                claimed: list[Taken] = []
                 if time.monotonic() >= next_reclaim:
                     next_reclaim = time.monotonic() + self.settings.reclaim_interval_s
                     with self._redis_call(spec.name):
-                        claimed = (await self.reclaimer.lost_track(stream, held.keys(), free)
-                                   or await self.reclaimer.claim(stream, free))
+                        claimed = await self._reclaim(reader, free)
                 if claimed:
-                    held.update((c.entry_id, c.job) for c in claimed)
+                    for taken in claimed:
+                        self._hold(taken)
                     self.metrics.reclaimed.labels(spec.name).inc(len(claimed))
-                    await self._start_jobs(engine, budget, stream, [(c.entry_id, c.job) for c in claimed])
+                    await self._start_jobs(engine, budget, claimed)
                     continue
                 with self._redis_call(spec.name):
-                    entries = await self._read(stream, free)
+                    entries = await reader.read(free)
             except REDIS_UNAVAILABLE as exc:
-                log.warning("reading %s failed: %s", stream, describe(exc))
+                log.warning("taking jobs of %s failed: %s", spec.name, describe(exc))
                 await asyncio.sleep(1.0)
                 continue
-            jobs = await self._parse(stream, entries)
-            held.update(jobs)
+            jobs = await self._parse(entries)
+            for taken in jobs:
+                self._hold(taken)
+                self.metrics.jobs_taken.labels(spec.name, _source(reader, taken.stream)).inc()
             if spec.name in self._closing:
                 return  # _stop_model hands back what was just read
-            await self._start_jobs(engine, budget, stream, jobs)
+            await self._start_jobs(engine, budget, jobs)
 
-    async def _parse(self, stream: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[tuple[bytes, Job]]:
+    async def _reclaim(self, reader: JobReader, count: int) -> list[Taken]:
+        """Entries of the model's streams this worker holds in Redis but lost track of, else a dead worker's."""
+        streams = await reader.streams()
+        for stream in streams:
+            claimed = await self.reclaimer.lost_track(stream, self._held.get(stream, {}).keys(), count)
+            if claimed:
+                return claimed
+        for stream in streams:
+            claimed = await self.reclaimer.claim(stream, count)
+            if claimed:
+                return claimed
+        return []
+
+    def _hold(self, taken: Taken) -> None:
+        self._held.setdefault(taken.stream, {})[taken.entry_id] = taken.job
+
+    async def _parse(self, entries: list[tuple[str, bytes, dict[bytes, bytes]]]) -> list[Taken]:
         """The entries' jobs; an entry that is not a job (written by something else, corrupted) is
         logged and removed rather than crashing the reader over and over."""
         jobs = []
-        for entry_id, fields in entries:
+        for stream, entry_id, fields in entries:
             try:
-                jobs.append((entry_id, Job.unpack(fields[b"job"])))
+                jobs.append(Taken(stream, entry_id, Job.unpack(fields[b"job"])))
             except Exception as exc:
                 log.error("removing stream entry %s of %s: not a job (%s: %s)", as_text(entry_id), stream,
                           type(exc).__name__, exc)
-                await self._retrying(lambda entry_id=entry_id: self._ack(stream, entry_id))
+                await self._retrying(lambda stream=stream, entry_id=entry_id: self._ack(stream, entry_id))
         return jobs
 
-    async def _hand_back_unstarted(self, stream: str, budget: KvBudget) -> None:
+    async def _hand_back_unstarted(self, model: str, budget: KvBudget) -> None:
         """Entries held but not running: read or claimed by an earlier run of this model's reader that
         crashed before starting them. Re-queued, so they run (here or elsewhere) rather than sit in
         this live worker's pending list, where no reclaimer would ever look."""
-        for entry_id, job in list(self._held.get(stream, {}).items()):
-            if job.request_id not in self._running:
-                budget.release(job.request_id)
-                await self._retrying(lambda entry_id=entry_id, job=job: self._hand_back(stream, entry_id, job))
+        for stream in [s for s in self._held if keys.model_of_job_stream(s) == model]:
+            for entry_id, job in list(self._held[stream].items()):
+                if job.request_id not in self._running:
+                    budget.release(job.request_id)
+                    taken = Taken(stream, entry_id, job)
+                    await self._retrying(lambda taken=taken: self._hand_back(taken))
 
     @contextlib.contextmanager
     def _redis_call(self, model: str) -> Iterator[None]:
@@ -338,23 +374,6 @@ class Worker:
         finally:
             self._in_redis.discard(model)
 
-    async def _read(self, stream: str, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        try:
-            reply = await self.redis.xreadgroup(
-                keys.CONSUMER_GROUP, self.worker_id, {stream: ">"}, count=count, block=self.settings.read_block_ms
-            )
-        except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            await self._ensure_group(stream)
-            return []
-        return reply[0][1] if reply else []
-
-    async def _ensure_group(self, stream: str) -> None:
-        # From id 0: jobs enqueued before any worker existed are served too.
-        with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
-            await self.redis.xgroup_create(stream, keys.CONSUMER_GROUP, id="0", mkstream=True)
-
     async def _register(self, engine: Engine) -> None:
         """Publish the model card and tokenizer, so gateways can validate and tokenize (before the model
         reports ready: a gateway that sees it ready finds its card)."""
@@ -362,28 +381,30 @@ class Worker:
             pipe.hset(keys.MODELS, engine.card.name, engine.card.pack())
             pipe.set(keys.tokenizer(engine.card.name), engine.tokenizer.pack())
             await pipe.execute()
-        await self._ensure_group(keys.job_stream(engine.card.name))
+        await JobReader(self.redis, self.worker_id, self.engine_id, engine.card.name, wait_ms=0,
+                        block_ms=0).ensure_groups()
 
-    async def _start_jobs(self, engine: Engine, budget: KvBudget, stream: str, jobs: list[tuple[bytes, Job]]) -> None:
-        """Admit jobs in stream order against the KV budget; start each admitted run in one round trip."""
-        admitted: list[tuple[bytes, Job]] = []
-        for entry_id, job in jobs:
+    async def _start_jobs(self, engine: Engine, budget: KvBudget, jobs: list[Taken]) -> None:
+        """Admit jobs in the order taken against the KV budget; start each admitted run in one round trip."""
+        admitted: list[Taken] = []
+        for taken in jobs:
+            job = taken.job
             if budget.never_fits(job.token_budget):
-                await self._refuse(stream, entry_id, job, f"the request needs {job.token_budget} KV tokens "
+                await self._refuse(taken, f"the request needs {job.token_budget} KV tokens "
                                    f"(prompt + max_tokens); this worker holds at most {budget.capacity_tokens}")
                 continue
             if not budget.try_admit(job.request_id, job.token_budget):
-                await self._launch(engine, budget, stream, admitted)
+                await self._launch(engine, budget, admitted)
                 admitted = []
                 # Waiting here stops this model's reads: backpressure flows back into the stream.
                 await budget.admit(job.request_id, job.token_budget)
-            admitted.append((entry_id, job))
-        await self._launch(engine, budget, stream, admitted)
+            admitted.append(taken)
+        await self._launch(engine, budget, admitted)
 
-    async def _launch(self, engine: Engine, budget: KvBudget, stream: str, jobs: list[tuple[bytes, Job]]) -> None:
+    async def _launch(self, engine: Engine, budget: KvBudget, jobs: list[Taken]) -> None:
         if not jobs:
             return
-        request_ids = [job.request_id for _, job in jobs]
+        request_ids = [taken.job.request_id for taken in jobs]
         try:
             started = await self.store.start(request_ids, self.worker_id, max_attempts=self.settings.max_attempts)
         except REDIS_UNAVAILABLE as exc:
@@ -391,31 +412,35 @@ class Worker:
             # worker reads these entries. What Redis does say this worker holds, it takes back on its
             # next look (Reclaimer.lost_track): the start script is idempotent for the same worker.
             log.warning("starting %d job(s) failed; left to the next look: %s", len(jobs), describe(exc))
-            for entry_id, job in jobs:
-                budget.release(job.request_id)
-                self._held[stream].pop(entry_id, None)
+            for taken in jobs:
+                budget.release(taken.job.request_id)
+                self._held[taken.stream].pop(taken.entry_id, None)
             return
-        for (entry_id, job), start in zip(jobs, started, strict=True):
+        for taken, start in zip(jobs, started, strict=True):
+            job = taken.job
             if start.status == "poison":
                 budget.release(job.request_id)
-                await self._dead_letter(stream, entry_id, job, reason=_gave_up(start.last_seq))
+                await self._dead_letter(taken, reason=_gave_up(start.last_seq))
                 continue
             if start.status != "running":  # cancelled while queued, or expired: never runs
                 budget.release(job.request_id)
-                await self._retrying(lambda entry_id=entry_id: self._ack(stream, entry_id))
+                await self._retrying(lambda taken=taken: self._ack(taken.stream, taken.entry_id))
                 log.info("skipping job (%s)", start.status, extra={"request_id": job.request_id})
                 continue
             plan = fresh(job)
             if start.chunks:
                 plan = resume(job, start.chunks, await self._decoder(engine))
                 log.info("continuing job after %d tokens", plan.tokens_done, extra={"request_id": job.request_id})
-            task = asyncio.create_task(self._run_job(engine, budget, stream, entry_id, job, start.last_seq, plan))
-            jobs = self._jobs.setdefault(engine.card.name, set())
-            jobs.add(task)
-            task.add_done_callback(jobs.discard)
+            if plan.request is not None:
+                self.prefixes.record(engine, plan.request.prompt_token_ids)
+            task = asyncio.create_task(self._run_job(engine, budget, taken, start.last_seq, plan))
+            tasks = self._jobs.setdefault(engine.card.name, set())
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
-    async def _run_job(self, engine: Engine, budget: KvBudget, stream: str, entry_id: bytes, job: Job,
-                       last_seq: int, plan: Continuation) -> None:
+    async def _run_job(self, engine: Engine, budget: KvBudget, taken: Taken, last_seq: int,
+                       plan: Continuation) -> None:
+        job = taken.job
         request_id = job.request_id
         self._running[request_id] = engine
         started_at, finish_reason = time.time(), FinishReason.ERROR
@@ -456,24 +481,25 @@ class Worker:
                                       finish_reason=finish_reason)
         if request_id in self._handing_back:
             self._handing_back.discard(request_id)
-            await self._retrying(lambda: self._hand_back(stream, entry_id, job))
+            await self._retrying(lambda: self._hand_back(taken))
         elif closed is not None and closed.broken:
-            await self._fail_broken(stream, entry_id, job, closed.broken)
+            await self._fail_broken(taken, closed.broken)
         elif closed is None or not closed.taken:
-            await self._retrying(lambda: self._ack(stream, entry_id))
+            await self._retrying(lambda: self._ack(taken.stream, taken.entry_id))
         else:  # reclaimed by a live worker while this one counted as dead: the entry is theirs
-            self._held[stream].pop(entry_id, None)
+            self._held[taken.stream].pop(taken.entry_id, None)
             log.warning("job was reclaimed by another worker; dropped here", extra={"request_id": request_id})
 
-    async def _fail_broken(self, stream: str, entry_id: bytes, job: Job, reason: str) -> None:
+    async def _fail_broken(self, taken: Taken, reason: str) -> None:
         """A job whose output could not be stored ends failed, with the reason, never left `running`.
         The dead-letter script writes its own final chunk (no text of the job's); should even that fail,
         the entry leaves the stream (it would fail again wherever it ran) and the request expires."""
         try:
-            await self._dead_letter(stream, entry_id, job, reason=reason)
+            await self._dead_letter(taken, reason=reason)
         except Exception:
-            log.exception("could not fail the request either; dropping its job", extra={"request_id": job.request_id})
-            await self._retrying(lambda: self._ack(stream, entry_id))
+            log.exception("could not fail the request either; dropping its job",
+                          extra={"request_id": taken.job.request_id})
+            await self._retrying(lambda: self._ack(taken.stream, taken.entry_id))
 
     async def _watch_engines(self) -> None:
         """An engine (or a front-end of one) that died serves nothing more: stop, so that the supervisor
@@ -495,28 +521,31 @@ class Worker:
             self._decoders[name] = tokenizer.decode
         return self._decoders[name]
 
-    async def _hand_back(self, stream: str, entry_id: bytes, job: Job) -> None:
-        outcome = await self.store.hand_back(job, entry_id, self.worker_id)
-        self._held[stream].pop(entry_id, None)
+    async def _hand_back(self, taken: Taken) -> None:
+        job = taken.job
+        outcome = await self.store.hand_back(job, taken.stream, taken.entry_id, self.worker_id)
+        self._held[taken.stream].pop(taken.entry_id, None)
         self.metrics.handed_back.labels(job.model).inc()
         log.info("handed back (%s)", outcome, extra={"request_id": job.request_id})
 
-    async def _dead_letter(self, stream: str, entry_id: bytes, job: Job, *, reason: str) -> None:
+    async def _dead_letter(self, taken: Taken, *, reason: str) -> None:
         """Fail a job that cannot complete (its workers keep dying, its output cannot be stored) with the
         reason; park it in `dead:{model}`."""
+        job = taken.job
         log.error("dead-lettering job: %s", reason, extra={"request_id": job.request_id})
         await self._retrying(lambda: self.store.dead_letter(
-            job, entry_id, self.worker_id, reason, result_ttl_s=self.settings.result_ttl_s,
+            job, taken.stream, taken.entry_id, self.worker_id, reason, result_ttl_s=self.settings.result_ttl_s,
             max_dead_letters=self.settings.max_dead_letters))
-        self._held[stream].pop(entry_id, None)
+        self._held[taken.stream].pop(taken.entry_id, None)
         self.metrics.dead_lettered.labels(job.model).inc()
 
-    async def _refuse(self, stream: str, entry_id: bytes, job: Job, reason: str) -> None:
+    async def _refuse(self, taken: Taken, reason: str) -> None:
         """End a job that can never run here as failed, with the reason."""
+        job = taken.job
         [started] = await self._retrying(lambda: self.store.start([job.request_id], self.worker_id,
                                                                   max_attempts=self.settings.max_attempts))
         if started.status == "poison":
-            await self._dead_letter(stream, entry_id, job, reason=_gave_up(started.last_seq))
+            await self._dead_letter(taken, reason=_gave_up(started.last_seq))
             return
         if started.status == "running":
             self.publisher.open(job.request_id, started.last_seq, len(job.prompt_token_ids))
@@ -526,7 +555,7 @@ class Worker:
             finally:
                 self.publisher.close(job.request_id)
         log.warning("refused job: %s", reason, extra={"request_id": job.request_id})
-        await self._retrying(lambda: self._ack(stream, entry_id))
+        await self._retrying(lambda: self._ack(taken.stream, taken.entry_id))
 
     async def _ack(self, stream: str, entry_id: bytes) -> None:
         # XACK + XDEL (a read entry: the group's lag stays defined): the stream keeps only unfinished
@@ -534,9 +563,9 @@ class Worker:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xack(stream, keys.CONSUMER_GROUP, entry_id)
             pipe.xdel(stream, entry_id)
-            pipe.srem(keys.skipped_jobs(keys.model_of_job_stream(stream)), entry_id)
+            pipe.srem(keys.skipped_jobs(keys.model_of_job_stream(stream)), keys.entry_ref(stream, entry_id))
             await pipe.execute()
-        self._held[stream].pop(entry_id, None)
+        self._held.get(stream, {}).pop(entry_id, None)
 
     # -- cancellation -------------------------------------------------------------------
     def _abort(self, request_id: str) -> None:
@@ -570,6 +599,11 @@ class Worker:
                 log.warning("redis call failed, retrying: %s", describe(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+
+def _source(reader: JobReader, stream: str) -> str:
+    """Where a taken job came from, for the metric: own, shared, or another engine's stream."""
+    return "own" if stream == reader.own_stream else "shared" if stream == reader.shared_stream else "other"
 
 
 def _gave_up(deaths: int) -> str:

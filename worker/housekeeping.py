@@ -3,7 +3,8 @@ cron job ids), whichever enqueues it first.
 
 - sweep: drop expired workers from the `workers` set and dead consumers that hold nothing from
   the model groups (consumers that hold jobs stay: reclaimers claim them); warn about jobs held
-  by dead workers of a model no live worker serves (nobody can reclaim them until one does).
+  by dead workers of a model no live worker serves (nobody can reclaim them until one does);
+  delete the own streams (prefix affinity) of dead engines once empty, and their prefix records.
 - expire: queued jobs whose request expired (its `req:{id}` is gone: the client can no longer
   read a result) are marked skipped (`jobs:{model}:skip`), so they stop counting against
   `max_outstanding`; a worker that reads one acks it without running it. (Deleting an entry no
@@ -39,37 +40,61 @@ _EXPIRE_SCAN = 2_000
 async def sweep(redis: Redis, *, dead_consumer_idle_ms: int = _DEAD_CONSUMER_IDLE_MS) -> dict[str, int]:
     workers = await fleet_state.live_workers(redis)  # prunes expired ids from `workers`
     live = {w.worker_id for w in workers}
+    live_engines = {w.frontend_of or w.worker_id for w in workers}
     served = {name for w in workers for name, m in w.models.items() if m["state"] in SERVING_STATES}
-    removed = stranded_total = 0
-    for model in await fleet_state.model_names(redis):
+    removed = stranded_total = streams_removed = 0
+    models = await fleet_state.model_names(redis)
+    for model, streams in (await fleet_state.model_streams(redis, models)).items():
         stranded = 0
-        stream = keys.job_stream(model)
-        try:
-            consumers = await redis.xinfo_consumers(stream, keys.CONSUMER_GROUP)
-        except ResponseError:  # no stream or group yet
-            continue
-        for consumer in consumers:
-            name = as_text(consumer["name"])
-            if name in live:
+        for stream in streams:
+            try:
+                consumers = await redis.xinfo_consumers(stream, keys.CONSUMER_GROUP)
+            except ResponseError:  # no stream or group yet
                 continue
-            if int(consumer["pending"]):
-                if model not in served:
-                    stranded += int(consumer["pending"])
-            elif int(consumer["idle"]) >= dead_consumer_idle_ms:
-                await redis.xgroup_delconsumer(stream, keys.CONSUMER_GROUP, name)
-                removed += 1
+            for consumer in consumers:
+                name = as_text(consumer["name"])
+                if name in live:
+                    continue
+                if int(consumer["pending"]):
+                    if model not in served:
+                        stranded += int(consumer["pending"])
+                elif int(consumer["idle"]) >= dead_consumer_idle_ms:
+                    await redis.xgroup_delconsumer(stream, keys.CONSUMER_GROUP, name)
+                    removed += 1
+            engine = keys.engine_of_job_stream(stream)
+            if engine is not None and engine not in live_engines:
+                streams_removed += await _drop_engine_stream(redis, model, stream, engine)
         if stranded:
             log.warning("%d job(s) of %s are held by dead workers and no live worker serves the model: "
                         "they wait until one loads it", stranded, model)
         stranded_total += stranded
-    return {"live_workers": len(live), "consumers_removed": removed, "stranded_jobs": stranded_total}
+    return {"live_workers": len(live), "consumers_removed": removed, "stranded_jobs": stranded_total,
+            "engine_streams_removed": streams_removed}
+
+
+# KEYS: the stream, the model's engine-streams set, the engine's prefix record. Only an empty stream goes (the
+# others take its entries first, worker/job_reader.py); a job routed there later re-creates it.
+_DROP_ENGINE_STREAM = """
+redis.call('DEL', KEYS[3])
+if redis.call('XLEN', KEYS[1]) > 0 then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], KEYS[1])
+return 1
+"""
+
+
+async def _drop_engine_stream(redis: Redis, model: str, stream: str, engine: str) -> int:
+    return int(await redis.eval(_DROP_ENGINE_STREAM, 3, stream, keys.engine_streams(model),
+                                keys.prefix_blocks(model, engine)))
 
 
 async def expire(redis: Redis, *, dead_letter_ttl_s: int) -> dict[str, int]:
     expired = trimmed = 0
     min_id = f"{int((time.time() - dead_letter_ttl_s) * 1000)}-0"
-    for model in await fleet_state.model_names(redis):
-        expired += await _expire_queued(redis, model)
+    models = await fleet_state.model_names(redis)
+    for model, streams in (await fleet_state.model_streams(redis, models)).items():
+        for stream in streams:
+            expired += await _expire_queued(redis, model, stream)
         await _forget_skipped_gone(redis, model)
         trimmed += await redis.xtrim(keys.dead_letters(model), minid=min_id, approximate=False)
     if expired or trimmed:
@@ -77,10 +102,9 @@ async def expire(redis: Redis, *, dead_letter_ttl_s: int) -> dict[str, int]:
     return {"expired_jobs": expired, "dead_letters_trimmed": trimmed}
 
 
-async def _expire_queued(redis: Redis, model: str) -> int:
+async def _expire_queued(redis: Redis, model: str, stream: str) -> int:
     """Entries after the group's last-delivered id were never read by a worker: those whose request
     expired are marked skipped. Delivered ones are the workers' and reclaimers' business."""
-    stream = keys.job_stream(model)
     try:
         groups = await redis.xinfo_groups(stream)
     except ResponseError:  # no stream yet
@@ -93,23 +117,25 @@ async def _expire_queued(redis: Redis, model: str) -> int:
         for request_id in request_ids:
             pipe.exists(keys.request(request_id))
         exists = await pipe.execute()
-    gone = [entry_id for (entry_id, _), found in zip(entries, exists, strict=True) if not found]
+    gone = [keys.entry_ref(stream, entry_id) for (entry_id, _), found in zip(entries, exists, strict=True)
+            if not found]
     if not gone:
         return 0
     return int(await redis.sadd(keys.skipped_jobs(model), *gone))
 
 
 async def _forget_skipped_gone(redis: Redis, model: str) -> None:
-    """Skip marks whose entry is no longer in the stream (removed some other way than a worker's ack)."""
-    stream, skipped = keys.job_stream(model), keys.skipped_jobs(model)
-    members = list(await redis.srandmember(skipped, _EXPIRE_SCAN) or [])
+    """Skip marks whose entry is no longer in its stream (removed some other way than a worker's ack)."""
+    skipped = keys.skipped_jobs(model)
+    members = [as_text(m) for m in await redis.srandmember(skipped, _EXPIRE_SCAN) or []]
     if not members:
         return
     async with redis.pipeline(transaction=False) as pipe:
-        for entry_id in members:
+        for ref in members:
+            stream, entry_id = keys.stream_of_ref(model, ref)
             pipe.xrange(stream, min=entry_id, max=entry_id, count=1)
         found = await pipe.execute()
-    gone = [entry_id for entry_id, rows in zip(members, found, strict=True) if not rows]
+    gone = [ref for ref, rows in zip(members, found, strict=True) if not rows]
     if gone:
         await redis.srem(skipped, *gone)
 

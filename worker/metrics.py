@@ -37,6 +37,9 @@ class WorkerMetrics:
         self.generation_tokens = Counter("llm_fleet_generation_tokens", "Output tokens generated", model, registry=r)
         self.finished = Counter("llm_fleet_requests_finished", "Jobs that ended here, by finish reason",
                                 ["model", "finish_reason"], registry=r)
+        self.jobs_taken = Counter("llm_fleet_jobs_taken", "Jobs read from the engine's own stream (routed here by "
+                                  "prefix affinity), the shared stream, or another engine's (it waited too long "
+                                  "there)", ["model", "source"], registry=r)
         self.reclaimed = Counter("llm_fleet_jobs_reclaimed", "Jobs claimed from dead workers", model, registry=r)
         self.handed_back = Counter("llm_fleet_jobs_handed_back", "Jobs re-queued on drain or unload", model,
                                    registry=r)
@@ -67,8 +70,9 @@ class WorkerMetrics:
         # series come from the worker alone.
         self.per_process_families = frozenset(family.name for metric in (
             self.queue_wait, self.ttft, self.itl, self.e2e, self.prompt_tokens, self.cached_tokens,
-            self.generation_tokens, self.finished, self.reclaimed, self.handed_back, self.dead_lettered,
-            self.running, self.kv_used, self.kv_capacity, self.task_crashes) for family in metric.describe())
+            self.generation_tokens, self.finished, self.jobs_taken, self.reclaimed, self.handed_back,
+            self.dead_lettered, self.running, self.kv_used, self.kv_capacity, self.task_crashes)
+            for family in metric.describe())
 
     def job_done(self, model: str, *, enqueued_at: float, started_at: float, first_output_at: float | None,
                  finished_at: float, prompt_tokens: int, cached_tokens: int, new_tokens: int,

@@ -1,6 +1,7 @@
 """Finding jobs whose worker died, and claiming them for this worker.
 
-A worker with free slots looks at each of its model streams' consumers every
+A worker with free slots looks at the consumers of each of its models' streams (the shared one and
+every engine's own) every
 `reclaim_interval_s` (XINFO CONSUMERS). A consumer whose heartbeat key `worker:{id}` is missing
 on two looks in a row is dead (one missing look may be a heartbeat lapsing across a Redis
 restart); its pending entries are claimed with XCLAIM, up to the free slots. XCLAIM's min-idle
@@ -19,21 +20,15 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Collection
-from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
 from common import keys
 from common.protocol import Job
 from common.redis_conn import as_text
+from worker.job_reader import Taken
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class Claimed:
-    entry_id: bytes
-    job: Job
 
 
 class Reclaimer:
@@ -43,7 +38,7 @@ class Reclaimer:
         self._min_idle_ms = min_idle_ms
         self._suspects: dict[str, set[str]] = defaultdict(set)  # stream -> consumers last seen without heartbeat
 
-    async def claim(self, stream: str, count: int) -> list[Claimed]:
+    async def claim(self, stream: str, count: int) -> list[Taken]:
         consumers = {as_text(c["name"]): int(c["pending"])
                      for c in await self._redis.xinfo_consumers(stream, keys.CONSUMER_GROUP)}
         consumers.pop(self._worker_id, None)
@@ -61,7 +56,7 @@ class Reclaimer:
         # all die again together if this worker dies next.
         orphans = sum(consumers[name] for name in dead)
         count = min(count, -(-orphans // (len(consumers) - len(missing) + 1)))
-        claimed: list[Claimed] = []
+        claimed: list[Taken] = []
         for name in sorted(dead):
             if consumers[name] == 0:
                 continue
@@ -76,11 +71,11 @@ class Reclaimer:
                                                [row["message_id"] for row in rows])
             for entry_id, fields in entries:
                 if fields:  # a deleted entry (its request was cancelled) leaves the PEL unreturned
-                    claimed.append(Claimed(entry_id, Job.unpack(fields[b"job"])))
+                    claimed.append(Taken(stream, entry_id, Job.unpack(fields[b"job"])))
             log.warning("reclaimed %d job(s) of dead worker %s", len(entries), name)
         return claimed
 
-    async def lost_track(self, stream: str, held: Collection[bytes], count: int) -> list[Claimed]:
+    async def lost_track(self, stream: str, held: Collection[bytes], count: int) -> list[Taken]:
         """Up to `count` entries pending to this worker in Redis that it does not hold."""
         rows = await self._redis.xpending_range(stream, keys.CONSUMER_GROUP, min="-", max="+",
                                                 count=count + len(held), consumername=self._worker_id)
@@ -89,4 +84,4 @@ class Reclaimer:
             return []
         log.warning("taking back %d job(s) this worker held in Redis but had lost track of", len(lost))
         entries = await self._redis.xclaim(stream, keys.CONSUMER_GROUP, self._worker_id, 0, lost)
-        return [Claimed(entry_id, Job.unpack(fields[b"job"])) for entry_id, fields in entries if fields]
+        return [Taken(stream, entry_id, Job.unpack(fields[b"job"])) for entry_id, fields in entries if fields]

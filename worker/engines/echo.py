@@ -12,8 +12,9 @@ stands in for a shared engine, so that the fleet side of front-ends is tested wi
 
 A simulated prefix cache (common/prefix_blocks.py): the blocks of the prompts it has seen, the least
 recently used evicted past its `kv_cache_tokens`; each request reports the prompt tokens found there
-(`cached_tokens`), and its first token waits `prefill_ms_per_token` for each one that was not
-(`prefix_block_size`, 16, and `prefill_ms_per_token`, 0, in the catalogue's options).
+(`cached_tokens`). Prefill costs engine time, as on a GPU: the step that takes in new requests lasts
+`prefill_ms_per_token` longer for each prompt token the cache did not have, for every request in the
+batch (`prefix_block_size`, 16, and `prefill_ms_per_token`, 0, in the catalogue's options).
 
 Fault injection, for the failure tests only: `die_on_prompt` (a string) makes the worker
 process exit at once, as if killed, when it decodes a prompt that contains it; `unstorable_on_prompt`
@@ -56,7 +57,9 @@ class EchoEngine(QueuedEngine):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         options = spec.options
-        self.card = ModelCard(name=spec.name, engine="test", max_model_len=int(options["max_model_len"]))
+        block_size = int(options.get("prefix_block_size", 16))
+        self.card = ModelCard(name=spec.name, engine="test", max_model_len=int(options["max_model_len"]),
+                              prefix_block_size=block_size)
         self.kv_capacity_tokens = int(options["kv_cache_tokens"])
         self.max_num_seqs = int(options["max_num_seqs"])
         self._step_s = float(options.get("step_delay_ms", 2)) / 1000
@@ -64,10 +67,9 @@ class EchoEngine(QueuedEngine):
         self.tokenizer = TokenizerBundle(
             tokenizer_json=self._tokenizer.to_str(), chat_template=_CHAT_TEMPLATE, bos_token=None, eos_token=None
         )
-        block_size = int(options.get("prefix_block_size", 16))
         self._prefix_cache = PrefixCache(block_size, self.kv_capacity_tokens // block_size)
         self._prefill_s_per_token = float(options.get("prefill_ms_per_token", 0)) / 1000
-        self._prefilled_at: dict[str, float] = {}  # request id -> when its first token may come
+        self._to_prefill: dict[str, int] = {}  # request id -> uncached prompt tokens, until its first step
         self._cached: dict[str, int] = {}  # request id -> cached prompt tokens, until its first output says so
         self._die_on = str(options.get("die_on_prompt", ""))
         self._unstorable_on = str(options.get("unstorable_on_prompt", ""))
@@ -86,9 +88,7 @@ class EchoEngine(QueuedEngine):
         self._echo[request.request_id] = (prompt, request.resumed_tokens)
         cached = self._prefix_cache.lookup_and_store(request.prompt_token_ids)
         self._cached[request.request_id] = cached
-        uncached = len(request.prompt_token_ids) - cached
-        self._prefilled_at[request.request_id] = (asyncio.get_running_loop().time()
-                                                  + uncached * self._prefill_s_per_token)
+        self._to_prefill[request.request_id] = len(request.prompt_token_ids) - cached
         self._running[request.request_id] = Sequence(request, self._tokenizer, frozenset())
         self._wakeup.set()
 
@@ -100,7 +100,7 @@ class EchoEngine(QueuedEngine):
         self._running.pop(request_id, None)
         self._echo.pop(request_id, None)
         self._unstorable.discard(request_id)
-        self._prefilled_at.pop(request_id, None)
+        self._to_prefill.pop(request_id, None)
         self._cached.pop(request_id, None)
 
     async def _step_loop(self) -> None:
@@ -114,13 +114,14 @@ class EchoEngine(QueuedEngine):
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 deadline = loop.time()
-            deadline = max(deadline + self._step_s, loop.time())
+            prefill_s = sum(self._to_prefill.values()) * self._prefill_s_per_token
+            self._to_prefill.clear()  # prefilled in this step; requests arriving during it wait for the next
+            deadline = max(deadline + self._step_s + prefill_s, loop.time())
             await asyncio.sleep(deadline - loop.time())
             outputs = []
-            now = loop.time()
             for seq in list(self._running.values()):
-                if self._prefilled_at.get(seq.request_id, 0) > now:
-                    continue  # still "prefilling" the prompt tokens the cache did not have
+                if seq.request_id in self._to_prefill:
+                    continue  # arrived during this step
                 prompt, already_out = self._echo[seq.request_id]
                 output = seq.append(prompt[(already_out + len(seq.generated)) % len(prompt)])
                 output.cached_tokens = self._cached.pop(seq.request_id, None)

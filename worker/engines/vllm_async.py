@@ -57,9 +57,10 @@ class VllmEngine(Engine):
     def __init__(self, spec: ModelSpec, llm: AsyncLLM, hf_tokenizer: Any, stats: _LatestSchedulerStats,
                  core: SharedEngineCore | None = None) -> None:
         config = llm.vllm_config
-        self.card = ModelCard(name=spec.name, engine="vllm", max_model_len=config.model_config.max_model_len)
-        self.tokenizer = tokenizer_bundle(hf_tokenizer)
         self.kv_block_size = config.cache_config.block_size
+        self.card = ModelCard(name=spec.name, engine="vllm", max_model_len=config.model_config.max_model_len,
+                              prefix_block_size=self.kv_block_size if config.cache_config.enable_prefix_caching else 0)
+        self.tokenizer = tokenizer_bundle(hf_tokenizer)
         self.kv_capacity_tokens = int(config.cache_config.num_gpu_blocks or 0) * self.kv_block_size
         self.max_num_seqs = config.scheduler_config.max_num_seqs
         self._llm = llm

@@ -1,0 +1,148 @@
+"""How a worker takes a model's jobs: its engine's own stream first (jobs routed to it for its cached
+prefixes, common/affinity.py), then the shared stream, then entries of other engines' own streams that
+waited `affinity_wait_ms` there (their engine is busy, or dead): no job waits for a busy engine while
+another has room, and a dead engine's stream is drained by the others. One script, one round trip, at
+most `count` entries. With nothing to take, a blocking read on the own and the shared stream; while
+other engines have streams it blocks no longer than the wait, to look at them again.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from common import keys
+from common.protocol import Job
+from common.redis_conn import as_text
+
+log = logging.getLogger(__name__)
+
+# KEYS: own stream, shared stream, the model's engine-streams set. ARGV: group, consumer, count, wait ms.
+# Replies {{stream, id, fields}, ...}, and the ms until another engine's oldest unread entry may be
+# taken (-1: no other engine has a stream).
+_TAKE = """
+local group, consumer, count, wait_ms = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('XGROUP', 'CREATE', KEYS[1], group, '0', 'MKSTREAM')
+  redis.call('SADD', KEYS[3], KEYS[1])
+end
+local taken = {}
+local function take(stream, n)
+  if n <= 0 then return end
+  local reply = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', n, 'STREAMS', stream, '>')
+  if reply then
+    for _, entry in ipairs(reply[1][2]) do taken[#taken + 1] = {stream, entry[1], entry[2]} end
+  end
+end
+local function last_delivered(stream)
+  local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', stream)
+  if not ok then return nil end
+  for _, g in ipairs(groups) do
+    local fields = {}
+    for i = 1, #g, 2 do fields[g[i]] = g[i + 1] end
+    if fields['name'] == group then return fields['last-delivered-id'] end
+  end
+end
+take(KEYS[1], count)
+take(KEYS[2], count - #taken)
+local now = redis.call('TIME')
+local cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - wait_ms
+local due = -1
+for _, stream in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  if stream ~= KEYS[1] then
+    if due < 0 then due = wait_ms end
+    local last = last_delivered(stream)
+    if last and #taken < count then
+      local aged = 0
+      for _, row in ipairs(redis.call('XRANGE', stream, '(' .. last, '+', 'COUNT', count - #taken)) do
+        local added = tonumber(string.match(row[1], '^%d+'))
+        if added > cutoff then
+          due = math.min(due, added - cutoff)
+          break
+        end
+        aged = aged + 1
+      end
+      take(stream, aged)
+    end
+  end
+end
+return {taken, due}
+"""
+
+
+@dataclass(slots=True)
+class Taken:
+    """A stream entry this worker holds (read or claimed, not yet acked), and its job."""
+
+    stream: str
+    entry_id: bytes
+    job: Job
+
+
+class JobReader:
+    def __init__(self, redis: Redis, worker_id: str, engine_id: str, model: str, *, wait_ms: int,
+                 block_ms: int) -> None:
+        self._redis = redis
+        self._worker_id = worker_id
+        self.model = model
+        self.own_stream = keys.job_stream(model, engine_id)
+        self.shared_stream = keys.job_stream(model)
+        self._engine_streams = keys.engine_streams(model)
+        self._wait_ms = wait_ms
+        self._block_ms = block_ms
+        self._take = redis.register_script(_TAKE)
+
+    async def read(self, count: int) -> list[tuple[str, bytes, dict[bytes, bytes]]]:
+        """Up to `count` entries (stream, id, fields); waits up to `block_ms` for one when there are none."""
+        try:
+            taken, due = await self._take(keys=[self.own_stream, self.shared_stream, self._engine_streams],
+                                          args=[keys.CONSUMER_GROUP, self._worker_id, count, self._wait_ms])
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self.ensure_groups()
+            return []
+        if taken:
+            return [(as_text(stream), entry_id, _fields(flat)) for stream, entry_id, flat in taken]
+        block_ms = self._block_ms if due < 0 else max(1, min(self._block_ms, int(due)))
+        try:
+            reply = await self._redis.xreadgroup(keys.CONSUMER_GROUP, self._worker_id,
+                                                 {self.own_stream: ">", self.shared_stream: ">"},
+                                                 count=count, block=block_ms)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self.ensure_groups()
+            return []
+        # Both streams may answer one blocking read (up to `count` each): rare, as both were empty just
+        # before; the extra entries wait in this worker for room.
+        return [(as_text(stream), entry_id, fields) for stream, entries in reply or [] for entry_id, fields in entries]
+
+    async def streams(self) -> list[str]:
+        """Every stream of the model: the shared one and each engine's own."""
+        return [self.shared_stream, *sorted(as_text(s) for s in await self._redis.smembers(self._engine_streams))]
+
+    async def unread_own(self, count: int) -> list[tuple[str, bytes, dict[bytes, bytes]]]:
+        """Take every unread entry of the own stream (up to `count`): to hand them back when this engine
+        stops serving the model."""
+        reply = await self._redis.xreadgroup(keys.CONSUMER_GROUP, self._worker_id, {self.own_stream: ">"},
+                                             count=count)
+        return [(self.own_stream, entry_id, fields) for _, entries in reply or [] for entry_id, fields in entries]
+
+    async def ensure_groups(self) -> None:
+        """The consumer group on the shared and the own stream, from id 0: jobs enqueued before any worker
+        existed are served too."""
+        for stream in (self.shared_stream, self.own_stream):
+            try:
+                await self._redis.xgroup_create(stream, keys.CONSUMER_GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        await self._redis.sadd(self._engine_streams, self.own_stream)
+
+
+def _fields(flat: list[bytes]) -> dict[bytes, bytes]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
