@@ -21,13 +21,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,79 +32,19 @@ import aiohttp
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common.embedded_redis import EmbeddedValkey, free_port
-
-MODEL = "test-echo"
-ROOT = Path(__file__).resolve().parent.parent
+from bench.local_fleet import MODEL, ProcessFleet
 
 
-class Fleet:
-    """Valkey, a gateway and N workers as processes."""
-
+class Fleet(ProcessFleet):
     def __init__(self, args: argparse.Namespace, workers: int) -> None:
-        self.args = args
-        self.valkey = EmbeddedValkey()
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.catalogue = Path(tempfile.mkdtemp()) / "catalogue.json"
-        self.catalogue.write_text(json.dumps({MODEL: {"engine": "test", "options": {
-            "max_model_len": 4096, "max_num_seqs": args.seqs, "kv_cache_tokens": 65536,
-            "step_delay_ms": args.step_ms}}}))
-        self.count = workers
-        self.gateway: subprocess.Popen | None = None
-        self.workers: list[subprocess.Popen] = []
-        self.logs: dict[int, Path] = {}
-
-    def _spawn(self, *argv: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-        log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # read after the process exits
-        process = subprocess.Popen([sys.executable, "-m", "common.cli", *argv, "--redis-url", self.valkey.url,
-                                    "--log-level", "WARNING"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                                   stderr=log, env={**os.environ, **(env or {})})
-        self.logs[process.pid] = Path(log.name)
-        return process
-
-    def handed_back(self, process: subprocess.Popen) -> int:
-        """Jobs the worker re-queued on its drain, from its JSON log ("handing back N unfinished ...")."""
-        lines = self.logs[process.pid].read_text().splitlines()
-        messages = [json.loads(line)["msg"] for line in lines if line.startswith("{")]
-        return sum(int(m.split()[2]) for m in messages if m.startswith("handing back "))
-
-    def start(self) -> None:
-        self.valkey.start()
-        self.gateway = self._spawn("gateway", "--port", str(self.port),
-                                   env={"LLM_FLEET_MAX_OUTSTANDING": "10000"})
         # Flushes every 100 ms: a few chunks per request instead of one per token, so the one gateway
         # and Valkey on this small machine are not what limits eight workers.
-        self.workers = [self._spawn("worker", "--model", MODEL, "--catalogue", str(self.catalogue),
-                                    env={"LLM_FLEET_FLUSH_INTERVAL_MS": "100", "LLM_FLEET_DRAIN_TIMEOUT_S": "1",
-                                         "LLM_FLEET_HEARTBEAT_TTL_S": "3"})
-                        for _ in range(self.count)]
-
-    def stop(self) -> None:
-        for process in [*self.workers, self.gateway]:
-            if process is not None and process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in [*self.workers, self.gateway]:
-            if process is not None:
-                try:
-                    process.wait(30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-        self.valkey.stop()
-
-    async def wait_ready(self, http: aiohttp.ClientSession) -> None:
-        """Until every worker serves the model (the gateway lists N ready workers)."""
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                async with http.get(f"{self.base}/v1/models") as response:
-                    models = (await response.json())["data"] if response.status == 200 else []
-                if models and sum(w["state"] == "ready" for w in models[0]["workers"]) == self.count:
-                    return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.2)
-        raise RuntimeError("fleet not ready")
+        super().__init__(workers, {"max_model_len": 4096, "max_num_seqs": args.seqs, "kv_cache_tokens": 65536,
+                                   "step_delay_ms": args.step_ms},
+                         gateway_env={"LLM_FLEET_MAX_OUTSTANDING": "10000"},
+                         worker_env={"LLM_FLEET_FLUSH_INTERVAL_MS": "100", "LLM_FLEET_DRAIN_TIMEOUT_S": "1",
+                                     "LLM_FLEET_HEARTBEAT_TTL_S": "3"})
+        self.args = args
 
 
 def expected(prompt: str, tokens: int) -> str:

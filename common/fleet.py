@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -24,12 +25,22 @@ from common import fleet_state
 from common.embedded_redis import EmbeddedValkey
 from common.progress import advance, load_bar, load_fraction
 from common.redis_conn import REDIS_UNAVAILABLE, connect
+from common.settings import load_catalogue
+
+# NVLink multicast stays off wherever workers start NCCL (tensor parallelism): on shared hosts a
+# program using it can take the GPUs out of service (the machines' notes).
+_NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
     parser.add_argument("--host", default="127.0.0.1", help="gateway bind address")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="worker processes (default 1, or one per GPU group with --gpus)")
+    parser.add_argument("--gpus", help="GPUs for the workers, e.g. 0,1 ('all': every visible one): worker i gets "
+                        "the i-th group of --gpus-per-worker of them as CUDA_VISIBLE_DEVICES")
+    parser.add_argument("--gpus-per-worker", type=int, default=None,
+                        help="GPUs each worker gets (default: the largest tensor_parallel_size of its models)")
     parser.add_argument("--gateways", type=int, default=1,
                         help="gateway processes sharing the port with SO_REUSEPORT (default 1)")
     parser.add_argument("--model", action="append", dest="models", help="model(s) each worker serves")
@@ -44,13 +55,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class Part:
     name: str
     argv: list[str]
+    env: dict[str, str] | None = None  # added to this process's environment
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     started_at: float = field(default=0.0)
 
     def start(self) -> None:
         # Own session: the terminal's Ctrl-C reaches only the supervisor, which stops parts in order.
-        self.process = subprocess.Popen(self.argv, start_new_session=True)
+        self.process = subprocess.Popen(self.argv, start_new_session=True,
+                                        env={**os.environ, **self.env} if self.env else None)
         self.started_at = time.monotonic()
 
     def alive(self) -> bool:
@@ -89,9 +102,14 @@ def run(args: argparse.Namespace) -> None:
     # No --worker-id: each process (a restarted one too) gets a fresh id, so the jobs a killed
     # worker held belong to a consumer whose heartbeat is gone, and are reclaimed.
     first_port = args.port + 1 if args.worker_http_port is None else args.worker_http_port
+    devices = gpu_groups(args, models)
+    count = len(devices) if devices else (args.workers or 1)
     workers = [Part(f"worker-{i}", [*exe, "worker", "--redis-url", redis_url, *worker_flags, "--http-host", args.host,
-                                    "--http-port", str(first_port + i if first_port else 0)])
-               for i in range(args.workers)]
+                                    "--http-port", str(first_port + i if first_port else 0)],
+                    env={"CUDA_VISIBLE_DEVICES": devices[i], **_NCCL_ENV} if devices else None)
+               for i in range(count)]
+    if devices:
+        _say("GPUs: " + ", ".join(f"worker-{i} on {group}" for i, group in enumerate(devices)))
     stopping = False
 
     def request_stop(signum: int, frame: object) -> None:
@@ -142,6 +160,41 @@ def run(args: argparse.Namespace) -> None:
         if valkey is not None:
             valkey.stop()
         _say("stopped")
+
+
+def gpu_groups(args: argparse.Namespace, models: list[str]) -> list[str]:
+    """CUDA_VISIBLE_DEVICES of each worker under --gpus (none without it): consecutive groups of
+    --gpus-per-worker, by default the largest tensor_parallel_size among the served models."""
+    if not args.gpus:
+        return []
+    gpus = _visible_gpus() if args.gpus == "all" else [g.strip() for g in args.gpus.split(",") if g.strip()]
+    per_worker = args.gpus_per_worker
+    if per_worker is None:
+        catalogue = load_catalogue(args.catalogue)
+        per_worker = max(int(catalogue[m].options.get("tensor_parallel_size", 1)) if m in catalogue else 1
+                         for m in models)
+    if per_worker < 1 or not gpus or len(gpus) % per_worker:
+        raise SystemExit(f"--gpus: {len(gpus)} GPU(s) do not split into groups of {per_worker}")
+    groups = [",".join(gpus[i:i + per_worker]) for i in range(0, len(gpus), per_worker)]
+    if args.workers is not None and args.workers != len(groups):
+        raise SystemExit(f"--workers {args.workers} does not match --gpus: {len(groups)} group(s) of {per_worker}")
+    return groups
+
+
+def _visible_gpus() -> list[str]:
+    """The GPUs NVML sees (respecting CUDA_VISIBLE_DEVICES where set)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES"):
+        return [g for g in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if g]
+    import pynvml  # only here: a CPU fleet never needs it
+
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        raise SystemExit(f"--gpus all: no GPU visible ({exc})") from exc
+    try:
+        return [str(i) for i in range(pynvml.nvmlDeviceGetCount())]
+    finally:
+        pynvml.nvmlShutdown()
 
 
 def _llm_fleet_command() -> list[str]:

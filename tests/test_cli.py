@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -12,7 +13,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from common.embedded_redis import free_port
+from common.fleet import gpu_groups
 
 
 def _children_with(pattern: str, parent: int) -> list[int]:
@@ -37,7 +41,7 @@ def test_up_starts_the_fleet_prints_where_to_point_a_client_and_stops_on_ctrl_c(
     port = free_port()
     fleet = subprocess.Popen(
         [sys.executable, "-c", "from common.cli import main; main()",
-         "up", "--port", str(port), "--worker-http-port", "0", "--workers", "2", "--model", "test-echo"],
+         "up", "--port", str(port), "--worker-http-port", "0", "--gpus", "0,1", "--model", "test-echo"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
@@ -53,7 +57,12 @@ def test_up_starts_the_fleet_prints_where_to_point_a_client_and_stops_on_ctrl_c(
         assert playground, "the ready message names the playground's URL"
         with urllib.request.urlopen(playground.group(1), timeout=5) as response:
             assert b"llm-fleet playground" in response.read()
-        assert len(_children_with("llm-fleet worker", fleet.pid)) == 2
+        workers = _children_with("llm-fleet worker", fleet.pid)
+        assert len(workers) == 2, "--gpus 0,1: one worker per GPU"
+        environments = [dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)
+                        for pid in workers]
+        assert sorted(e["CUDA_VISIBLE_DEVICES"] for e in environments) == ["0", "1"]
+        assert all(e["NCCL_NVLS_ENABLE"] == "0" for e in environments), "NVLink multicast stays off"
 
         body = json.dumps({"prompt": "cli", "max_tokens": 3}).encode()
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/generate", data=body, timeout=5) as response:
@@ -163,3 +172,21 @@ def test_logs_are_text_on_a_terminal_and_json_otherwise(valkey) -> None:
         finally:
             worker.kill()
             worker.wait()
+
+
+def test_gpus_split_into_one_group_per_worker_of_the_models_tensor_parallel_size(tmp_path: Path) -> None:
+    catalogue = tmp_path / "catalogue.json"
+    catalogue.write_text(json.dumps({"big": {"engine": "vllm", "source": "/m",
+                                             "options": {"tensor_parallel_size": 2}}}))
+
+    def groups(**args: object) -> list[str]:
+        return gpu_groups(argparse.Namespace(**{"gpus": None, "gpus_per_worker": None, "workers": None,
+                                                "catalogue": str(catalogue), **args}), ["big"])
+
+    assert groups() == []
+    assert groups(gpus="0,1,2,3") == ["0,1", "2,3"], "tensor_parallel_size 2: two GPUs per worker"
+    assert groups(gpus="0,1,2,3", gpus_per_worker=1) == ["0", "1", "2", "3"]
+    assert groups(gpus="4,5", workers=1) == ["4,5"]
+    for bad, words in (({"gpus": "0,1,2"}, "do not split"), ({"gpus": "0,1", "workers": 2}, "does not match")):
+        with pytest.raises(SystemExit, match=words):
+            groups(**bad)
