@@ -138,7 +138,8 @@ async def run(args: argparse.Namespace, workers: int, affinity: bool, kill: bool
         "max_model_len": 8192, "max_num_seqs": args.seqs, "kv_cache_tokens": args.kv_tokens,
         "step_delay_ms": args.step_ms, "prefix_block_size": args.block_size,
         "prefill_ms_per_token": args.prefill_ms_per_token},
-        gateway_env={"LLM_FLEET_MAX_OUTSTANDING": "10000", "LLM_FLEET_PREFIX_AFFINITY": "1" if affinity else "0"},
+        gateway_env={"LLM_FLEET_MAX_OUTSTANDING": "10000", "LLM_FLEET_PREFIX_AFFINITY": "1" if affinity else "0",
+                     "LLM_FLEET_AFFINITY_QUEUE_BATCHES": str(args.queue_batches)},
         worker_env={"LLM_FLEET_FLUSH_INTERVAL_MS": "50", "LLM_FLEET_HEARTBEAT_TTL_S": "3",
                     "LLM_FLEET_RECLAIM_INTERVAL_S": "1"})
     fleet.start()
@@ -217,6 +218,8 @@ def main() -> None:
     parser.add_argument("--step-ms", type=float, default=10.0)
     parser.add_argument("--prefill-ms-per-token", type=float, default=0.05)
     parser.add_argument("--kill-after-s", type=float, default=5.0)
+    parser.add_argument("--queue-batches", type=float, default=1.0,
+                        help="the gateways' affinity_queue_batches: how much an engine's own stream may hold")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
 
@@ -230,7 +233,8 @@ def main() -> None:
     print(f"\nprefix affinity, test engine: {args.seqs} seqs and {args.kv_tokens} KV tokens per worker, "
           f"{args.step_ms:g} ms/step, prefill {args.prefill_ms_per_token:g} ms per uncached token; "
           f"{args.conversations} conversations x {args.turns} turns + {args.shared_requests} shared-system-prompt "
-          f"requests ({args.shared_clients} at a time), {args.max_tokens} tokens out each")
+          f"requests ({args.shared_clients} at a time), {args.max_tokens} tokens out each; "
+          f"affinity_queue_batches {args.queue_batches:g}")
     print("| workers | affinity | SIGKILL | requests | hit ratio | one-worker ideal | vs ideal | imbalance "
           "(max/mean busy) | max/mean requests | TTFT p50 ms | TTFT p99 ms | output tok/s | wrong | failed |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -84,7 +84,10 @@ local function route(packed)
     hit = hit * r.block_size
     if least_hit == nil or hit < least_hit then least_hit = hit end
     local queued = redis.call('XLEN', e[2])  -- less what workers read (running, or taken by another engine)
-    if queued > 0 then queued = queued - redis.call('XPENDING', e[2], r.group)[1] end
+    if queued > 0 then
+      local pending = redis.pcall('XPENDING', e[2], r.group)
+      if type(pending) == 'table' and pending[1] then queued = queued - pending[1] end
+    end
     if queued < e[5] * r.queue_batches then
       local score = hit - r.load_weight * r.prompt_tokens * (e[4] + queued) / e[5]
       if best == nil or score > best_score then best, best_score, best_hit = e, score, hit end

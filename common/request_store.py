@@ -52,10 +52,11 @@ if ARGV[11] ~= '' then
   local engine = route(ARGV[11])
   if engine then stream, ref_suffix = engine[2], '@' .. engine[1] end
 end
-local ref = redis.call('XADD', stream, '*', 'job', ARGV[2]) .. ref_suffix
-if stream ~= KEYS[1] and redis.call('SADD', KEYS[4], stream) == 1 then
-  redis.pcall('XGROUP', 'CREATE', stream, ARGV[12], '0')  -- from 0: this entry is unread
+if stream ~= KEYS[1] and redis.call('EXISTS', stream) == 0 then
+  redis.call('XGROUP', 'CREATE', stream, ARGV[12], '0', 'MKSTREAM')
+  redis.call('SADD', KEYS[4], stream)
 end
+local ref = redis.call('XADD', stream, '*', 'job', ARGV[2]) .. ref_suffix
 redis.call('HSET', KEYS[2], 'status', 'queued', 'model', ARGV[3], 'entry', ref, 'seq', 0,
   'created_at', ARGV[4], 'prompt_tokens', ARGV[5], 'completion_tokens', 0, 'max_tokens', ARGV[6],
   'owner', ARGV[8])

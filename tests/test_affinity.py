@@ -10,6 +10,7 @@ import asyncio
 import signal
 import time
 
+import msgpack
 import redis.asyncio as aioredis
 
 from common import fleet_state, keys
@@ -18,7 +19,7 @@ from common.prefix_blocks import block_hashes
 from common.protocol import Job
 from common.request_store import RequestStore
 from tests.conftest import TEST_MODEL, Fleet, StartFleet
-from worker import housekeeping
+from worker import housekeeping, kv_events
 
 BLOCK = 16
 PROMPT = list(range(100, 100 + 8 * BLOCK))  # eight whole blocks
@@ -82,14 +83,20 @@ async def test_load_spreads_a_hot_prefix_and_a_full_own_stream_takes_no_more(red
     # Two idle engines hold it ("c" does not, so affinity gains): the jobs alternate as each one's queue grows.
     engines = [EngineLoad("a", 0, 8), EngineLoad("b", 0, 8), EngineLoad("c", 0, 8)]
     assert [_engine_of(await _enqueue(store, f"s{i}", engines)) for i in range(4)] == ["a", "b", "a", "b"]
+    # A stream deleted behind the fleet's back (its group with it) comes back, group and all.
     await redis.delete(keys.job_stream(TEST_MODEL, "a"), keys.job_stream(TEST_MODEL, "b"))
-    # "a" is full and "b" has room for 2: "b" wins while its own stream has room, then the busy "a" (it
+    assert _engine_of(await _enqueue(store, "s4", engines)) == "a"
+    assert (await redis.xinfo_groups(keys.job_stream(TEST_MODEL, "a")))[0]["lag"] == 1
+
+    await _holds(redis, "d", PROMPT)
+    await _holds(redis, "e", PROMPT)
+    # "d" is full and "e" has room for 2: "e" wins while its own stream has room, then the busy "d" (it
     # holds the prefix and its stream has room), never "c".
-    engines = [EngineLoad("a", 8, 8), EngineLoad("b", 0, 2), EngineLoad("c", 0, 8)]
+    engines = [EngineLoad("d", 8, 8), EngineLoad("e", 0, 2), EngineLoad("c", 0, 8)]
     routed = [_engine_of(await _enqueue(store, f"r{i}", engines)) for i in range(4)]
-    assert routed == ["b", "b", "a", "a"]
+    assert routed == ["e", "e", "d", "d"]
     # Both own streams full: the shared stream, where any worker (and KEDA) sees it.
-    engines = [EngineLoad("a", 8, 2), EngineLoad("b", 0, 2), EngineLoad("c", 0, 8)]
+    engines = [EngineLoad("d", 8, 2), EngineLoad("e", 0, 2), EngineLoad("c", 0, 8)]
     assert _engine_of(await _enqueue(store, "r4", engines)) is None
 
 
@@ -228,3 +235,51 @@ async def test_a_drained_worker_hands_its_routed_jobs_back(start_fleet: StartFle
     assert results[2]["text"] == (prefix + "routed")[:5]
     assert await _worker_of(redis, routed) == other.worker_id
     assert await redis.xlen(keys.job_stream(TEST_MODEL, owner.worker_id)) == 0
+
+
+def _batch(*events: dict[str, object]) -> bytes:
+    """A payload as vLLM's ZmqEventPublisher sends it: msgpack [ts, events, data_parallel_rank], each
+    event a map tagged by "type" (vllm/distributed/kv_events.py)."""
+    return msgpack.packb([time.time(), list(events), 0])
+
+
+def _stored(hashes: list[bytes], parent: bytes | None, tokens: list[int], medium: str = "GPU") -> dict[str, object]:
+    return {"type": "BlockStored", "block_hashes": hashes, "parent_block_hash": parent, "token_ids": tokens,
+            "block_size": BLOCK, "lora_id": None, "medium": medium, "lora_name": None}
+
+
+async def test_vllm_kv_cache_events_keep_the_prefix_record_with_evictions(redis: aioredis.Redis, tmp_path) -> None:
+    import zmq
+
+    endpoint = f"ipc://{tmp_path}/kv-events"
+    publisher = zmq.Context.instance().socket(zmq.PUB)
+    publisher.bind(endpoint)
+    record = keys.prefix_blocks(TEST_MODEL, "e1")
+    follower = asyncio.create_task(kv_events.follow(redis, endpoint, TEST_MODEL, "e1"))
+    ours = [str(h) for h in block_hashes(PROMPT, BLOCK)]
+
+    async def send(*events: dict[str, object]) -> None:
+        publisher.send_multipart([b"", (0).to_bytes(8, "big"), _batch(*events)])
+        await asyncio.sleep(0.1)
+
+    try:
+        first = _stored([b"v0", b"v1", b"v2"], None, PROMPT[: 3 * BLOCK])
+        async with asyncio.timeout(5):  # a SUB socket misses what is sent before it has connected
+            while not await redis.zcard(record):
+                await send(first)
+        await send(_stored([b"v3", b"v4", b"v5", b"v6", b"v7"], b"v2", PROMPT[3 * BLOCK:]),
+                   _stored([b"x9"], b"never-seen", PROMPT[:BLOCK]),  # its parent is unknown: skipped
+                   _stored([b"c0"], None, [7] * BLOCK, medium="CPU"))  # offloaded: not on the GPU
+        members = {m.decode(): s for m, s in await redis.zrange(record, 0, -1, withscores=True)}
+        assert members == dict.fromkeys(ours, float("inf"))
+        # An event-fed record counts whatever its age, and routes the prompt to its engine.
+        engines = [EngineLoad("e1", 0, 8), EngineLoad("e2", 0, 8)]
+        assert _engine_of(await _enqueue(RequestStore(redis), "r0", engines)) == "e1"
+
+        await send({"type": "BlockRemoved", "block_hashes": [b"v7", b"v6"], "medium": "GPU"})
+        assert sorted(m.decode() for m in await redis.zrange(record, 0, -1)) == sorted(ours[:6])
+        await send({"type": "AllBlocksCleared"})
+        assert not await redis.exists(record)
+    finally:
+        follower.cancel()
+        publisher.close(linger=0)

@@ -37,7 +37,7 @@ from common.replication import replication_for
 from common.request_store import RequestStore
 from common.settings import ModelSpec, WorkerSettings
 from common.supervision import Supervisor
-from worker import heartbeat, http_server
+from worker import heartbeat, http_server, kv_events
 from worker.continuation import Continuation, Decode, fresh, resume
 from worker.control_plane import run_control_plane
 from worker.engines.base import Engine, EngineOutput
@@ -105,6 +105,7 @@ class Worker:
         self._decoders: dict[str, Decode] = {}  # model -> detokenizer, for continuations
         self._readers: dict[str, asyncio.Task[None]] = {}  # model -> its _serve_model task
         self._job_readers: dict[str, JobReader] = {}  # model -> where its _serve_model takes jobs from
+        self._event_followers: dict[str, asyncio.Task[None]] = {}  # model -> its engine's KV cache events
         self._closing: set[str] = set()  # models whose reader is to stop after its current read
         self._in_redis: set[str] = set()  # models whose reader is in a stream read or claim now
         self._jobs: dict[str, set[asyncio.Task[None]]] = {}  # model -> its running _run_job tasks
@@ -184,6 +185,9 @@ class Worker:
             _, late = await asyncio.wait(jobs, timeout=_HAND_BACK_TIMEOUT_S)
             for task in late:
                 task.cancel()
+        follower = self._event_followers.pop(name, None)
+        if follower is not None:
+            await _cancel(follower)
         reader = self._job_readers.pop(name, None)
         if reader is not None:  # routed here and not read yet: to the shared stream, for whoever has room
             with contextlib.suppress(*REDIS_UNAVAILABLE):
@@ -291,6 +295,10 @@ class Worker:
                                                         oversubscription=spec.kv_oversubscription)
             log.info("model %s ready: %d KV tokens, %d sequences", spec.name, budget.capacity_tokens,
                      budget.max_seqs)
+        if engine.prefix_events_endpoint is not None and spec.name not in self._event_followers:
+            endpoint = engine.prefix_events_endpoint
+            self._event_followers[spec.name] = self.supervisor.start(
+                f"kv_events:{spec.name}", lambda: kv_events.follow(self.redis, endpoint, spec.name, self.engine_id))
         reader = self._job_readers[spec.name] = JobReader(
             self.redis, self.worker_id, self.engine_id, spec.name, wait_ms=self.settings.affinity_wait_ms,
             block_ms=self.settings.read_block_ms)

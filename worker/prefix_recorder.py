@@ -1,4 +1,5 @@
-"""What an engine holds in its prefix cache, as the gateways route by it (common/affinity.py).
+"""What an engine holds in its prefix cache, as the gateways route by it (common/affinity.py), for
+engines that do not report it themselves (vLLM does: worker/kv_events.py).
 
 Each job this worker starts leaves its prompt's blocks in the engine's KV cache: their hashes go to
 `prefix:{model}:<engine>` scored by the time, and the set is trimmed to the engine's capacity in blocks,
@@ -34,7 +35,7 @@ class PrefixRecorder:
 
     def record(self, engine: Engine, prompt_token_ids: Sequence[int]) -> None:
         block_size = engine.card.prefix_block_size
-        if not block_size or len(prompt_token_ids) < block_size:
+        if not block_size or engine.reports_prefix_events or len(prompt_token_ids) < block_size:
             return
         key = keys.prefix_blocks(engine.card.name, self._engine_id)
         _, blocks = self._pending.setdefault(key, (engine.kv_capacity_tokens // block_size, {}))

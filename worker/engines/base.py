@@ -50,6 +50,11 @@ class Engine(ABC):
     kv_capacity_tokens: int  # the most prompt+output tokens the engine holds at once
     kv_block_size: int = 1  # KV is allocated in blocks of this many tokens
     max_num_seqs: int  # the most sequences it decodes at once
+    # Prefix caches reported by the engine itself (vLLM's KV cache events, worker/kv_events.py) rather than
+    # recorded by the worker per job started (worker/prefix_recorder.py); the endpoint to subscribe to, in
+    # the process that started the engine (its front-ends have none: one follower per engine).
+    reports_prefix_events: bool = False
+    prefix_events_endpoint: str | None = None
 
     @abstractmethod
     def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:

@@ -12,10 +12,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import tempfile
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 from vllm import AsyncEngineArgs, SamplingParams, envs
+from vllm.config import KVEventsConfig
 from vllm.sampling_params import RequestOutputKind
 from vllm.usage.usage_lib import UsageContext
 from vllm.v1.engine.async_llm import AsyncLLM
@@ -54,6 +57,8 @@ class _LatestSchedulerStats(StatLoggerBase):
 
 
 class VllmEngine(Engine):
+    reports_prefix_events = True
+
     def __init__(self, spec: ModelSpec, llm: AsyncLLM, hf_tokenizer: Any, stats: _LatestSchedulerStats,
                  core: SharedEngineCore | None = None) -> None:
         config = llm.vllm_config
@@ -142,6 +147,12 @@ async def load_vllm_engine(spec: ModelSpec, progress: ProgressCallback, role: Fr
     from transformers import AutoTokenizer
 
     args = engine_args(spec)
+    events_endpoint = None
+    if role.index == 0 and args.enable_prefix_caching is not False and args.kv_events_config is None:
+        # This process starts the engine core: it publishes its prefix cache's changes here (IPC, this host).
+        events_endpoint = f"ipc://{tempfile.gettempdir()}/llm-fleet-kv-events-{uuid.uuid4().hex}"
+        args.kv_events_config = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
+                                               endpoint=events_endpoint)
     holder: list[_LatestSchedulerStats] = []
 
     def stats_logger(vllm_config: Any, engine_index: int) -> _LatestSchedulerStats:
@@ -184,6 +195,7 @@ async def load_vllm_engine(spec: ModelSpec, progress: ProgressCallback, role: Fr
             await asyncio.to_thread(core.shutdown)
         raise
     engine = VllmEngine(spec, llm, hf_tokenizer, holder[0], core)
+    engine.prefix_events_endpoint = events_endpoint
     log.info("vLLM engine %s up: %d KV blocks x %d tokens, max_num_seqs %d (front-end %d of %d)", spec.name,
              engine.kv_capacity_tokens // engine.kv_block_size, engine.kv_block_size, engine.max_num_seqs,
              role.index, role.count)
