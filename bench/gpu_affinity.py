@@ -153,16 +153,17 @@ def random_dataset(args: argparse.Namespace) -> list[str]:
 
 def scale(args: argparse.Namespace, redis_url: str) -> list[dict]:
     rows = []
-    for gpus, workers in (("0,1", 2), ("0", 1)):
-        label = f"{workers}-gpu"
-        with fleet(args, redis_url, f"scale-{label}", gpus, workers, random_entry(args), gateways=2) as url:
+    for workers in args.gpu_counts:
+        gpus = ",".join(str(i) for i in range(workers))
+        label = f"{workers}-gpu-gw{args.gateways}"
+        with fleet(args, redis_url, f"scale-{label}", gpus, workers, random_entry(args), gateways=args.gateways) as url:
             rows.append(bench(args, url, f"random-{label}", random_dataset(args), args.random_concurrency,
                               args.random_prompts, 0))
     return rows
 
 
 def tensor_parallel(args: argparse.Namespace, redis_url: str) -> list[dict]:
-    with fleet(args, redis_url, "tp2", "0,1", 1, random_entry(args, tensor_parallel=2), gateways=2) as url:
+    with fleet(args, redis_url, "tp2", "0,1", 1, random_entry(args, tensor_parallel=2), gateways=args.gateways) as url:
         return [bench(args, url, "random-tp2", random_dataset(args), args.random_concurrency, args.random_prompts, 0)]
 
 
@@ -199,6 +200,9 @@ def main() -> None:
     parser.add_argument("--random-output-len", type=int, default=256)
     parser.add_argument("--random-concurrency", type=int, default=2000)
     parser.add_argument("--random-prompts", type=int, default=4000)
+    parser.add_argument("--gpu-counts", type=lambda text: [int(n) for n in text.split(",")], default=[2, 1],
+                        help="scale: the fleets to measure, by GPUs (one worker each)")
+    parser.add_argument("--gateways", type=int, default=2)
     args = parser.parse_args()
     args.out = Path(args.out)
     args.out.mkdir(parents=True, exist_ok=True)

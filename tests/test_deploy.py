@@ -285,3 +285,12 @@ async def test_compose_healthchecks_pass_against_a_live_gateway_and_worker(start
     assert await run(checks["worker-cpu"], ("8081", str(worker.http_port))) == 0
     await worker.unload("test-echo")  # not ready any more: the worker's check must fail
     assert await run(checks["worker-cpu"], ("8081", str(worker.http_port))) != 0
+
+
+def test_a_worker_pod_gets_the_gpus_its_models_tensor_parallelism_needs() -> None:
+    values = yaml.safe_load((CHART / "ci" / "gpu-keda-external-redis.yaml").read_text())
+    large = next(group for group in values["workerGroups"] if group["name"] == "large")
+    assert values["catalogue"][large["models"][0]]["options"]["tensor_parallel_size"] == 2
+    large["gpusPerWorker"] = 1
+    with pytest.raises(Exception, match="tensor_parallel_size 2, more than gpusPerWorker 1"):
+        helm.Chart.load(CHART).render(values, name="fleet", namespace="llm", is_install=True)
