@@ -40,6 +40,13 @@ def engine_streams(model: str) -> str:
     return f"jobs:{{{model}}}:engines"
 
 
+def waiting_engine_streams(model: str) -> str:
+    """Sorted set: the engine streams with unread entries, scored by the time (ms) of the oldest one: where
+    a worker with nothing else to do looks for jobs that waited too long (worker/job_reader.py), in
+    one read whatever the number of engines. Added to by the enqueue script, kept by the readers."""
+    return f"jobs:{{{model}}}:waiting"
+
+
 def entry_ref(stream: str, entry_id: bytes | str) -> str:
     """How a request (`req:{id}` field `entry`) and the skip set name a stream entry: the id for the
     shared stream, `<id>@<engine>` for an engine's own stream (ids are only unique within a stream)."""

@@ -37,11 +37,12 @@ from common.protocol import Chunk, FinishReason, Job, RequestStatus
 from common.redis_conn import REDIS_UNAVAILABLE, NotReplicatedError, as_text
 from common.replication import Replication
 
-# KEYS: the shared stream, req:{id}, the skip set, the engine-streams set[, the idempotency key].
-# Admission counts every stream of the model; the job goes to the stream `route` picks (ARGV[11]).
+# KEYS: the shared stream, req:{id}, the skip set, the engine-streams set, the waiting engine streams[, the
+# idempotency key]. Admission counts every stream of the model; the job goes to the stream `route` picks
+# (ARGV[11]).
 _ENQUEUE = ROUTE_LUA + """
-if KEYS[5] then
-  local seen = redis.call('GET', KEYS[5])
+if KEYS[6] then
+  local seen = redis.call('GET', KEYS[6])
   if seen then return {'replay', seen} end
 end
 local outstanding = redis.call('XLEN', KEYS[1]) - redis.call('SCARD', KEYS[3])
@@ -56,14 +57,18 @@ if stream ~= KEYS[1] and redis.call('EXISTS', stream) == 0 then
   redis.call('XGROUP', 'CREATE', stream, ARGV[12], '0', 'MKSTREAM')
   redis.call('SADD', KEYS[4], stream)
 end
-local ref = redis.call('XADD', stream, '*', 'job', ARGV[2]) .. ref_suffix
+local entry = redis.call('XADD', stream, '*', 'job', ARGV[2])
+if stream ~= KEYS[1] then  -- NX: a stream already waiting keeps the time of its oldest entry
+  redis.call('ZADD', KEYS[5], 'NX', tonumber(string.match(entry, '^%d+')), stream)
+end
+local ref = entry .. ref_suffix
 redis.call('HSET', KEYS[2], 'status', 'queued', 'model', ARGV[3], 'entry', ref, 'seq', 0,
   'created_at', ARGV[4], 'prompt_tokens', ARGV[5], 'completion_tokens', 0, 'max_tokens', ARGV[6],
   'owner', ARGV[8])
 redis.call('EXPIRE', KEYS[2], ARGV[7])
-if KEYS[5] then
-  redis.call('SET', KEYS[5], ARGV[9] .. ' ' .. ARGV[10], 'EX', ARGV[7])
-  redis.call('HSET', KEYS[2], 'idempotency_key', KEYS[5])
+if KEYS[6] then
+  redis.call('SET', KEYS[6], ARGV[9] .. ' ' .. ARGV[10], 'EX', ARGV[7])
+  redis.call('HSET', KEYS[2], 'idempotency_key', KEYS[6])
 end
 return ref
 """
@@ -244,6 +249,7 @@ class RequestStore:
         key seen before gets the earlier request instead (a Replay), admitted or not."""
         call = ScriptCall(_ENQUEUE, [keys.job_stream(job.model), keys.request(job.request_id),
                                      keys.skipped_jobs(job.model), keys.engine_streams(job.model),
+                                     keys.waiting_engine_streams(job.model),
                                      *([idempotency.key] if idempotency else [])],
                           [max_outstanding, job.pack(), job.model, job.enqueued_at, len(job.prompt_token_ids),
                            job.sampling["max_tokens"], ttl_s, owner,

@@ -57,6 +57,9 @@ async def test_the_engine_holding_the_prefix_gets_the_job_else_the_shared_stream
     assert (await redis.hget(keys.request("r1"), "entry")).decode() == ref
     assert await redis.xlen(keys.job_stream(TEST_MODEL, "b")) == 1
     assert await redis.smembers(keys.engine_streams(TEST_MODEL)) == {keys.job_stream(TEST_MODEL, "b").encode()}
+    # Where idle workers look for overdue jobs: b's stream, since its entry's time.
+    [(waiting, since)] = await redis.zrange(keys.waiting_engine_streams(TEST_MODEL), 0, -1, withscores=True)
+    assert waiting.decode() == keys.job_stream(TEST_MODEL, "b") and since == int(ref.split("-")[0])
 
     # Everyone holds it (a shared system prompt): affinity buys nothing, the pull decides.
     await _holds(redis, "a", PROMPT)
@@ -175,6 +178,7 @@ async def test_a_busy_engines_job_is_taken_by_an_idle_one_after_the_wait(start_f
     assert await _worker_of(redis, routed) == idle.worker_id
     assert time.monotonic() - started < 1.5, "taken after the bounded wait, not after the busy worker's job"
     assert idle.metrics.jobs_taken.labels(TEST_MODEL, "other")._value.get() == 1
+    assert not await redis.zcard(keys.waiting_engine_streams(TEST_MODEL)), "nothing waits any more"
     assert (await fleet.get(f"/v1/requests/{long_job}"))[1]["status"] == "running"
     await fleet.delete(f"/v1/requests/{long_job}")
 

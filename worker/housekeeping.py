@@ -72,20 +72,22 @@ async def sweep(redis: Redis, *, dead_consumer_idle_ms: int = _DEAD_CONSUMER_IDL
             "engine_streams_removed": streams_removed}
 
 
-# KEYS: the stream, the model's engine-streams set, the engine's prefix record. Only an empty stream goes (the
-# others take its entries first, worker/job_reader.py); a job routed there later re-creates it.
+# KEYS: the stream, the model's engine-streams set, the engine's prefix record, the waiting engine streams.
+# Only an empty stream goes (the others take its entries first, worker/job_reader.py); a job routed there
+# later re-creates it.
 _DROP_ENGINE_STREAM = """
 redis.call('DEL', KEYS[3])
 if redis.call('XLEN', KEYS[1]) > 0 then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('SREM', KEYS[2], KEYS[1])
+redis.call('ZREM', KEYS[4], KEYS[1])
 return 1
 """
 
 
 async def _drop_engine_stream(redis: Redis, model: str, stream: str, engine: str) -> int:
-    return int(await redis.eval(_DROP_ENGINE_STREAM, 3, stream, keys.engine_streams(model),
-                                keys.prefix_blocks(model, engine)))
+    return int(await redis.eval(_DROP_ENGINE_STREAM, 4, stream, keys.engine_streams(model),
+                                keys.prefix_blocks(model, engine), keys.waiting_engine_streams(model)))
 
 
 async def expire(redis: Redis, *, dead_letter_ttl_s: int) -> dict[str, int]:

@@ -2,8 +2,10 @@
 prefixes, common/affinity.py), then the shared stream, then entries of other engines' own streams that
 waited `affinity_wait_ms` there (their engine is busy, or dead): no job waits for a busy engine while
 another has room, and a dead engine's stream is drained by the others. One script, one round trip, at
-most `count` entries. With nothing to take, a blocking read on the own and the shared stream; while
-other engines have streams it blocks no longer than the wait, to look at them again.
+most `count` entries; which other streams hold overdue entries comes from one sorted set
+(`keys.waiting_engine_streams`), so a look costs the same with 2 engines or 200. With nothing to take, a
+blocking read on the own and the shared stream; while other engines have streams it blocks no longer
+than the wait, to look again.
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ from common.redis_conn import as_text
 
 log = logging.getLogger(__name__)
 
-# KEYS: own stream, shared stream, the model's engine-streams set. ARGV: group, consumer, count, wait ms.
-# Replies {{stream, id, fields}, ...}, and the ms until another engine's oldest unread entry may be
-# taken (-1: no other engine has a stream).
+# KEYS: own stream, shared stream, the model's engine-streams set, its waiting engine streams (sorted by the
+# time of their oldest unread entry). ARGV: group, consumer, count, wait ms. Replies {{stream, id, fields},
+# ...}, and the ms until another engine's oldest unread entry may be taken (-1: no other engine has a stream).
+# An idle worker's look is O(1) whatever the number of engines: only streams the waiting set says are
+# overdue are read; a stream whose unread entries were read some other way (the blocking read below) is
+# dropped from the set by the next look that finds nothing there.
 _TAKE = """
 local group, consumer, count, wait_ms = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -31,42 +36,59 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 end
 local taken = {}
 local function take(stream, n)
-  if n <= 0 then return end
+  if n <= 0 then return 0 end
   local reply = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', n, 'STREAMS', stream, '>')
-  if reply then
-    for _, entry in ipairs(reply[1][2]) do taken[#taken + 1] = {stream, entry[1], entry[2]} end
-  end
+  if not reply then return 0 end
+  for _, entry in ipairs(reply[1][2]) do taken[#taken + 1] = {stream, entry[1], entry[2]} end
+  return #reply[1][2]
 end
-local function last_delivered(stream)
+local function added_ms(id) return tonumber(string.match(id, '^%d+')) end
+-- The stream's unread entries, from the group's last-delivered id (nil: no such stream or group).
+local function unread(stream, n)
   local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', stream)
   if not ok then return nil end
   for _, g in ipairs(groups) do
     local fields = {}
     for i = 1, #g, 2 do fields[g[i]] = g[i + 1] end
-    if fields['name'] == group then return fields['last-delivered-id'] end
+    if fields['name'] == group then
+      return redis.call('XRANGE', stream, '(' .. fields['last-delivered-id'], '+', 'COUNT', n)
+    end
   end
 end
-take(KEYS[1], count)
+-- Keep the waiting set true for a stream just read from.
+local function still_waiting(stream)
+  local rows = unread(stream, 1)
+  if rows and #rows > 0 then
+    redis.call('ZADD', KEYS[4], 'XX', added_ms(rows[1][1]), stream)
+  else
+    redis.call('ZREM', KEYS[4], stream)
+  end
+end
+if take(KEYS[1], count) > 0 then still_waiting(KEYS[1]) end
 take(KEYS[2], count - #taken)
 local now = redis.call('TIME')
 local cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - wait_ms
-local due = -1
-for _, stream in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+for _, stream in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', cutoff)) do
+  if #taken >= count then break end
   if stream ~= KEYS[1] then
-    if due < 0 then due = wait_ms end
-    local last = last_delivered(stream)
-    if last and #taken < count then
-      local aged = 0
-      for _, row in ipairs(redis.call('XRANGE', stream, '(' .. last, '+', 'COUNT', count - #taken)) do
-        local added = tonumber(string.match(row[1], '^%d+'))
-        if added > cutoff then
-          due = math.min(due, added - cutoff)
-          break
-        end
-        aged = aged + 1
-      end
-      take(stream, aged)
+    local aged = 0
+    for _, row in ipairs(unread(stream, count - #taken) or {}) do
+      if added_ms(row[1]) > cutoff then break end
+      aged = aged + 1
     end
+    take(stream, aged)
+    still_waiting(stream)
+  end
+end
+-- With other engines about, look again within the wait (an entry routed to a busy one meanwhile must
+-- not wait for a whole blocking read); sooner where one is due.
+local due = -1
+if redis.call('SCARD', KEYS[3]) > 1 then due = wait_ms end
+local oldest = redis.call('ZRANGE', KEYS[4], 0, 1, 'WITHSCORES')
+for i = 1, #oldest, 2 do
+  if oldest[i] ~= KEYS[1] then
+    due = math.min(due < 0 and wait_ms or due, math.max(1, tonumber(oldest[i + 1]) - cutoff))
+    break
   end
 end
 return {taken, due}
@@ -91,6 +113,7 @@ class JobReader:
         self.own_stream = keys.job_stream(model, engine_id)
         self.shared_stream = keys.job_stream(model)
         self._engine_streams = keys.engine_streams(model)
+        self._waiting = keys.waiting_engine_streams(model)
         self._wait_ms = wait_ms
         self._block_ms = block_ms
         self._take = redis.register_script(_TAKE)
@@ -98,7 +121,8 @@ class JobReader:
     async def read(self, count: int) -> list[tuple[str, bytes, dict[bytes, bytes]]]:
         """Up to `count` entries (stream, id, fields); waits up to `block_ms` for one when there are none."""
         try:
-            taken, due = await self._take(keys=[self.own_stream, self.shared_stream, self._engine_streams],
+            taken, due = await self._take(keys=[self.own_stream, self.shared_stream, self._engine_streams,
+                                                self._waiting],
                                           args=[keys.CONSUMER_GROUP, self._worker_id, count, self._wait_ms])
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
