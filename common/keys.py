@@ -47,6 +47,13 @@ def waiting_engine_streams(model: str) -> str:
     return f"jobs:{{{model}}}:waiting"
 
 
+def idle_nudges(model: str) -> str:
+    """Stream, group `workers`, capped: an entry for each job routed to an engine that is busy. Idle workers
+    block on it beside their own and the shared stream; each entry wakes one, which takes the job if it
+    still waits after `affinity_wait_ms`. (Without it idle workers would have to look every few ms.)"""
+    return f"jobs:{{{model}}}:nudges"
+
+
 def entry_ref(stream: str, entry_id: bytes | str) -> str:
     """How a request (`req:{id}` field `entry`) and the skip set name a stream entry: the id for the
     shared stream, `<id>@<engine>` for an engine's own stream (ids are only unique within a stream)."""

@@ -37,20 +37,21 @@ from common.protocol import Chunk, FinishReason, Job, RequestStatus
 from common.redis_conn import REDIS_UNAVAILABLE, NotReplicatedError, as_text
 from common.replication import Replication
 
-# KEYS: the shared stream, req:{id}, the skip set, the engine-streams set, the waiting engine streams[, the
-# idempotency key]. Admission counts every stream of the model; the job goes to the stream `route` picks
-# (ARGV[11]).
+# KEYS: the shared stream, req:{id}, the skip set, the engine-streams set, the waiting engine streams, the
+# idle nudges[, the idempotency key]. Admission counts every stream of the model; the job goes to the
+# stream `route` picks (ARGV[11]).
 _ENQUEUE = ROUTE_LUA + """
-if KEYS[6] then
-  local seen = redis.call('GET', KEYS[6])
+if KEYS[7] then
+  local seen = redis.call('GET', KEYS[7])
   if seen then return {'replay', seen} end
 end
 local outstanding = redis.call('XLEN', KEYS[1]) - redis.call('SCARD', KEYS[3])
 for _, stream in ipairs(redis.call('SMEMBERS', KEYS[4])) do outstanding = outstanding + redis.call('XLEN', stream) end
 if outstanding >= tonumber(ARGV[1]) then return false end
-local stream, ref_suffix = KEYS[1], ''
+local stream, ref_suffix, busy = KEYS[1], '', false
 if ARGV[11] ~= '' then
-  local engine = route(ARGV[11])
+  local engine
+  engine, busy = route(ARGV[11])
   if engine then stream, ref_suffix = engine[2], '@' .. engine[1] end
 end
 if stream ~= KEYS[1] and redis.call('EXISTS', stream) == 0 then
@@ -60,15 +61,16 @@ end
 local entry = redis.call('XADD', stream, '*', 'job', ARGV[2])
 if stream ~= KEYS[1] then  -- NX: a stream already waiting keeps the time of its oldest entry
   redis.call('ZADD', KEYS[5], 'NX', tonumber(string.match(entry, '^%d+')), stream)
+  if busy then redis.call('XADD', KEYS[6], 'MAXLEN', '~', 64, '*', 'stream', stream) end
 end
 local ref = entry .. ref_suffix
 redis.call('HSET', KEYS[2], 'status', 'queued', 'model', ARGV[3], 'entry', ref, 'seq', 0,
   'created_at', ARGV[4], 'prompt_tokens', ARGV[5], 'completion_tokens', 0, 'max_tokens', ARGV[6],
   'owner', ARGV[8])
 redis.call('EXPIRE', KEYS[2], ARGV[7])
-if KEYS[6] then
-  redis.call('SET', KEYS[6], ARGV[9] .. ' ' .. ARGV[10], 'EX', ARGV[7])
-  redis.call('HSET', KEYS[2], 'idempotency_key', KEYS[6])
+if KEYS[7] then
+  redis.call('SET', KEYS[7], ARGV[9] .. ' ' .. ARGV[10], 'EX', ARGV[7])
+  redis.call('HSET', KEYS[2], 'idempotency_key', KEYS[7])
 end
 return ref
 """
@@ -249,7 +251,7 @@ class RequestStore:
         key seen before gets the earlier request instead (a Replay), admitted or not."""
         call = ScriptCall(_ENQUEUE, [keys.job_stream(job.model), keys.request(job.request_id),
                                      keys.skipped_jobs(job.model), keys.engine_streams(job.model),
-                                     keys.waiting_engine_streams(job.model),
+                                     keys.waiting_engine_streams(job.model), keys.idle_nudges(job.model),
                                      *([idempotency.key] if idempotency else [])],
                           [max_outstanding, job.pack(), job.model, job.enqueued_at, len(job.prompt_token_ids),
                            job.sampling["max_tokens"], ttl_s, owner,

@@ -4,8 +4,10 @@ waited `affinity_wait_ms` there (their engine is busy, or dead): no job waits fo
 another has room, and a dead engine's stream is drained by the others. One script, one round trip, at
 most `count` entries; which other streams hold overdue entries comes from one sorted set
 (`keys.waiting_engine_streams`), so a look costs the same with 2 engines or 200. With nothing to take, a
-blocking read on the own and the shared stream; while other engines have streams it blocks no longer
-than the wait, to look again.
+blocking read on the own and the shared stream and the model's idle nudges (an entry for each job routed
+to a busy engine, `keys.idle_nudges`: it wakes one idle worker), no longer than until another engine's
+oldest unread entry is due. (An entry routed to an engine that dies before taking it, with no nudge, is
+found by the next look: at most `read_block_ms` later.)
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ log = logging.getLogger(__name__)
 
 # KEYS: own stream, shared stream, the model's engine-streams set, its waiting engine streams (sorted by the
 # time of their oldest unread entry). ARGV: group, consumer, count, wait ms. Replies {{stream, id, fields},
-# ...}, and the ms until another engine's oldest unread entry may be taken (-1: no other engine has a stream).
-# An idle worker's look is O(1) whatever the number of engines: only streams the waiting set says are
-# overdue are read; a stream whose unread entries were read some other way (the blocking read below) is
-# dropped from the set by the next look that finds nothing there.
+# ...}, and the ms until another engine's oldest unread entry may be taken (-1: none waits).
+# A look is O(1) whatever the number of engines: only streams the waiting set says are overdue are read;
+# a stream whose unread entries were read some other way (the blocking read below) is dropped from the
+# set by the next look that finds nothing there.
 _TAKE = """
 local group, consumer, count, wait_ms = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -80,14 +82,13 @@ for _, stream in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', cutoff)) do
     still_waiting(stream)
   end
 end
--- With other engines about, look again within the wait (an entry routed to a busy one meanwhile must
--- not wait for a whole blocking read); sooner where one is due.
+-- When another engine's oldest unread entry becomes overdue (an entry routed to a busy engine later
+-- wakes an idle worker through the nudges stream).
 local due = -1
-if redis.call('SCARD', KEYS[3]) > 1 then due = wait_ms end
 local oldest = redis.call('ZRANGE', KEYS[4], 0, 1, 'WITHSCORES')
 for i = 1, #oldest, 2 do
   if oldest[i] ~= KEYS[1] then
-    due = math.min(due < 0 and wait_ms or due, math.max(1, tonumber(oldest[i + 1]) - cutoff))
+    due = math.max(1, tonumber(oldest[i + 1]) - cutoff)
     break
   end
 end
@@ -114,6 +115,7 @@ class JobReader:
         self.shared_stream = keys.job_stream(model)
         self._engine_streams = keys.engine_streams(model)
         self._waiting = keys.waiting_engine_streams(model)
+        self._nudges = keys.idle_nudges(model)
         self._wait_ms = wait_ms
         self._block_ms = block_ms
         self._take = redis.register_script(_TAKE)
@@ -133,17 +135,24 @@ class JobReader:
             return [(as_text(stream), entry_id, _fields(flat)) for stream, entry_id, flat in taken]
         block_ms = self._block_ms if due < 0 else max(1, min(self._block_ms, int(due)))
         try:
-            reply = await self._redis.xreadgroup(keys.CONSUMER_GROUP, self._worker_id,
-                                                 {self.own_stream: ">", self.shared_stream: ">"},
-                                                 count=count, block=block_ms)
+            streams = {self.own_stream: ">", self.shared_stream: ">", self._nudges: ">"}
+            reply = await self._redis.xreadgroup(keys.CONSUMER_GROUP, self._worker_id, streams, count=count,
+                                                 block=block_ms)
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
             await self.ensure_groups()
             return []
-        # Both streams may answer one blocking read (up to `count` each): rare, as both were empty just
+        entries = [(as_text(stream), entry_id, fields) for stream, rows in reply or [] for entry_id, fields in rows]
+        nudges = [entry_id for stream, entry_id, _ in entries if stream == self._nudges]
+        if nudges:  # a wake-up, not a job: the next look takes what is overdue (or learns when it will be)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xack(self._nudges, keys.CONSUMER_GROUP, *nudges)
+                pipe.xdel(self._nudges, *nudges)
+                await pipe.execute()
+        # Both job streams may answer one blocking read (up to `count` each): rare, as both were empty just
         # before; the extra entries wait in this worker for room.
-        return [(as_text(stream), entry_id, fields) for stream, entries in reply or [] for entry_id, fields in entries]
+        return [entry for entry in entries if entry[0] != self._nudges]
 
     async def streams(self) -> list[str]:
         """Every stream of the model: the shared one and each engine's own."""
@@ -158,8 +167,8 @@ class JobReader:
 
     async def ensure_groups(self) -> None:
         """The consumer group on the shared and the own stream, from id 0: jobs enqueued before any worker
-        existed are served too."""
-        for stream in (self.shared_stream, self.own_stream):
+        existed are served too; and on the nudges."""
+        for stream in (self.shared_stream, self.own_stream, self._nudges):
             try:
                 await self._redis.xgroup_create(stream, keys.CONSUMER_GROUP, id="0", mkstream=True)
             except ResponseError as exc:
