@@ -8,16 +8,14 @@ from common import api_keys
 from common.api_keys import ApiKey
 from common.errors import NotFound, Unprocessable
 from gateway.context import Gateway
-from gateway.validation import int_field, number_field, parse_json_object
+from gateway.validation import int_field, number_field, parse_json_object, reject_unknown
 
 _KEY_FIELDS = frozenset({"name", "admin", "rps", "max_concurrent"})
 
 
 async def create_key(request: web.Request) -> web.Response:
     body = parse_json_object(await request.read())
-    unknown = sorted(set(body) - _KEY_FIELDS)
-    if unknown:
-        raise Unprocessable(f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
+    reject_unknown(body, _KEY_FIELDS)
     name, admin = body.get("name"), body.get("admin", False)
     if not isinstance(name, str) or not 0 < len(name) <= 64:
         raise Unprocessable("`name` must be a string of 1 to 64 characters", param="name")

@@ -17,7 +17,7 @@ from aiohttp import web
 from common import control
 from common.errors import Unprocessable
 from gateway.context import Gateway
-from gateway.validation import int_field, parse_json_object
+from gateway.validation import int_field, parse_json_object, reject_unknown, strict_bool
 
 _LOAD_FIELDS = frozenset({"workers", "replicas", "wait"})
 _UNLOAD_FIELDS = frozenset({"workers", "wait"})
@@ -62,11 +62,8 @@ async def _dispatch(gateway: Gateway, action: str, model: str, targets: list[str
 
 def _body(raw: bytes, allowed: frozenset[str]) -> dict[str, Any]:
     body = parse_json_object(raw) if raw.strip() else {}
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise Unprocessable(f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
-    if not isinstance(body.get("wait", False), bool):
-        raise Unprocessable("`wait` must be a boolean", param="wait")
+    reject_unknown(body, allowed)
+    strict_bool(body, "wait", False)
     return body
 
 

@@ -16,7 +16,19 @@ from common.replication import replication_for
 from common.request_store import RequestStore
 from common.settings import GatewaySettings
 from common.supervision import Supervisor
-from gateway import admin_api, admin_models, console_api, health, http_api, metrics, openai_api, openapi, pages, ws
+from gateway import (
+    admin_api,
+    admin_models,
+    console_api,
+    health,
+    http_api,
+    metrics,
+    openai_api,
+    openapi,
+    pages,
+    tokenize_api,
+    ws,
+)
 from gateway.auth import Authenticator, guard
 from gateway.context import GATEWAY_KEY, REQUEST_ID_KEY, Gateway
 from gateway.disconnects import DisconnectWatcher
@@ -90,6 +102,8 @@ def create_app(settings: GatewaySettings) -> web.Application:
         web.post("/generate", http_api.generate),
         web.post("/v1/completions", openai_api.completions),
         web.post("/v1/chat/completions", openai_api.chat_completions),
+        web.post("/tokenize", tokenize_api.tokenize),
+        web.post("/detokenize", tokenize_api.detokenize),
         web.get("/v1/requests/{request_id}", http_api.get_request),
         web.delete("/v1/requests/{request_id}", http_api.cancel_request),
         web.get("/ws/generate", ws.websocket),

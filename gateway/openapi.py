@@ -137,6 +137,19 @@ SPEC: dict[str, Any] = {
             "ControlReply": {"type": "object", "required": ["model", "action", "workers"], "properties": {
                 "model": {"type": "string"}, "action": {"type": "string"},
                 "workers": {"type": "array", "items": {"type": "object", "required": ["worker_id", "job_id"]}}}},
+            "TokenizeRequest": {"type": "object", "additionalProperties": False, "properties": {
+                "model": _SAMPLING["model"], "prompt": {"type": "string"}, "messages": _MESSAGES,
+                "add_special_tokens": {"type": "boolean", "description": "default: true for a prompt, false for "
+                                       "messages (the chat template writes them)"},
+                "add_generation_prompt": {"type": "boolean", "description": "messages only; default true"},
+                "return_token_strs": {"type": "boolean"}}},
+            "Tokens": {"type": "object", "required": ["count", "max_model_len", "tokens", "token_strs"],
+                       "properties": {"count": _INT, "max_model_len": _INT, "tokens": {"type": "array", "items": _INT},
+                                      "token_strs": {"type": "array", "nullable": True,
+                                                     "items": {"type": "string", "nullable": True}}}},
+            "DetokenizeRequest": {"type": "object", "required": ["tokens"], "additionalProperties": False,
+                                  "properties": {"model": _SAMPLING["model"],
+                                                 "tokens": {"type": "array", "items": _INT}}},
             "ApiKeyRequest": {"type": "object", "required": ["name"], "additionalProperties": False,
                               "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 64},
                                              "admin": {"type": "boolean"},
@@ -176,6 +189,20 @@ SPEC: dict[str, Any] = {
                 "schema": {"$ref": "#/components/schemas/ChatRequest"}}}},
             "responses": {"200": _CHAT_COMPLETION,
                 **_errors(*_COMMON, 404, 422), "502": _json(_ERROR, "The generation failed")}}},
+        "/tokenize": {"post": {
+            "summary": "A prompt or chat as the model's token ids (what a generate counts), as `vllm serve` has it",
+            "operationId": "tokenize",
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/TokenizeRequest"}}}},
+            "responses": {"200": _json({"$ref": "#/components/schemas/Tokens"}, "The tokens"),
+                          **_errors(400, 401, 403, 404, 413, 422, 429, 503)}}},
+        "/detokenize": {"post": {
+            "summary": "Token ids back to text, as `vllm serve` has it", "operationId": "detokenize",
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/DetokenizeRequest"}}}},
+            "responses": {"200": _json({"type": "object", "required": ["prompt"],
+                                        "properties": {"prompt": {"type": "string"}}}, "The text"),
+                          **_errors(400, 401, 403, 404, 413, 422, 429, 503)}}},
         "/v1/models": {"get": {"summary": "Models and their state on each worker", "operationId": "models",
                                "responses": {"200": _json({"$ref": "#/components/schemas/ModelList"}, "Model list"),
                                              **_errors(401, 403, 429, 503)}}},

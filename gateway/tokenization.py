@@ -70,7 +70,7 @@ class _BatchEncoder:
 
 class PromptEncoder:
     def __init__(self, bundle: TokenizerBundle) -> None:
-        tokenizer = Tokenizer.from_str(bundle.tokenizer_json)
+        self._tokenizer = tokenizer = Tokenizer.from_str(bundle.tokenizer_json)
         self._prompts = _BatchEncoder(tokenizer, add_special_tokens=True)
         # A rendered chat template already holds its special tokens.
         self._rendered = _BatchEncoder(tokenizer, add_special_tokens=False)
@@ -81,21 +81,34 @@ class PromptEncoder:
             env.globals["raise_exception"] = _raise
             self._template = env.from_string(bundle.chat_template)
 
-    async def encode_prompt(self, prompt: str) -> list[int]:
-        return await self._prompts.encode(prompt)
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
-    async def encode_messages(self, messages: list[dict[str, Any]]) -> list[int]:
+    async def encode_prompt(self, prompt: str, *, add_special_tokens: bool = True) -> list[int]:
+        return await (self._prompts if add_special_tokens else self._rendered).encode(prompt)
+
+    async def encode_messages(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+                              add_special_tokens: bool = False) -> list[int]:
         size = sum(len(str(m.get("content", ""))) for m in messages)
-        text = await asyncio.to_thread(self.render, messages) if size > _INLINE_RENDER_CHARS else self.render(messages)
-        return await self._rendered.encode(text)
+        if size > _INLINE_RENDER_CHARS:
+            text = await asyncio.to_thread(self.render, messages, add_generation_prompt=add_generation_prompt)
+        else:
+            text = self.render(messages, add_generation_prompt=add_generation_prompt)
+        return await (self._prompts if add_special_tokens else self._rendered).encode(text)
 
-    def render(self, messages: list[dict[str, Any]]) -> str:
+    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
         """The chat as the model's template writes it (Python code: it holds the GIL wherever it runs)."""
         if self._template is None:
             raise Unprocessable("this model has no chat template: send `prompt`", param="messages")
         try:
-            return self._template.render(
-                messages=messages, add_generation_prompt=True, bos_token=self._bos or "", eos_token=self._eos or ""
-            )
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         bos_token=self._bos or "", eos_token=self._eos or "")
         except TemplateError as exc:
             raise Unprocessable(f"chat template failed: {exc}", param="messages") from exc
+
+    def token_strs(self, token_ids: list[int]) -> list[str | None]:
+        return [self._tokenizer.id_to_token(token_id) for token_id in token_ids]
+
+    async def decode(self, token_ids: list[int]) -> str:
+        return await asyncio.to_thread(self._tokenizer.decode, token_ids, skip_special_tokens=False)

@@ -42,13 +42,29 @@ def parse_json_object(raw: str | bytes) -> dict[str, Any]:
     return body
 
 
-def parse_generate(body: dict[str, Any], *, also_allowed: frozenset[str] = frozenset()) -> GenerateRequest:
-    unknown = sorted(set(body) - GENERATE_FIELDS - also_allowed)
+def reject_unknown(body: dict[str, Any], allowed: frozenset[str]) -> None:
+    unknown = sorted(set(body) - allowed)
     if unknown:
         raise Unprocessable(f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
+
+
+def model_field(body: dict[str, Any]) -> str | None:
     model = body.get("model")
     if model is not None and (not isinstance(model, str) or not _MODEL_NAME.match(model)):
         raise Unprocessable("`model` must be a model name", param="model")
+    return model
+
+
+def strict_bool(body: dict[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name, default)
+    if not isinstance(value, bool):
+        raise Unprocessable(f"`{name}` must be a boolean", param=name)
+    return value
+
+
+def parse_generate(body: dict[str, Any], *, also_allowed: frozenset[str] = frozenset()) -> GenerateRequest:
+    reject_unknown(body, GENERATE_FIELDS | also_allowed)
+    model = model_field(body)
 
     prompt, messages = body.get("prompt"), body.get("messages")
     if (prompt is None) == (messages is None):
@@ -70,15 +86,12 @@ def parse_generate(body: dict[str, Any], *, also_allowed: frozenset[str] = froze
 def sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
     """temperature, top_p, stop, seed and vLLM's ignore_eos/min_tokens (benchmarks send them),
     checked the same way for every front end."""
-    ignore_eos = body.get("ignore_eos", False)
-    if not isinstance(ignore_eos, bool):
-        raise Unprocessable("`ignore_eos` must be a boolean", param="ignore_eos")
     return {
         "temperature": number_field(body, "temperature", 1.0, low=0.0, high=2.0),
         "top_p": number_field(body, "top_p", 1.0, low=0.0, high=1.0, low_open=True),
         "stop": stop_field(body.get("stop")),
         "seed": int_field(body, "seed", minimum=0, maximum=MAX_SEED),
-        "ignore_eos": ignore_eos,
+        "ignore_eos": strict_bool(body, "ignore_eos", False),
         "min_tokens": int_field(body, "min_tokens", minimum=0) or 0,
     }
 

@@ -79,19 +79,32 @@ def smollm2_worker_process(redis_url: str) -> subprocess.Popen[bytes]:
     )
 
 
-async def test_real_model_answers_through_the_whole_fleet(start_fleet: StartFleet) -> None:
+async def test_real_model_answers_through_the_whole_fleet(start_fleet: StartFleet, smollm2) -> None:
     fleet = await start_fleet(workers=0)
     worker = smollm2_worker_process(fleet.redis_url)
     try:
         await fleet.wait_ready(timeout_s=120)
         # Polling: a greedy chat answer.
-        status, reply, _ = await fleet.post("/v1/generate", {
-            "model": SMOLLM2, "messages": [{"role": "user", "content": "Hello, how are you?"}],
-            "max_tokens": 24, "temperature": 0})
+        chat = [{"role": "user", "content": "Hello, how are you?"}]
+        status, reply, _ = await fleet.post("/v1/generate", {"model": SMOLLM2, "messages": chat, "max_tokens": 24,
+                                                             "temperature": 0})
         assert status == 202
         done = await fleet.wait_done(reply["request_id"], timeout_s=60)
         assert done["status"] == "completed" and done["text"].strip()
         assert 0 < done["usage"]["completion_tokens"] <= 24
+
+        # /tokenize gives what the generate counted, and what the model's own (Hugging Face) tokenizer gives.
+        _, hf_tokenizer = smollm2
+        status, tokens, _ = await fleet.post("/tokenize", {"model": SMOLLM2, "messages": chat})
+        assert status == 200 and tokens["count"] == done["usage"]["prompt_tokens"]
+        rendered = hf_tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        assert tokens["tokens"] == hf_tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        status, tokens, _ = await fleet.post("/tokenize", {"prompt": "The capital of France is",
+                                                           "return_token_strs": True})
+        assert tokens["tokens"] == hf_tokenizer("The capital of France is")["input_ids"]
+        assert tokens["token_strs"] == hf_tokenizer.convert_ids_to_tokens(tokens["tokens"])
+        status, text, _ = await fleet.post("/detokenize", {"tokens": tokens["tokens"]})
+        assert status == 200 and text == {"prompt": "The capital of France is"}
 
         # WebSocket: the same path, streamed.
         async with fleet.http.ws_connect(fleet.ws_url) as ws:
