@@ -19,8 +19,9 @@ hashes the prompt into chained blocks (common/prefix_blocks.py) and the enqueue 
 
 A routed job never waits on a busy engine while another has room: any worker that finds its own and
 the shared stream empty takes entries of other engines' streams that waited `affinity_wait_ms`
-(worker/job_reader.py), and so drains the stream of an engine that died. A job routed to a busy engine
-also wakes one idle worker (`keys.idle_nudges`) to do so. Only live engines serving
+(worker/job_reader.py), and so drains the stream of an engine that died. Each routed job also wakes one
+idle worker, if there is one (`keys.idle_nudges`), to do so should it wait that long: the engine's load
+the gateway sees is up to a heartbeat old, so "busy" cannot be told at routing time. Only live engines serving
 the model are candidates (the gateway's view of heartbeats, at most a second old).
 """
 
@@ -70,13 +71,12 @@ def route_arg(model: str, prompt_token_ids: Sequence[int], block_size: int, engi
         "prompt_tokens": len(prompt_token_ids)})
 
 
-# route(packed): the chosen engine's row {engine, stream, prefix key, running, max_seqs} and whether that
-# engine is busy (no free sequence for it now: an idle worker should be woken to take it if it waits), or
-# nil for the shared stream. Runs inside the enqueue script (no keys of its own: all share the model's tag).
+# route(packed): the chosen engine's row {engine, stream, prefix key, running, max_seqs}, or nil for the
+# shared stream. Runs inside the enqueue script (needs no keys of its own: all share the model's tag).
 ROUTE_LUA = """
 local function route(packed)
   local r = cmsgpack.unpack(packed)
-  local best, best_score, best_hit, least_hit, best_queued
+  local best, best_score, best_hit, least_hit
   for _, e in ipairs(r.engines) do
     local hit = 0
     if #r.blocks > 0 then
@@ -92,10 +92,10 @@ local function route(packed)
     end
     if queued < e[5] * r.queue_batches then
       local score = hit - r.load_weight * r.prompt_tokens * (e[4] + queued) / e[5]
-      if best == nil or score > best_score then best, best_score, best_hit, best_queued = e, score, hit, queued end
+      if best == nil or score > best_score then best, best_score, best_hit = e, score, hit end
     end
   end
-  if best ~= nil and best_hit - least_hit >= r.block_size then return best, best[4] + best_queued >= best[5] end
-  return nil, false
+  if best ~= nil and best_hit - least_hit >= r.block_size then return best end
+  return nil
 end
 """

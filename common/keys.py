@@ -48,7 +48,7 @@ def waiting_engine_streams(model: str) -> str:
 
 
 def idle_nudges(model: str) -> str:
-    """Stream, group `workers`, capped: an entry for each job routed to an engine that is busy. Idle workers
+    """Stream, group `workers`, capped: an entry for each job routed to an engine's own stream. Idle workers
     block on it beside their own and the shared stream; each entry wakes one, which takes the job if it
     still waits after `affinity_wait_ms`. (Without it idle workers would have to look every few ms.)"""
     return f"jobs:{{{model}}}:nudges"

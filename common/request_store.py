@@ -48,10 +48,9 @@ end
 local outstanding = redis.call('XLEN', KEYS[1]) - redis.call('SCARD', KEYS[3])
 for _, stream in ipairs(redis.call('SMEMBERS', KEYS[4])) do outstanding = outstanding + redis.call('XLEN', stream) end
 if outstanding >= tonumber(ARGV[1]) then return false end
-local stream, ref_suffix, busy = KEYS[1], '', false
+local stream, ref_suffix = KEYS[1], ''
 if ARGV[11] ~= '' then
-  local engine
-  engine, busy = route(ARGV[11])
+  local engine = route(ARGV[11])
   if engine then stream, ref_suffix = engine[2], '@' .. engine[1] end
 end
 if stream ~= KEYS[1] and redis.call('EXISTS', stream) == 0 then
@@ -61,7 +60,7 @@ end
 local entry = redis.call('XADD', stream, '*', 'job', ARGV[2])
 if stream ~= KEYS[1] then  -- NX: a stream already waiting keeps the time of its oldest entry
   redis.call('ZADD', KEYS[5], 'NX', tonumber(string.match(entry, '^%d+')), stream)
-  if busy then redis.call('XADD', KEYS[6], 'MAXLEN', '~', 64, '*', 'stream', stream) end
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', 64, '*', 'stream', stream)
 end
 local ref = entry .. ref_suffix
 redis.call('HSET', KEYS[2], 'status', 'queued', 'model', ARGV[3], 'entry', ref, 'seq', 0,

@@ -5,7 +5,7 @@ another has room, and a dead engine's stream is drained by the others. One scrip
 most `count` entries; which other streams hold overdue entries comes from one sorted set
 (`keys.waiting_engine_streams`), so a look costs the same with 2 engines or 200. With nothing to take, a
 blocking read on the own and the shared stream and the model's idle nudges (an entry for each job routed
-to a busy engine, `keys.idle_nudges`: it wakes one idle worker), no longer than until another engine's
+to an engine's own stream, `keys.idle_nudges`: it wakes one idle worker), no longer than until another engine's
 oldest unread entry is due. (An entry routed to an engine that dies before taking it, with no nudge, is
 found by the next look: at most `read_block_ms` later.)
 """
@@ -82,8 +82,8 @@ for _, stream in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', cutoff)) do
     still_waiting(stream)
   end
 end
--- When another engine's oldest unread entry becomes overdue (an entry routed to a busy engine later
--- wakes an idle worker through the nudges stream).
+-- When another engine's oldest unread entry becomes overdue (an entry routed later wakes an idle worker
+-- through the nudges stream).
 local due = -1
 local oldest = redis.call('ZRANGE', KEYS[4], 0, 1, 'WITHSCORES')
 for i = 1, #oldest, 2 do
