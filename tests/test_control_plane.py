@@ -215,9 +215,15 @@ async def test_housekeeping_functions(redis, caplog: pytest.LogCaptureFixture) -
                                 enqueued_at=time.time()), max_outstanding=10, ttl_s=60)
     await redis.xgroup_create(keys.job_stream(other), keys.CONSUMER_GROUP, id="0")
     await redis.xreadgroup(keys.CONSUMER_GROUP, "dead-holder", {keys.job_stream(other): ">"}, count=2)
+    # A dead worker's consumer of the nudges stream goes even holding a nudge (a wake-up, not a job).
+    nudges = keys.idle_nudges(TEST_MODEL)
+    await redis.xgroup_create(nudges, keys.CONSUMER_GROUP, id="0", mkstream=True)
+    await redis.xadd(nudges, {"stream": "x"})
+    await redis.xreadgroup(keys.CONSUMER_GROUP, "dead-holder", {nudges: ">"}, count=1)
     with caplog.at_level(logging.WARNING, logger="worker.housekeeping"):
         result = await housekeeping.sweep(redis, dead_consumer_idle_ms=0)
-    assert result == {"live_workers": 0, "consumers_removed": 1, "stranded_jobs": 3, "engine_streams_removed": 0}
+    assert result == {"live_workers": 0, "consumers_removed": 2, "stranded_jobs": 3, "engine_streams_removed": 0}
+    assert not await redis.xinfo_consumers(nudges, keys.CONSUMER_GROUP)
     warnings = sorted(r.getMessage() for r in caplog.records if "held by dead workers" in r.getMessage())
     assert warnings[0].startswith(f"1 job(s) of {TEST_MODEL} ") and warnings[1].startswith(f"2 job(s) of {other} ")
     consumers = await redis.xinfo_consumers(keys.job_stream(TEST_MODEL), keys.CONSUMER_GROUP)

@@ -4,7 +4,8 @@ cron job ids), whichever enqueues it first.
 - sweep: drop expired workers from the `workers` set and dead consumers that hold nothing from
   the model groups (consumers that hold jobs stay: reclaimers claim them); warn about jobs held
   by dead workers of a model no live worker serves (nobody can reclaim them until one does);
-  delete the own streams (prefix affinity) of dead engines once empty, and their prefix records.
+  delete the own streams (prefix affinity) of dead engines once empty, and their prefix records; drop
+  dead workers' consumers of the nudges stream.
 - expire: queued jobs whose request expired (its `req:{id}` is gone: the client can no longer
   read a result) are marked skipped (`jobs:{model}:skip`), so they stop counting against
   `max_outstanding`; a worker that reads one acks it without running it. (Deleting an entry no
@@ -64,12 +65,25 @@ async def sweep(redis: Redis, *, dead_consumer_idle_ms: int = _DEAD_CONSUMER_IDL
             engine = keys.engine_of_job_stream(stream)
             if engine is not None and engine not in live_engines:
                 streams_removed += await _drop_engine_stream(redis, model, stream, engine)
+        removed += await _drop_dead_consumers(redis, keys.idle_nudges(model), live, dead_consumer_idle_ms)
         if stranded:
             log.warning("%d job(s) of %s are held by dead workers and no live worker serves the model: "
                         "they wait until one loads it", stranded, model)
         stranded_total += stranded
     return {"live_workers": len(live), "consumers_removed": removed, "stranded_jobs": stranded_total,
             "engine_streams_removed": streams_removed}
+
+
+async def _drop_dead_consumers(redis: Redis, stream: str, live: set[str], idle_ms: int) -> int:
+    """Dead workers' consumers of the nudges stream, whatever they hold: a nudge is a wake-up, not a job."""
+    try:
+        consumers = await redis.xinfo_consumers(stream, keys.CONSUMER_GROUP)
+    except ResponseError:
+        return 0
+    dead = [as_text(c["name"]) for c in consumers if as_text(c["name"]) not in live and int(c["idle"]) >= idle_ms]
+    for name in dead:
+        await redis.xgroup_delconsumer(stream, keys.CONSUMER_GROUP, name)
+    return len(dead)
 
 
 # KEYS: the stream, the model's engine-streams set, the engine's prefix record, the waiting engine streams.
