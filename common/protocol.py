@@ -67,6 +67,14 @@ class SamplingParams(Packed):
     # vLLM's extensions, honoured by every engine: benchmarks rely on them.
     ignore_eos: bool = False
     min_tokens: int = 0
+    # Logit shaping, as vLLM does it (the test engine, which echoes, ignores them): repetition_penalty over
+    # prompt and output tokens (> 1 discourages), presence/frequency penalties over output tokens (OpenAI's),
+    # then top_k (0: off) and min_p (0: off) before top_p.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
 
 
 @dataclass(slots=True)

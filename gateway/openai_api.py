@@ -23,22 +23,28 @@ from gateway.auth import CALLER_KEY
 from gateway.context import REQUEST_ID_KEY, Gateway
 from gateway.idempotency import idempotency_of
 from gateway.relay import Subscription
-from gateway.validation import GenerateRequest, check_messages, int_field, parse_json_object, sampling_fields
+from gateway.validation import (
+    SAMPLING_FIELDS,
+    GenerateRequest,
+    check_messages,
+    int_field,
+    parse_json_object,
+    sampling_fields,
+)
 from gateway.views import usage_of
 
 log = logging.getLogger(__name__)
 
-# Accepted with no effect on the output (or only with their no-op value, see _NOOP_VALUES).
-_IGNORED = frozenset({"user", "stream_options", "stream", "n", "model", "max_tokens", "max_completion_tokens",
-                      "temperature", "top_p", "stop", "seed", "ignore_eos", "min_tokens"})
+# Accepted (the sampling fields and what does not change the output); others only with their no-op value
+# (_NOOP_VALUES).
+_ACCEPTED = frozenset({"user", "stream_options", "stream", "n", "model", "max_tokens", "max_completion_tokens"}
+                      ) | SAMPLING_FIELDS
 _NOOP_VALUES: dict[str, tuple[Any, ...]] = {
-    "presence_penalty": (0, 0.0, None), "frequency_penalty": (0, 0.0, None), "logprobs": (None, False),
+    "logprobs": (None, False),
     "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1), "logit_bias": (None, {}),
     "suffix": (None,), "parallel_tool_calls": (None,), "tools": (None, []), "tool_choice": (None, "none"),
     "response_format": (None, {"type": "text"}), "service_tier": (None, "auto", "default"), "store": (None, False),
     "metadata": (None,),
-    # vLLM's sampling extensions, at their neutral values (`vllm bench serve` sends repetition_penalty=1.0).
-    "repetition_penalty": (None, 1, 1.0), "top_k": (None, 0, -1), "min_p": (None, 0, 0.0),
 }
 
 
@@ -50,7 +56,7 @@ def _is_noop(name: str, value: Any) -> bool:
 def _parse(body: dict[str, Any], *, chat: bool) -> tuple[GenerateRequest, bool, _Usage]:
     """(request, stream, usage wanted in the stream); 400 for what we do not support."""
     text_field = "messages" if chat else "prompt"
-    allowed = _IGNORED | {text_field}
+    allowed = _ACCEPTED | {text_field}
     unsupported = sorted(k for k in body if k not in allowed and not _is_noop(k, body[k]))
     if unsupported:
         raise BadRequest(f"unsupported parameter(s): {', '.join(unsupported)}", param=unsupported[0])

@@ -37,6 +37,11 @@ _SAMPLING = {
     "seed": {"type": "integer", "minimum": 0},
     "ignore_eos": {"type": "boolean"},
     "min_tokens": {"type": "integer", "minimum": 0},
+    "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+    "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+    "repetition_penalty": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 2},
+    "top_k": {"type": "integer", "minimum": -1, "maximum": 1 << 20, "description": "0 or -1: off"},
+    "min_p": {"type": "number", "minimum": 0, "maximum": 1},
 }
 _MESSAGES = {"type": "array", "minItems": 1, "items": {
     "type": "object", "required": ["role", "content"], "additionalProperties": False,

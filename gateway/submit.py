@@ -68,7 +68,11 @@ class Submitter:
             )
         params = SamplingParams(max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
                                 stop=request.stop, seed=request.seed, ignore_eos=request.ignore_eos,
-                                min_tokens=min(request.min_tokens, max_tokens))
+                                min_tokens=min(request.min_tokens, max_tokens),
+                                presence_penalty=request.presence_penalty,
+                                frequency_penalty=request.frequency_penalty,
+                                repetition_penalty=request.repetition_penalty, top_k=request.top_k,
+                                min_p=request.min_p)
         return Job(request_id=request_id or new_request_id(), model=card.name, prompt_token_ids=prompt_ids,
                    sampling=dataclasses.asdict(params),
                    enqueued_at=time.time())

@@ -14,8 +14,10 @@ MAX_STOP_STRINGS = 8
 MAX_SEED = 2**63 - 1
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 _ROLES = frozenset({"system", "user", "assistant", "tool"})
-GENERATE_FIELDS = frozenset({"model", "prompt", "messages", "max_tokens", "temperature", "top_p", "stop", "seed",
-                             "ignore_eos", "min_tokens"})
+SAMPLING_FIELDS = frozenset({"temperature", "top_p", "stop", "seed", "ignore_eos", "min_tokens", "presence_penalty",
+                             "frequency_penalty", "repetition_penalty", "top_k", "min_p"})
+GENERATE_FIELDS = frozenset({"model", "prompt", "messages", "max_tokens"}) | SAMPLING_FIELDS
+MAX_TOP_K = 1 << 20
 
 
 @dataclass(slots=True)
@@ -30,6 +32,11 @@ class GenerateRequest:
     seed: int | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
 
 
 def parse_json_object(raw: str | bytes) -> dict[str, Any]:
@@ -84,8 +91,8 @@ def parse_generate(body: dict[str, Any], *, also_allowed: frozenset[str] = froze
 
 
 def sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
-    """temperature, top_p, stop, seed and vLLM's ignore_eos/min_tokens (benchmarks send them),
-    checked the same way for every front end."""
+    """temperature, top_p, stop, seed, the penalties, and vLLM's ignore_eos/min_tokens/top_k/min_p,
+    checked the same way for every front end (SAMPLING_FIELDS)."""
     return {
         "temperature": number_field(body, "temperature", 1.0, low=0.0, high=2.0),
         "top_p": number_field(body, "top_p", 1.0, low=0.0, high=1.0, low_open=True),
@@ -93,6 +100,11 @@ def sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
         "seed": int_field(body, "seed", minimum=0, maximum=MAX_SEED),
         "ignore_eos": strict_bool(body, "ignore_eos", False),
         "min_tokens": int_field(body, "min_tokens", minimum=0) or 0,
+        "presence_penalty": number_field(body, "presence_penalty", 0.0, low=-2.0, high=2.0),
+        "frequency_penalty": number_field(body, "frequency_penalty", 0.0, low=-2.0, high=2.0),
+        "repetition_penalty": number_field(body, "repetition_penalty", 1.0, low=0.0, high=2.0, low_open=True),
+        "top_k": max(0, int_field(body, "top_k", minimum=-1, maximum=MAX_TOP_K) or 0),  # -1 (vLLM's "off") is 0
+        "min_p": number_field(body, "min_p", 0.0, low=0.0, high=1.0),
     }
 
 

@@ -106,6 +106,15 @@ async def test_real_model_answers_through_the_whole_fleet(start_fleet: StartFlee
         status, text, _ = await fleet.post("/detokenize", {"tokens": tokens["tokens"]})
         assert status == 200 and text == {"prompt": "The capital of France is"}
 
+        # Logit shaping reaches the model: top_k=1 samples the greedy text; a repetition penalty changes it.
+        prompt = "List the days of the week: Monday, Tuesday,"
+        texts = []
+        for shaping in ({"temperature": 0}, {"temperature": 1.0, "top_k": 1, "seed": 7},
+                        {"temperature": 0, "repetition_penalty": 1.8}):
+            texts.append((await fleet.wait_done(await fleet.submit(model=SMOLLM2, prompt=prompt, max_tokens=12,
+                                                                   **shaping), timeout_s=60))["text"])
+        assert texts[1] == texts[0] and texts[2] != texts[0], texts
+
         # WebSocket: the same path, streamed.
         async with fleet.http.ws_connect(fleet.ws_url) as ws:
             await ws.send_json({"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0})

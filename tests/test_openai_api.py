@@ -78,7 +78,7 @@ async def test_streaming_completions_and_chat_with_usage_in_the_last_chunk(start
 
 async def test_vllm_bench_serve_request_shape_streams_with_ignore_eos(start_fleet: StartFleet, sdk) -> None:
     """Exactly what vLLM 0.26's `vllm bench serve --backend openai` sends: raw HTTP, streaming, usage,
-    ignore_eos, and the neutral repetition_penalty (a value that changes the output is a 400)."""
+    ignore_eos, and repetition_penalty 1.0 (neutral)."""
     fleet = await start_fleet()
     body = {"model": TEST_MODEL, "prompt": "x y z", "repetition_penalty": 1.0, "max_tokens": 64, "logprobs": None,
             "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
@@ -109,9 +109,10 @@ async def test_every_response_carries_x_request_id(start_fleet: StartFleet, sdk)
     [
         ({"model": "nope"}, openai.NotFoundError, ["nope"]),
         ({"n": 2}, openai.BadRequestError, ["n=1"]),
-        ({"extra_body": {"presence_penalty": 0.5}}, openai.BadRequestError, ["presence_penalty"]),
+        ({"extra_body": {"logit_bias": {"5": 10}}}, openai.BadRequestError, ["logit_bias"]),
         ({"logprobs": 3}, openai.BadRequestError, ["logprobs"]),
-        ({"extra_body": {"repetition_penalty": 1.3}}, openai.BadRequestError, ["repetition_penalty"]),
+        ({"echo": True}, openai.BadRequestError, ["echo"]),
+        ({"presence_penalty": 3}, openai.UnprocessableEntityError, ["presence_penalty"]),
         ({"max_tokens": 0}, openai.UnprocessableEntityError, ["max_tokens"]),
         ({"temperature": 9}, openai.UnprocessableEntityError, ["temperature"]),
         ({"prompt": "z" * 5000}, openai.APIStatusError, ["4096"]),

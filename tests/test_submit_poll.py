@@ -228,9 +228,9 @@ async def test_long_chat_messages_are_rendered_off_the_event_loop(
     threads: list[bool] = []
     real = PromptEncoder.render
 
-    def recording(self: PromptEncoder, messages: list[dict[str, Any]]) -> str:
+    def recording(self: PromptEncoder, messages: list[dict[str, Any]], **options: Any) -> str:
         threads.append(threading.current_thread() is threading.main_thread())
-        return real(self, messages)
+        return real(self, messages, **options)
 
     monkeypatch.setattr(PromptEncoder, "render", recording)
     for content in ("x" * 20_000, "short"):

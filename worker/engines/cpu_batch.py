@@ -109,15 +109,42 @@ class BatchedDecoder:
         tokens = logits.argmax(dim=-1)
         for i, row in enumerate(rows):
             params = row.seq.request.params
-            if params.temperature <= 1e-5:
-                continue  # greedy
-            probs = torch.softmax(logits[i].float() / params.temperature, dim=-1)
+            penalized = _penalized(logits[i], row.seq)
+            if params.temperature <= 1e-5:  # greedy
+                if penalized is not None:
+                    tokens[i] = penalized.argmax()
+                continue
+            probs = torch.softmax((logits[i] if penalized is None else penalized).float() / params.temperature, dim=-1)
+            if 0 < params.top_k < probs.shape[0]:
+                probs = probs.masked_fill(probs < probs.topk(params.top_k).values[-1], 0.0)
+            if params.min_p > 0:
+                probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
             if params.top_p < 1.0:
+                probs = probs / probs.sum()
                 sorted_probs, order = probs.sort(descending=True)
                 outside = sorted_probs.cumsum(0) - sorted_probs > params.top_p
                 probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
             tokens[i] = torch.multinomial(probs, 1, generator=row.generator)[0]
         return tokens
+
+
+def _penalized(logits: torch.Tensor, seq: Sequence) -> torch.Tensor | None:
+    """The row's logits with vLLM's penalties applied (None: no penalty asked): repetition_penalty over every
+    token of the prompt and the output (a positive logit divided by it, a negative one multiplied), presence
+    and frequency penalties over the output (a continuation's output includes what it emitted before)."""
+    params, request = seq.request.params, seq.request
+    if params.repetition_penalty == 1.0 and not params.presence_penalty and not params.frequency_penalty:
+        return None
+    logits = logits.float().clone()
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted({*request.prompt_token_ids, *seq.generated}), dtype=torch.long)
+        values = logits[seen]
+        logits[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+    output = [*request.prompt_token_ids[len(request.prompt_token_ids) - request.resumed_tokens:], *seq.generated]
+    if output and (params.presence_penalty or params.frequency_penalty):
+        ids, counts = torch.tensor(output, dtype=torch.long).unique(return_counts=True)
+        logits[ids] -= params.frequency_penalty * counts + params.presence_penalty
+    return logits
 
 
 def _generator(seed: int | None) -> torch.Generator | None:
