@@ -75,6 +75,10 @@ class SamplingParams(Packed):
     repetition_penalty: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
+    # Token ids that end the output like an end-of-sequence token (not emitted; min_tokens applies, ignore_eos
+    # does not), and OpenAI's logit_bias: token id (a string, as in its JSON) -> added to its logit.
+    stop_token_ids: list[int] = field(default_factory=list)
+    logit_bias: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

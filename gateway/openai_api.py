@@ -41,7 +41,7 @@ _ACCEPTED = frozenset({"user", "stream_options", "stream", "n", "model", "max_to
                       ) | SAMPLING_FIELDS
 _NOOP_VALUES: dict[str, tuple[Any, ...]] = {
     "logprobs": (None, False),
-    "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1), "logit_bias": (None, {}),
+    "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
     "suffix": (None,), "parallel_tool_calls": (None,), "tools": (None, []), "tool_choice": (None, "none"),
     "response_format": (None, {"type": "text"}), "service_tier": (None, "auto", "default"), "store": (None, False),
     "metadata": (None,),

@@ -42,6 +42,9 @@ _SAMPLING = {
     "repetition_penalty": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 2},
     "top_k": {"type": "integer", "minimum": -1, "maximum": 1 << 20, "description": "0 or -1: off"},
     "min_p": {"type": "number", "minimum": 0, "maximum": 1},
+    "stop_token_ids": {"type": "array", "maxItems": 64, "items": {"type": "integer", "minimum": 0}},
+    "logit_bias": {"type": "object", "maxProperties": 300, "description": "token id -> bias in [-100, 100]",
+                   "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
 }
 _MESSAGES = {"type": "array", "minItems": 1, "items": {
     "type": "object", "required": ["role", "content"], "additionalProperties": False,

@@ -43,6 +43,12 @@ class Submitter:
         else:
             prompt_ids = await encoder.encode_messages(request.messages or [])
 
+        vocab = encoder.vocab_size
+        for param, token in request.token_ids():
+            if token >= vocab:
+                raise Unprocessable(f"`{param}` names token {token}; model {card.name!r} has {vocab} (0..{vocab - 1})",
+                                    param=param)
+
         cap = self._settings.max_prompt_tokens
         if cap and len(prompt_ids) > cap:
             raise PayloadTooLarge(f"prompt is {len(prompt_ids)} tokens; this gateway accepts at most {cap}",
@@ -72,7 +78,8 @@ class Submitter:
                                 presence_penalty=request.presence_penalty,
                                 frequency_penalty=request.frequency_penalty,
                                 repetition_penalty=request.repetition_penalty, top_k=request.top_k,
-                                min_p=request.min_p)
+                                min_p=request.min_p, stop_token_ids=request.stop_token_ids,
+                                logit_bias=request.logit_bias)
         return Job(request_id=request_id or new_request_id(), model=card.name, prompt_token_ids=prompt_ids,
                    sampling=dataclasses.asdict(params),
                    enqueued_at=time.time())

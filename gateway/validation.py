@@ -15,9 +15,12 @@ MAX_SEED = 2**63 - 1
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 _ROLES = frozenset({"system", "user", "assistant", "tool"})
 SAMPLING_FIELDS = frozenset({"temperature", "top_p", "stop", "seed", "ignore_eos", "min_tokens", "presence_penalty",
-                             "frequency_penalty", "repetition_penalty", "top_k", "min_p"})
+                             "frequency_penalty", "repetition_penalty", "top_k", "min_p", "stop_token_ids",
+                             "logit_bias"})
 GENERATE_FIELDS = frozenset({"model", "prompt", "messages", "max_tokens"}) | SAMPLING_FIELDS
 MAX_TOP_K = 1 << 20
+MAX_STOP_TOKEN_IDS = 64
+MAX_LOGIT_BIAS = 300  # OpenAI's limit
 
 
 @dataclass(slots=True)
@@ -37,6 +40,13 @@ class GenerateRequest:
     repetition_penalty: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
+    stop_token_ids: list[int] = field(default_factory=list)
+    logit_bias: dict[str, float] = field(default_factory=dict)
+
+    def token_ids(self) -> list[tuple[str, int]]:
+        """(field, token id) of every token id the request names: the gateway checks them against the model."""
+        return [*(("stop_token_ids", t) for t in self.stop_token_ids),
+                *(("logit_bias", int(t)) for t in self.logit_bias)]
 
 
 def parse_json_object(raw: str | bytes) -> dict[str, Any]:
@@ -105,7 +115,33 @@ def sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
         "repetition_penalty": number_field(body, "repetition_penalty", 1.0, low=0.0, high=2.0, low_open=True),
         "top_k": max(0, int_field(body, "top_k", minimum=-1, maximum=MAX_TOP_K) or 0),  # -1 (vLLM's "off") is 0
         "min_p": number_field(body, "min_p", 0.0, low=0.0, high=1.0),
+        "stop_token_ids": stop_token_ids_field(body.get("stop_token_ids")),
+        "logit_bias": logit_bias_field(body.get("logit_bias")),
     }
+
+
+def stop_token_ids_field(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if (not isinstance(value, list) or len(value) > MAX_STOP_TOKEN_IDS
+            or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)):
+        raise Unprocessable(f"`stop_token_ids` must be a list of at most {MAX_STOP_TOKEN_IDS} token ids",
+                            param="stop_token_ids")
+    return value
+
+
+def logit_bias_field(value: Any) -> dict[str, float]:
+    """OpenAI's map of token id (a string) -> bias in [-100, 100]."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > MAX_LOGIT_BIAS:
+        raise Unprocessable(f"`logit_bias` must map at most {MAX_LOGIT_BIAS} token ids to biases", param="logit_bias")
+    for token, bias in value.items():
+        if not token.isdigit() or isinstance(bias, bool) or not isinstance(bias, int | float) or not (
+                math.isfinite(bias) and -100 <= bias <= 100):
+            raise Unprocessable("`logit_bias` maps token ids (\"123\") to numbers from -100 to 100",
+                                param="logit_bias")
+    return {str(int(token)): float(bias) for token, bias in value.items()}
 
 
 def check_messages(messages: Any) -> None:

@@ -109,7 +109,7 @@ async def test_every_response_carries_x_request_id(start_fleet: StartFleet, sdk)
     [
         ({"model": "nope"}, openai.NotFoundError, ["nope"]),
         ({"n": 2}, openai.BadRequestError, ["n=1"]),
-        ({"extra_body": {"logit_bias": {"5": 10}}}, openai.BadRequestError, ["logit_bias"]),
+        ({"extra_body": {"response_format": {"type": "json_object"}}}, openai.BadRequestError, ["response_format"]),
         ({"logprobs": 3}, openai.BadRequestError, ["logprobs"]),
         ({"echo": True}, openai.BadRequestError, ["echo"]),
         ({"presence_penalty": 3}, openai.UnprocessableEntityError, ["presence_penalty"]),

@@ -1,6 +1,6 @@
-"""The CPU engine's logit shaping, as vLLM does it: repetition, presence and frequency penalties (greedy
-too), then top_k and min_p before sampling. Run on hand-made logits, so each rule is seen alone; the real
-model is checked end to end in tests/test_cpu_model.py."""
+"""The CPU engine's logit shaping, as vLLM does it: logit_bias, repetition, presence and frequency penalties
+(greedy too), then top_k and min_p before sampling. Run on hand-made logits, so each rule is seen alone;
+the real model is checked end to end in tests/test_cpu_model.py. And stop_token_ids, through the fleet."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from common.protocol import SamplingParams
+from tests.conftest import StartFleet
 from worker.engines.base import EngineRequest
 from worker.engines.cpu_batch import BatchedDecoder, _generator, _Row
 from worker.engines.echo import byte_tokenizer
@@ -61,3 +62,19 @@ def test_top_k_and_min_p_keep_only_the_likeliest_tokens(seed: int) -> None:
     assert _greedy(_row([1], seed=seed, temperature=1.0, min_p=0.9), logits) == 1  # 0.25 < 0.9 x 0.3
     kept = {_greedy(_row([1], seed=seed * 100 + i, temperature=1.0, top_k=3), logits) for i in range(40)}
     assert kept <= {1, 3, 5} and len(kept) > 1
+
+
+def test_logit_bias_is_added_to_the_logits() -> None:
+    logits = _logits(t3=2.0, t4=1.9)
+    assert _greedy(_row([1], temperature=0.0, logit_bias={"4": 0.5}), logits) == 4
+    assert _greedy(_row([1], temperature=0.0, logit_bias={"3": -100.0}), logits) == 4
+
+
+async def test_stop_token_ids_end_the_output_after_min_tokens(start_fleet: StartFleet) -> None:
+    fleet = await start_fleet()
+    [d] = (await fleet.post("/tokenize", {"prompt": "d"}))[1]["tokens"]
+    done = await fleet.wait_done(await fleet.submit(prompt="abcdefgh", max_tokens=8, stop_token_ids=[d]))
+    assert (done["text"], done["finish_reason"]) == ("abc", "stop")
+    done = await fleet.wait_done(await fleet.submit(prompt="abcdabcd", max_tokens=8, stop_token_ids=[d],
+                                                    min_tokens=5, ignore_eos=True))
+    assert (done["text"], done["finish_reason"]) == ("abcdabc", "stop"), "held back until min_tokens; ignore_eos no"

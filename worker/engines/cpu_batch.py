@@ -129,13 +129,17 @@ class BatchedDecoder:
 
 
 def _penalized(logits: torch.Tensor, seq: Sequence) -> torch.Tensor | None:
-    """The row's logits with vLLM's penalties applied (None: no penalty asked): repetition_penalty over every
-    token of the prompt and the output (a positive logit divided by it, a negative one multiplied), presence
-    and frequency penalties over the output (a continuation's output includes what it emitted before)."""
+    """The row's logits with the request's logit_bias and vLLM's penalties applied (None: none asked):
+    repetition_penalty over every token of the prompt and the output (a positive logit divided by it, a
+    negative one multiplied), presence and frequency penalties over the output (a continuation's output
+    includes what it emitted before)."""
     params, request = seq.request.params, seq.request
-    if params.repetition_penalty == 1.0 and not params.presence_penalty and not params.frequency_penalty:
+    if (params.repetition_penalty == 1.0 and not params.presence_penalty and not params.frequency_penalty
+            and not params.logit_bias):
         return None
     logits = logits.float().clone()
+    for token, bias in params.logit_bias.items():
+        logits[int(token)] += bias
     if params.repetition_penalty != 1.0:
         seen = torch.tensor(sorted({*request.prompt_token_ids, *seq.generated}), dtype=torch.long)
         values = logits[seen]

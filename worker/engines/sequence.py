@@ -22,7 +22,8 @@ class Sequence:
     def append(self, token_id: int) -> EngineOutput:
         """Take one sampled token; the output says what to stream and whether it is over."""
         params = self.request.params
-        if token_id in self._eos and not params.ignore_eos and len(self.generated) >= params.min_tokens:
+        stops = (token_id in self._eos and not params.ignore_eos) or token_id in params.stop_token_ids
+        if stops and len(self.generated) >= params.min_tokens:
             return self._finish(FinishReason.STOP, [])
         self.generated.append(token_id)
         delta = self._text.add(token_id)

@@ -80,7 +80,8 @@ class VllmEngine(Engine):
             n=1, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, stop=p.stop or None,
             seed=p.seed, ignore_eos=p.ignore_eos, min_tokens=p.min_tokens, presence_penalty=p.presence_penalty,
             frequency_penalty=p.frequency_penalty, repetition_penalty=p.repetition_penalty, top_k=p.top_k,
-            min_p=p.min_p,
+            min_p=p.min_p, stop_token_ids=p.stop_token_ids or None,
+            logit_bias={int(token): bias for token, bias in p.logit_bias.items()} or None,
             output_kind=RequestOutputKind.DELTA,  # only the new text and tokens of each step
         )
         prompt = {"prompt_token_ids": request.prompt_token_ids}
