@@ -89,8 +89,8 @@ def _parse(body: dict[str, Any], *, chat: bool) -> tuple[GenerateRequest, bool, 
             raise Unprocessable("`prompt` must be a non-empty string (or a list of one)", param="prompt")
 
     max_tokens = int_field(body, "max_completion_tokens", minimum=1) or int_field(body, "max_tokens", minimum=1)
-    request = GenerateRequest(
-        model=model, prompt=prompt, messages=messages, max_tokens=max_tokens, **sampling_fields(body))
+    request = GenerateRequest(model=model, prompt=prompt, messages=messages, max_tokens=max_tokens,
+                              sampling=sampling_fields(body))
     return request, stream, _Usage(final=bool(options.get("include_usage")),
                                    continuous=bool(options.get("continuous_usage_stats")))
 

@@ -43,9 +43,8 @@ class Submitter:
         else:
             prompt_ids = await encoder.encode_messages(request.messages or [])
 
-        vocab = encoder.vocab_size
         for param, token in request.token_ids():
-            if token >= vocab:
+            if token >= (vocab := encoder.vocab_size):
                 raise Unprocessable(f"`{param}` names token {token}; model {card.name!r} has {vocab} (0..{vocab - 1})",
                                     param=param)
 
@@ -72,14 +71,8 @@ class Submitter:
                 f"{card.name!r} has a context of {limit} tokens (at most {room} new tokens)",
                 param="max_tokens",
             )
-        params = SamplingParams(max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
-                                stop=request.stop, seed=request.seed, ignore_eos=request.ignore_eos,
-                                min_tokens=min(request.min_tokens, max_tokens),
-                                presence_penalty=request.presence_penalty,
-                                frequency_penalty=request.frequency_penalty,
-                                repetition_penalty=request.repetition_penalty, top_k=request.top_k,
-                                min_p=request.min_p, stop_token_ids=request.stop_token_ids,
-                                logit_bias=request.logit_bias)
+        params = SamplingParams(max_tokens=max_tokens, **request.sampling)
+        params.min_tokens = min(params.min_tokens, max_tokens)
         return Job(request_id=request_id or new_request_id(), model=card.name, prompt_token_ids=prompt_ids,
                    sampling=dataclasses.asdict(params),
                    enqueued_at=time.time())

@@ -71,6 +71,7 @@ class _BatchEncoder:
 class PromptEncoder:
     def __init__(self, bundle: TokenizerBundle) -> None:
         self._tokenizer = tokenizer = Tokenizer.from_str(bundle.tokenizer_json)
+        self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
         self._prompts = _BatchEncoder(tokenizer, add_special_tokens=True)
         # A rendered chat template already holds its special tokens.
         self._rendered = _BatchEncoder(tokenizer, add_special_tokens=False)
@@ -80,10 +81,6 @@ class PromptEncoder:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
             env.globals["raise_exception"] = _raise
             self._template = env.from_string(bundle.chat_template)
-
-    @property
-    def vocab_size(self) -> int:
-        return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
     async def encode_prompt(self, prompt: str, *, add_special_tokens: bool = True) -> list[int]:
         return await (self._prompts if add_special_tokens else self._rendered).encode(prompt)

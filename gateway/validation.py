@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -9,14 +10,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.errors import BadRequest, Unprocessable
+from common.protocol import SamplingParams
 
 MAX_STOP_STRINGS = 8
 MAX_SEED = 2**63 - 1
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 _ROLES = frozenset({"system", "user", "assistant", "tool"})
-SAMPLING_FIELDS = frozenset({"temperature", "top_p", "stop", "seed", "ignore_eos", "min_tokens", "presence_penalty",
-                             "frequency_penalty", "repetition_penalty", "top_k", "min_p", "stop_token_ids",
-                             "logit_bias"})
+# The request fields that become the job's SamplingParams (max_tokens is checked against the context apart).
+SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams)) - {"max_tokens"}
 GENERATE_FIELDS = frozenset({"model", "prompt", "messages", "max_tokens"}) | SAMPLING_FIELDS
 MAX_TOP_K = 1 << 20
 MAX_STOP_TOKEN_IDS = 64
@@ -29,24 +30,13 @@ class GenerateRequest:
     prompt: str | None
     messages: list[dict[str, Any]] | None
     max_tokens: int | None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    stop_token_ids: list[int] = field(default_factory=list)
-    logit_bias: dict[str, float] = field(default_factory=dict)
+    # The checked sampling fields (sampling_fields): common.protocol.SamplingParams less max_tokens.
+    sampling: dict[str, Any] = field(default_factory=dict)
 
     def token_ids(self) -> list[tuple[str, int]]:
         """(field, token id) of every token id the request names: the gateway checks them against the model."""
-        return [*(("stop_token_ids", t) for t in self.stop_token_ids),
-                *(("logit_bias", int(t)) for t in self.logit_bias)]
+        return [*(("stop_token_ids", t) for t in self.sampling.get("stop_token_ids", ())),
+                *(("logit_bias", int(t)) for t in self.sampling.get("logit_bias", {}))]
 
 
 def parse_json_object(raw: str | bytes) -> dict[str, Any]:
@@ -91,13 +81,8 @@ def parse_generate(body: dict[str, Any], *, also_allowed: frozenset[str] = froze
     if messages is not None:
         check_messages(messages)
 
-    return GenerateRequest(
-        model=model,
-        prompt=prompt,
-        messages=messages,
-        max_tokens=int_field(body, "max_tokens", minimum=1),
-        **sampling_fields(body),
-    )
+    return GenerateRequest(model=model, prompt=prompt, messages=messages,
+                           max_tokens=int_field(body, "max_tokens", minimum=1), sampling=sampling_fields(body))
 
 
 def sampling_fields(body: dict[str, Any]) -> dict[str, Any]:

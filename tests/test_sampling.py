@@ -78,3 +78,11 @@ async def test_stop_token_ids_end_the_output_after_min_tokens(start_fleet: Start
     done = await fleet.wait_done(await fleet.submit(prompt="abcdabcd", max_tokens=8, stop_token_ids=[d],
                                                     min_tokens=5, ignore_eos=True))
     assert (done["text"], done["finish_reason"]) == ("abcdabc", "stop"), "held back until min_tokens; ignore_eos no"
+
+
+def test_every_sampling_field_is_checked_and_reaches_the_job() -> None:
+    """One list of sampling fields (SamplingParams): the gateway checks each of them, no more, no fewer."""
+    from gateway.validation import SAMPLING_FIELDS, sampling_fields
+
+    assert set(sampling_fields({})) == SAMPLING_FIELDS
+    assert SamplingParams(max_tokens=1, **sampling_fields({})) == SamplingParams(max_tokens=1)

@@ -200,6 +200,9 @@ async def test_prompts_are_tokenized_off_the_event_loop_many_per_thread_hop(
         def from_str(cls, text: str) -> RecordingTokenizer:
             return cls(real_tokenizer.from_str(text))
 
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._real, name)
+
         def encode_batch(self, texts: list[str], add_special_tokens: bool) -> Any:
             hops.append((threading.current_thread() is threading.main_thread(), len(texts)))
             time.sleep(0.05)  # a slow batch: the rest of the burst arrives meanwhile
