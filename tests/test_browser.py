@@ -275,6 +275,24 @@ async def test_the_console_lists_workers_and_shows_a_model_load_in_progress(star
                               ).count() == 0, "loaded on the chosen worker only"
 
 
+async def test_a_console_refresh_never_swallows_a_click(start_fleet: StartFleet, redis, page: Page,
+                                                        tmp_path: Path) -> None:
+    """The tables are rebuilt every 2 s: a button held down across a refresh still gets its click."""
+    fleet, admin = await admin_console(start_fleet, redis, tmp_path)
+    await page.goto(fleet.base_url + "/console")
+    await page.locator("#api-key").fill(admin)
+    await page.locator("#api-key").dispatch_event("change")
+    target = fleet.workers[0].settings.worker_id
+    button = page.locator(f"tr[data-worker='{target}'] button.load").first
+    box = await button.bounding_box()
+    assert box is not None
+    await page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    await page.mouse.down()
+    await page.wait_for_timeout(2_500)  # a refresh comes while the button is pressed
+    await page.mouse.up()
+    await expect(page.locator("#action-log")).to_contain_text(f"load {OTHER} on {target}: sent")
+
+
 async def test_the_console_shows_the_error_the_api_returned(start_fleet: StartFleet, redis, page: Page,
                                                             tmp_path: Path) -> None:
     """A key that is not an admin key may look, and is told why it may not load."""

@@ -5,6 +5,15 @@ import { api, bindKeyField, element } from "/static/common.js";
 const REFRESH_MS = 2000;
 let lastGood = 0;
 const chosenToLoad = new Map();  // worker id -> the model picked in its Load menu (kept across refreshes)
+// A refresh rebuilds the tables: one landing between a button's press and its release would swallow the
+// click (the press on the old button, the release on the new one). Renders wait while a pointer is down.
+let pointerDown = false;
+let pendingFleet = null;
+document.addEventListener("pointerdown", () => { pointerDown = true; }, true);
+document.addEventListener("pointerup", () => {
+  pointerDown = false;
+  if (pendingFleet) setTimeout(() => { if (!pointerDown && pendingFleet) { render(pendingFleet); pendingFleet = null; } });
+}, true);
 
 function bar(fraction) {
   const fill = element("span");
@@ -111,7 +120,9 @@ function render(fleet) {
 async function refresh() {
   const banner = document.getElementById("banner");
   try {
-    render(await api("/v1/fleet"));
+    const fleet = await api("/v1/fleet");
+    if (pointerDown) pendingFleet = fleet;
+    else render(fleet);
     banner.textContent = "";
     lastGood = Date.now();
   } catch (error) {
