@@ -21,8 +21,8 @@ A routed job never waits on a busy engine while another has room: any worker tha
 the shared stream empty takes entries of other engines' streams that waited `affinity_wait_ms`
 (worker/job_reader.py), and so drains the stream of an engine that died. Each routed job also wakes one
 idle worker, if there is one (`keys.idle_nudges`), to do so should it wait that long: the engine's load
-the gateway sees is up to a heartbeat old, so "busy" cannot be told at routing time. Only live engines serving
-the model are candidates (the gateway's view of heartbeats, at most a second old).
+the gateway sees is up to a heartbeat old, so "busy" cannot be told at routing time. Only live engines
+serving the model are candidates (the gateway's view of heartbeats, at most a second old).
 """
 
 from __future__ import annotations
@@ -64,15 +64,16 @@ def route_arg(model: str, prompt_token_ids: Sequence[int], block_size: int, engi
         return None
     blocks = block_hashes(prompt_token_ids[: MAX_ROUTED_BLOCKS * block_size], block_size)
     return msgpack.packb({
-        "engines": [[e.engine, keys.job_stream(model, e.engine), keys.prefix_blocks(model, e.engine), e.running,
-                     max(1, e.max_seqs)] for e in engines],
+        "engines": [[keys.entry_ref(keys.job_stream(model, e.engine), ""), keys.job_stream(model, e.engine),
+                     keys.prefix_blocks(model, e.engine), e.running, max(1, e.max_seqs)] for e in engines],
         "blocks": [str(b) for b in blocks], "block_size": block_size, "fresh_after": time.time() - policy.fresh_s,
         "load_weight": policy.load_weight, "queue_batches": policy.queue_batches, "group": keys.CONSUMER_GROUP,
         "prompt_tokens": len(prompt_token_ids)})
 
 
-# route(packed): the chosen engine's row {engine, stream, prefix key, running, max_seqs}, or nil for the
-# shared stream. Runs inside the enqueue script (needs no keys of its own: all share the model's tag).
+# route(packed): the chosen engine's row {its entries' ref suffix (keys.entry_ref), stream, prefix key,
+# running, max_seqs}, or nil for the shared stream. Runs inside the enqueue script (needs no keys of its own:
+# all share the model's tag).
 ROUTE_LUA = """
 local function route(packed)
   local r = cmsgpack.unpack(packed)

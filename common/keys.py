@@ -35,7 +35,7 @@ def engine_of_job_stream(stream: str) -> str | None:
 
 
 def engine_streams(model: str) -> str:
-    """Set of the engines that have their own stream of `model` (created by the first job routed there
+    """Set of the model's engine streams (job_stream(model, engine); created by the first job routed there
     or by the engine's reader; removed by housekeeping once the engine is dead and its stream empty)."""
     return f"jobs:{{{model}}}:engines"
 
@@ -75,8 +75,8 @@ def prefix_blocks(model: str, engine: str) -> str:
 
 
 def skipped_jobs(model: str) -> str:
-    """Set of entries (entry_ref) in the model's streams that no worker needs to run (cancelled while queued, expired):
-    they stay in the stream until a worker reads and acks them, because deleting an entry no one has
+    """Set of entries (entry_ref) in the model's streams that no worker needs to run (cancelled while
+    queued, expired): they stay in the stream until a worker reads and acks them, because deleting an entry no one has
     read leaves the group's lag (what KEDA scales on) undefined. Admission counts XLEN minus these."""
     return f"jobs:{{{model}}}:skip"
 

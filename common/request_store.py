@@ -51,7 +51,7 @@ if outstanding >= tonumber(ARGV[1]) then return false end
 local stream, ref_suffix = KEYS[1], ''
 if ARGV[11] ~= '' then
   local engine = route(ARGV[11])
-  if engine then stream, ref_suffix = engine[2], '@' .. engine[1] end
+  if engine then stream, ref_suffix = engine[2], engine[1] end
 end
 if stream ~= KEYS[1] and redis.call('EXISTS', stream) == 0 then
   redis.call('XGROUP', 'CREATE', stream, ARGV[12], '0', 'MKSTREAM')

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from common.errors import Unprocessable
 from gateway.context import Gateway
-from gateway.validation import check_messages, model_field, parse_json_object, reject_unknown, strict_bool
+from gateway.validation import model_field, parse_json_object, prompt_or_messages, reject_unknown, strict_bool
 
 _TOKENIZE_FIELDS = frozenset({"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt",
                               "return_token_strs"})
@@ -27,15 +27,10 @@ async def tokenize(request: web.Request) -> web.Response:
     reject_unknown(body, _TOKENIZE_FIELDS)
     card = await gateway.registry.resolve(model_field(body))
     encoder = await gateway.registry.encoder(card)
-    prompt, messages = body.get("prompt"), body.get("messages")
-    if (prompt is None) == (messages is None):
-        raise Unprocessable("send exactly one of `prompt` or `messages`", param="prompt")
+    prompt, messages = prompt_or_messages(body)
     if prompt is not None:
-        if not isinstance(prompt, str):
-            raise Unprocessable("`prompt` must be a string", param="prompt")
         tokens = await encoder.encode_prompt(prompt, add_special_tokens=strict_bool(body, "add_special_tokens", True))
     else:
-        check_messages(messages)
         tokens = await encoder.encode_messages(
             messages, add_generation_prompt=strict_bool(body, "add_generation_prompt", True),
             add_special_tokens=strict_bool(body, "add_special_tokens", False))

@@ -73,16 +73,24 @@ def parse_generate(body: dict[str, Any], *, also_allowed: frozenset[str] = froze
     reject_unknown(body, GENERATE_FIELDS | also_allowed)
     model = model_field(body)
 
-    prompt, messages = body.get("prompt"), body.get("messages")
-    if (prompt is None) == (messages is None):
-        raise Unprocessable("send exactly one of `prompt` or `messages`", param="prompt")
-    if prompt is not None and (not isinstance(prompt, str) or not prompt):
+    prompt, messages = prompt_or_messages(body)
+    if prompt is not None and not prompt:
         raise Unprocessable("`prompt` must be a non-empty string", param="prompt")
-    if messages is not None:
-        check_messages(messages)
 
     return GenerateRequest(model=model, prompt=prompt, messages=messages,
                            max_tokens=int_field(body, "max_tokens", minimum=1), sampling=sampling_fields(body))
+
+
+def prompt_or_messages(body: dict[str, Any]) -> tuple[str | None, list[dict[str, Any]] | None]:
+    """Exactly one of a string `prompt` or chat `messages`, checked."""
+    prompt, messages = body.get("prompt"), body.get("messages")
+    if (prompt is None) == (messages is None):
+        raise Unprocessable("send exactly one of `prompt` or `messages`", param="prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise Unprocessable("`prompt` must be a string", param="prompt")
+    if messages is not None:
+        check_messages(messages)
+    return prompt, messages
 
 
 def sampling_fields(body: dict[str, Any]) -> dict[str, Any]:

@@ -43,7 +43,7 @@ from worker.control_plane import run_control_plane
 from worker.engines.base import Engine, EngineOutput
 from worker.frontends import FrontendProcess
 from worker.gpu_stats import GpuProbe
-from worker.job_reader import JobReader, Taken
+from worker.job_reader import JobReader, Taken, ensure_groups
 from worker.kv_budget import KvBudget
 from worker.loader import ModelLoader, frontend_share
 from worker.metrics import WorkerMetrics
@@ -193,10 +193,9 @@ class Worker:
             with contextlib.suppress(*REDIS_UNAVAILABLE):
                 for taken in await self._parse(await reader.unread_own(_RELEASE_COUNT)):
                     self._hold(taken)
-        for stream in [s for s in self._held if keys.model_of_job_stream(s) == name]:
-            for entry_id, job in list(self._held[stream].items()):  # read, never started (no KV room)
-                with contextlib.suppress(*REDIS_UNAVAILABLE):
-                    await self._hand_back(Taken(stream, entry_id, job))
+        for taken in self._held_of(name):  # read, never started (no KV room)
+            with contextlib.suppress(*REDIS_UNAVAILABLE):
+                await self._hand_back(taken)
 
     # -- models: load at start or on a control job, unload on a control job ------------------
     def _start_model(self, name: str) -> None:
@@ -349,6 +348,11 @@ class Worker:
     def _hold(self, taken: Taken) -> None:
         self._held.setdefault(taken.stream, {})[taken.entry_id] = taken.job
 
+    def _held_of(self, model: str) -> list[Taken]:
+        """Every entry of the model's streams this worker holds, as a list (handing back changes `_held`)."""
+        return [Taken(stream, entry_id, job) for stream, held in self._held.items()
+                if keys.model_of_job_stream(stream) == model for entry_id, job in held.items()]
+
     async def _parse(self, entries: list[tuple[str, bytes, dict[bytes, bytes]]]) -> list[Taken]:
         """The entries' jobs; an entry that is not a job (written by something else, corrupted) is
         logged and removed rather than crashing the reader over and over."""
@@ -366,12 +370,10 @@ class Worker:
         """Entries held but not running: read or claimed by an earlier run of this model's reader that
         crashed before starting them. Re-queued, so they run (here or elsewhere) rather than sit in
         this live worker's pending list, where no reclaimer would ever look."""
-        for stream in [s for s in self._held if keys.model_of_job_stream(s) == model]:
-            for entry_id, job in list(self._held[stream].items()):
-                if job.request_id not in self._running:
-                    budget.release(job.request_id)
-                    taken = Taken(stream, entry_id, job)
-                    await self._retrying(lambda taken=taken: self._hand_back(taken))
+        for taken in self._held_of(model):
+            if taken.job.request_id not in self._running:
+                budget.release(taken.job.request_id)
+                await self._retrying(lambda taken=taken: self._hand_back(taken))
 
     @contextlib.contextmanager
     def _redis_call(self, model: str) -> Iterator[None]:
@@ -389,8 +391,7 @@ class Worker:
             pipe.hset(keys.MODELS, engine.card.name, engine.card.pack())
             pipe.set(keys.tokenizer(engine.card.name), engine.tokenizer.pack())
             await pipe.execute()
-        await JobReader(self.redis, self.worker_id, self.engine_id, engine.card.name, wait_ms=0,
-                        block_ms=0).ensure_groups()
+        await ensure_groups(self.redis, engine.card.name, keys.job_stream(engine.card.name, self.engine_id))
 
     async def _start_jobs(self, engine: Engine, budget: KvBudget, jobs: list[Taken]) -> None:
         """Admit jobs in the order taken against the KV budget; start each admitted run in one round trip."""

@@ -48,24 +48,22 @@ async def sweep(redis: Redis, *, dead_consumer_idle_ms: int = _DEAD_CONSUMER_IDL
     for model, streams in (await fleet_state.model_streams(redis, models)).items():
         stranded = 0
         for stream in streams:
-            try:
-                consumers = await redis.xinfo_consumers(stream, keys.CONSUMER_GROUP)
-            except ResponseError:  # no stream or group yet
-                continue
-            for consumer in consumers:
-                name = as_text(consumer["name"])
-                if name in live:
-                    continue
-                if int(consumer["pending"]):
+            for name, pending, idle_ms in await _dead_consumers(redis, stream, live):
+                if pending:
                     if model not in served:
-                        stranded += int(consumer["pending"])
-                elif int(consumer["idle"]) >= dead_consumer_idle_ms:
+                        stranded += pending
+                elif idle_ms >= dead_consumer_idle_ms:
                     await redis.xgroup_delconsumer(stream, keys.CONSUMER_GROUP, name)
                     removed += 1
             engine = keys.engine_of_job_stream(stream)
             if engine is not None and engine not in live_engines:
                 streams_removed += await _drop_engine_stream(redis, model, stream, engine)
-        removed += await _drop_dead_consumers(redis, keys.idle_nudges(model), live, dead_consumer_idle_ms)
+        # Of the nudges stream, dead workers' consumers go whatever they hold: a nudge is a wake-up, not a job.
+        nudges = keys.idle_nudges(model)
+        for name, _, idle_ms in await _dead_consumers(redis, nudges, live):
+            if idle_ms >= dead_consumer_idle_ms:
+                await redis.xgroup_delconsumer(nudges, keys.CONSUMER_GROUP, name)
+                removed += 1
         if stranded:
             log.warning("%d job(s) of %s are held by dead workers and no live worker serves the model: "
                         "they wait until one loads it", stranded, model)
@@ -74,16 +72,14 @@ async def sweep(redis: Redis, *, dead_consumer_idle_ms: int = _DEAD_CONSUMER_IDL
             "engine_streams_removed": streams_removed}
 
 
-async def _drop_dead_consumers(redis: Redis, stream: str, live: set[str], idle_ms: int) -> int:
-    """Dead workers' consumers of the nudges stream, whatever they hold: a nudge is a wake-up, not a job."""
+async def _dead_consumers(redis: Redis, stream: str, live: set[str]) -> list[tuple[str, int, int]]:
+    """(name, entries pending, ms idle) of the stream group's consumers that are not live workers."""
     try:
         consumers = await redis.xinfo_consumers(stream, keys.CONSUMER_GROUP)
-    except ResponseError:
-        return 0
-    dead = [as_text(c["name"]) for c in consumers if as_text(c["name"]) not in live and int(c["idle"]) >= idle_ms]
-    for name in dead:
-        await redis.xgroup_delconsumer(stream, keys.CONSUMER_GROUP, name)
-    return len(dead)
+    except ResponseError:  # no stream or group yet
+        return []
+    return [(as_text(c["name"]), int(c["pending"]), int(c["idle"])) for c in consumers
+            if as_text(c["name"]) not in live]
 
 
 # KEYS: the stream, the model's engine-streams set, the engine's prefix record, the waiting engine streams.

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from common import keys
+from common import fleet_state, keys
 from common.protocol import Job
 from common.redis_conn import as_text
 
@@ -126,22 +126,16 @@ class JobReader:
             taken, due = await self._take(keys=[self.own_stream, self.shared_stream, self._engine_streams,
                                                 self._waiting],
                                           args=[keys.CONSUMER_GROUP, self._worker_id, count, self._wait_ms])
-        except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            await self.ensure_groups()
-            return []
-        if taken:
-            return [(as_text(stream), entry_id, _fields(flat)) for stream, entry_id, flat in taken]
-        block_ms = self._block_ms if due < 0 else max(1, min(self._block_ms, int(due)))
-        try:
+            if taken:
+                return [(as_text(stream), entry_id, _fields(flat)) for stream, entry_id, flat in taken]
+            block_ms = self._block_ms if due < 0 else max(1, min(self._block_ms, int(due)))
             streams = {self.own_stream: ">", self.shared_stream: ">", self._nudges: ">"}
             reply = await self._redis.xreadgroup(keys.CONSUMER_GROUP, self._worker_id, streams, count=count,
                                                  block=block_ms)
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
-            await self.ensure_groups()
+            await ensure_groups(self._redis, self.model, self.own_stream)
             return []
         entries = [(as_text(stream), entry_id, fields) for stream, rows in reply or [] for entry_id, fields in rows]
         nudges = [entry_id for stream, entry_id, _ in entries if stream == self._nudges]
@@ -156,7 +150,7 @@ class JobReader:
 
     async def streams(self) -> list[str]:
         """Every stream of the model: the shared one and each engine's own."""
-        return [self.shared_stream, *sorted(as_text(s) for s in await self._redis.smembers(self._engine_streams))]
+        return (await fleet_state.model_streams(self._redis, [self.model]))[self.model]
 
     async def unread_own(self, count: int) -> list[tuple[str, bytes, dict[bytes, bytes]]]:
         """Take every unread entry of the own stream (up to `count`): to hand them back when this engine
@@ -165,16 +159,18 @@ class JobReader:
                                              count=count)
         return [(self.own_stream, entry_id, fields) for _, entries in reply or [] for entry_id, fields in entries]
 
-    async def ensure_groups(self) -> None:
-        """The consumer group on the shared and the own stream, from id 0: jobs enqueued before any worker
-        existed are served too; and on the nudges."""
-        for stream in (self.shared_stream, self.own_stream, self._nudges):
-            try:
-                await self._redis.xgroup_create(stream, keys.CONSUMER_GROUP, id="0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
-        await self._redis.sadd(self._engine_streams, self.own_stream)
+
+
+async def ensure_groups(redis: Redis, model: str, own_stream: str) -> None:
+    """The consumer group on the model's shared stream, an engine's own stream and the nudges, from id 0:
+    jobs enqueued before any worker existed are served too."""
+    for stream in (keys.job_stream(model), own_stream, keys.idle_nudges(model)):
+        try:
+            await redis.xgroup_create(stream, keys.CONSUMER_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+    await redis.sadd(keys.engine_streams(model), own_stream)
 
 
 def _fields(flat: list[bytes]) -> dict[bytes, bytes]:
