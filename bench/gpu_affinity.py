@@ -30,6 +30,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.vllm_vs_fleet import BENCH_CLIENT, FLEET_CLI, log, server
 from common.embedded_redis import EmbeddedValkey
@@ -65,23 +67,56 @@ def fleet(args: argparse.Namespace, redis_url: str, label: str, gpus: str, worke
 
 
 def bench(args: argparse.Namespace, base_url: str, label: str, dataset: list[str], concurrency: int,
-          prompts: int, seed: int) -> dict:
-    """One `vllm bench serve` run against base_url; its result as a row."""
-    result = args.out / f"{label}.result.json"
-    argv = ["--backend", "openai", "--base-url", base_url, "--endpoint", "/v1/completions", "--model", args.model,
-            "--tokenizer", args.tokenizer, *dataset, "--num-prompts", str(prompts), "--max-concurrency",
-            str(concurrency), "--ignore-eos", "--seed", str(seed), "--percentile-metrics", "ttft,tpot,itl,e2el",
-            "--metric-percentiles", "50,99", "--save-result", "--result-dir", str(args.out),
-            "--result-filename", result.name]
-    runs = args.out / f"{label}.runs.json"
-    runs.write_text(json.dumps([argv]))
-    subprocess.run([*BENCH_CLIENT, str(runs)], check=True, stdout=subprocess.DEVNULL)
-    data = json.loads(result.read_text())
-    row = {"label": label, "concurrency": concurrency, "prompts": prompts,
-           **{k: data.get(k) for k, _, _ in METRICS}, "completed": data.get("completed"),
-           "failed": data.get("failed", 0)}
+          prompts: int, seed: int, clients: int = 1) -> dict:
+    """`vllm bench serve` against base_url from `clients` client processes that split the concurrency
+    and the prompts and start their timed parts at one instant; their per-request records merged into
+    one row (vLLM's own metric definitions)."""
+    processes = []
+    start_at = time.time() + 60  # after every client has loaded its tokenizer and sampled its prompts
+    for index in range(clients):
+        name = f"{label}.{index}" if clients > 1 else label
+        result = args.out / f"{name}.result.json"
+        argv = ["--backend", "openai", "--base-url", base_url, "--endpoint", "/v1/completions",
+                "--model", args.model, "--tokenizer", args.tokenizer, *dataset,
+                "--num-prompts", str(prompts // clients), "--max-concurrency", str(concurrency // clients),
+                "--ignore-eos", "--seed", str(seed * 100 + index), "--save-result", "--save-detailed",
+                "--result-dir", str(args.out), "--result-filename", result.name]
+        runs = args.out / f"{name}.runs.json"
+        runs.write_text(json.dumps([argv]))
+        env = {**os.environ, "BENCH_START_AT": str(start_at)} if clients > 1 else os.environ
+        processes.append((subprocess.Popen([*BENCH_CLIENT, str(runs)], stdout=subprocess.DEVNULL, env=env), result))
+    for process, _ in processes:
+        if process.wait():
+            raise RuntimeError(f"{label}: a benchmark client exited {process.returncode}")
+    row = {"label": label, "concurrency": concurrency, "prompts": prompts, "clients": clients,
+           **merged([json.loads(result.read_text()) for _, result in processes])}
+    for _, result in processes:  # the per-request lists are large; the row keeps what they add up to
+        result.write_text(json.dumps({k: v for k, v in json.loads(result.read_text()).items()
+                                      if k not in ("input_lens", "output_lens", "ttfts", "itls", "start_times",
+                                                   "generated_texts", "errors")}))
     log(f"{label}: " + ", ".join(f"{name} {row[k]:.{d}f}" for k, name, d in METRICS if row[k] is not None))
     return row
+
+
+def merged(results: list[dict]) -> dict:
+    """Several clients' detailed results as one run: tokens over the longest duration (their timed parts
+    started together), percentiles over every request, each metric as `vllm bench serve` defines it."""
+    done = [(ttft, itl, n) for result in results
+            for ttft, itl, n, error in zip(result["ttfts"], result["itls"], result["output_lens"], result["errors"],
+                                           strict=True) if not error]
+    duration = max(result["duration"] for result in results)
+    ttfts = [ttft * 1000 for ttft, _, _ in done]
+    tpots = [sum(itl) * 1000 / (n - 1) for _, itl, n in done if n > 1]
+    itls = [gap * 1000 for _, itl, _ in done for gap in itl]
+    return {"output_throughput": sum(n for _, _, n in done) / duration, "request_throughput": len(done) / duration,
+            "median_ttft_ms": percentile(ttfts, 50), "p99_ttft_ms": percentile(ttfts, 99),
+            "median_tpot_ms": percentile(tpots, 50), "median_itl_ms": percentile(itls, 50),
+            "p99_itl_ms": percentile(itls, 99), "completed": len(done),
+            "failed": sum(result["failed"] for result in results), "duration_s": duration}
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return float(numpy.percentile(values, q)) if values else None
 
 
 def scrape(urls: list[str]) -> dict[str, float]:
@@ -157,14 +192,16 @@ def scale(args: argparse.Namespace, redis_url: str) -> list[dict]:
         gpus = ",".join(str(i) for i in range(workers))
         label = f"{workers}-gpu-gw{args.gateways}"
         with fleet(args, redis_url, f"scale-{label}", gpus, workers, random_entry(args), gateways=args.gateways) as url:
-            rows.append(bench(args, url, f"random-{label}", random_dataset(args), args.random_concurrency,
-                              args.random_prompts, 0))
+            for clients in args.clients:
+                rows.append(bench(args, url, f"random-{label}-clients{clients}", random_dataset(args),
+                                  args.random_concurrency, args.random_prompts, 0, clients))
     return rows
 
 
 def tensor_parallel(args: argparse.Namespace, redis_url: str) -> list[dict]:
     with fleet(args, redis_url, "tp2", "0,1", 1, random_entry(args, tensor_parallel=2), gateways=args.gateways) as url:
-        return [bench(args, url, "random-tp2", random_dataset(args), args.random_concurrency, args.random_prompts, 0)]
+        return [bench(args, url, "random-tp2", random_dataset(args), args.random_concurrency, args.random_prompts, 0,
+                      args.clients[0])]
 
 
 def table(rows: list[dict]) -> str:
@@ -203,6 +240,9 @@ def main() -> None:
     parser.add_argument("--gpu-counts", type=lambda text: [int(n) for n in text.split(",")], default=[2, 1],
                         help="scale: the fleets to measure, by GPUs (one worker each)")
     parser.add_argument("--gateways", type=int, default=2)
+    parser.add_argument("--clients", type=lambda text: [int(n) for n in text.split(",")], default=[1],
+                        help="scale: benchmark client processes sharing the concurrency and the prompts, "
+                             "one run per count (tp: the first)")
     args = parser.parse_args()
     args.out = Path(args.out)
     args.out.mkdir(parents=True, exist_ok=True)
