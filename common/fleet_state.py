@@ -68,26 +68,27 @@ async def model_names(redis: Redis) -> list[str]:
 
 
 async def model_streams(redis: Redis, models: list[str]) -> dict[str, list[str]]:
-    """Per model, every stream of it: the shared one, then each engine's own (prefix affinity)."""
+    """Per model, every stream of it: the shared one, the batch one, then each engine's own (prefix affinity)."""
     async with redis.pipeline(transaction=False) as pipe:
         for name in models:
             pipe.smembers(keys.engine_streams(name))
         members = await pipe.execute()
-    return {name: [keys.job_stream(name), *sorted(as_text(s) for s in engines)]
+    return {name: [keys.job_stream(name), keys.batch_stream(name), *sorted(as_text(s) for s in engines)]
             for name, engines in zip(models, members, strict=True)}
 
 
 async def queues(redis: Redis) -> dict[str, dict[str, Any]]:
-    """Per registered model, over all its streams (the shared one and each engine's own): outstanding jobs
-    (XLEN less the skipped: cancelled or expired while queued), of which held by workers (pending) and
-    waiting (unread), how many of those wait in engines' own streams, the age of the oldest unread entry,
-    dead letters, and `lag` (XINFO GROUPS; skipped entries count until a worker reads them; KEDA reads
-    the shared stream's)."""
+    """Per registered model, over all its streams (the shared one, the batch one and each engine's own):
+    outstanding jobs (XLEN less the skipped: cancelled or expired while queued), of which held by workers
+    (pending) and waiting (unread), how many of those wait in engines' own streams, the batch class's
+    share (`batch_outstanding`, `batch_waiting`), the age of the oldest unread entry, dead letters, and
+    `lag` (XINFO GROUPS; skipped entries count until a worker reads them)."""
     streams = await model_streams(redis, await model_names(redis))
     async with redis.pipeline(transaction=False) as pipe:
         for name, stream_names in streams.items():
             pipe.xlen(keys.dead_letters(name))
             pipe.scard(keys.skipped_jobs(name))
+            pipe.scard(keys.skipped_jobs(name, batch=True))
             for stream in stream_names:
                 pipe.xlen(stream)
                 pipe.xpending(stream, keys.CONSUMER_GROUP)
@@ -96,14 +97,16 @@ async def queues(redis: Redis) -> dict[str, dict[str, Any]]:
     result = {}
     now_ms = time.time() * 1000
     for name, stream_names in streams.items():
-        dead, skipped = next(replies), next(replies)
-        length = held = lag = engine_waiting = 0
+        dead, skipped, batch_skipped = next(replies), next(replies), next(replies)
+        length = held = lag = engine_waiting = batch_length = batch_held = 0
         lag_known, oldest_ms = False, None
         for stream in stream_names:
             stream_length, pending, groups = next(replies), next(replies), next(replies)
             stream_held = 0 if isinstance(pending, ResponseError) else int(pending["pending"])
             length, held = length + int(stream_length), held + stream_held
-            if stream != keys.job_stream(name):
+            if keys.is_batch_stream(stream):
+                batch_length, batch_held = int(stream_length), stream_held
+            elif stream != keys.job_stream(name):
                 engine_waiting += max(0, int(stream_length) - stream_held)
             group = None if isinstance(groups, ResponseError) else _workers_group(groups)
             if group is not None and group.get("lag") is not None:
@@ -113,9 +116,12 @@ async def queues(redis: Redis) -> dict[str, dict[str, Any]]:
                 if oldest:  # stream ids are millisecond times
                     added_ms = int(as_text(oldest[0][0]).split("-")[0])
                     oldest_ms = added_ms if oldest_ms is None else min(oldest_ms, added_ms)
-        outstanding = max(0, length - int(skipped))
+        outstanding = max(0, length - int(skipped) - int(batch_skipped))
+        batch_outstanding = max(0, batch_length - int(batch_skipped))
         result[name] = {"outstanding": outstanding, "held_by_workers": held,
                         "waiting": max(0, outstanding - held), "waiting_in_engine_streams": engine_waiting,
+                        "batch_outstanding": batch_outstanding,
+                        "batch_waiting": max(0, batch_outstanding - batch_held),
                         "dead_letters": int(dead), "lag": lag if lag_known else None,
                         "oldest_waiting_s": 0.0 if oldest_ms is None else round(max(0.0, now_ms - oldest_ms) / 1000, 3)}
     return result

@@ -25,6 +25,16 @@ def job_stream(model: str, engine: str | None = None) -> str:
     return f"jobs:{{{model}}}" if engine is None else f"jobs:{{{model}}}:at:{engine}"
 
 
+def batch_stream(model: str) -> str:
+    """The model's stream of batch-class jobs (common/protocol.py Priority): read by any worker serving the
+    model after every interactive stream, with slots interactive work does not use (worker/consumer.py)."""
+    return f"jobs:{{{model}}}:batch"
+
+
+def is_batch_stream(stream: str) -> bool:
+    return stream.endswith("}:batch")
+
+
 def model_of_job_stream(stream: str) -> str:
     return stream[len("jobs:{") : stream.index("}")]
 
@@ -54,16 +64,24 @@ def idle_nudges(model: str) -> str:
     return f"jobs:{{{model}}}:nudges"
 
 
+BATCH_REF_SUFFIX = "#batch"
+
+
 def entry_ref(stream: str, entry_id: bytes | str) -> str:
-    """How a request (`req:{id}` field `entry`) and the skip set name a stream entry: the id for the
-    shared stream, `<id>@<engine>` for an engine's own stream (ids are only unique within a stream)."""
+    """How a request (`req:{id}` field `entry`) and the skip sets name a stream entry: the id for the
+    shared stream, `<id>@<engine>` for an engine's own stream, `<id>#batch` for the batch stream (ids are
+    only unique within a stream)."""
     entry = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    if is_batch_stream(stream):
+        return entry + BATCH_REF_SUFFIX
     engine = engine_of_job_stream(stream)
     return entry if engine is None else f"{entry}@{engine}"
 
 
 def stream_of_ref(model: str, ref: str) -> tuple[str, str]:
     """(stream, entry id) of an entry_ref."""
+    if ref.endswith(BATCH_REF_SUFFIX):
+        return batch_stream(model), ref[: -len(BATCH_REF_SUFFIX)]
     entry, _, engine = ref.partition("@")
     return job_stream(model, engine or None), entry
 
@@ -74,11 +92,17 @@ def prefix_blocks(model: str, engine: str) -> str:
     return f"prefix:{{{model}}}:{engine}"
 
 
-def skipped_jobs(model: str) -> str:
-    """Set of entries (entry_ref) in the model's streams that no worker needs to run (cancelled while
-    queued, expired): they stay in the stream until a worker reads and acks them, because deleting an entry no one has
-    read leaves the group's lag (what KEDA scales on) undefined. Admission counts XLEN minus these."""
-    return f"jobs:{{{model}}}:skip"
+def skipped_jobs(model: str, *, batch: bool = False) -> str:
+    """Set of entries (entry_ref) in the model's interactive streams (`batch`: in its batch stream) that no
+    worker needs to run (cancelled while queued, expired): they stay in the stream until a worker reads and
+    acks them, because deleting an entry no one has read leaves the group's lag (what KEDA scales on)
+    undefined. Admission counts XLEN minus these, per class."""
+    return f"jobs:{{{model}}}:batch:skip" if batch else f"jobs:{{{model}}}:skip"
+
+
+def skip_set_of(stream: str) -> str:
+    """The skip set that names entries of this job stream."""
+    return skipped_jobs(model_of_job_stream(stream), batch=is_batch_stream(stream))
 
 
 def dead_letters(model: str) -> str:

@@ -25,6 +25,15 @@ class RequestStatus(StrEnum):
 TERMINAL_STATUSES = frozenset({RequestStatus.COMPLETED, RequestStatus.FAILED, RequestStatus.CANCELLED})
 
 
+class Priority(StrEnum):
+    """A request's class. Workers take interactive work first; batch work runs in the slots left and
+    yields them when interactive work waits (worker/consumer.py). Each class has its own stream and its
+    own admission cap, so a batch backlog never refuses an interactive request."""
+
+    INTERACTIVE = "interactive"
+    BATCH = "batch"
+
+
 class FinishReason(StrEnum):
     STOP = "stop"  # end-of-sequence token or a stop string
     LENGTH = "length"  # max_tokens or the model's context
@@ -90,6 +99,11 @@ class Job(Packed):
     prompt_token_ids: list[int]
     sampling: dict[str, Any]  # SamplingParams as a dict, so the job stays one flat msgpack map
     enqueued_at: float
+    priority: str = Priority.INTERACTIVE
+
+    @property
+    def is_batch(self) -> bool:
+        return self.priority == Priority.BATCH
 
     @property
     def params(self) -> SamplingParams:
@@ -170,6 +184,7 @@ class WorkerModelStatus:
     kv_capacity_tokens: int = 0
     kv_used_tokens: int = 0
     running: int = 0
+    running_batch: int = 0  # of `running`, batch-class jobs
     max_num_seqs: int = 0
     # What the engine itself reports (None where it does not say): vLLM's scheduler counts.
     engine_running: int | None = None

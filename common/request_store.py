@@ -37,16 +37,19 @@ from common.protocol import Chunk, FinishReason, Job, RequestStatus
 from common.redis_conn import REDIS_UNAVAILABLE, NotReplicatedError, as_text
 from common.replication import Replication
 
-# KEYS: the shared stream, req:{id}, the skip set, the engine-streams set, the waiting engine streams, the
-# idle nudges[, the idempotency key]. Admission counts every stream of the model; the job goes to the
-# stream `route` picks (ARGV[11]).
+# KEYS: the class's stream (the shared one, or the batch one), req:{id}, the class's skip set, the
+# engine-streams set, the waiting engine streams, the idle nudges[, the idempotency key]. Admission counts
+# every stream of the class (an interactive job: the shared one and each engine's own); an interactive job
+# goes to the stream `route` picks (ARGV[11]).
 _ENQUEUE = ROUTE_LUA + """
 if KEYS[7] then
   local seen = redis.call('GET', KEYS[7])
   if seen then return {'replay', seen} end
 end
 local outstanding = redis.call('XLEN', KEYS[1]) - redis.call('SCARD', KEYS[3])
-for _, stream in ipairs(redis.call('SMEMBERS', KEYS[4])) do outstanding = outstanding + redis.call('XLEN', stream) end
+if ARGV[13] ~= 'batch' then
+  for _, stream in ipairs(redis.call('SMEMBERS', KEYS[4])) do outstanding = outstanding + redis.call('XLEN', stream) end
+end
 if outstanding >= tonumber(ARGV[1]) then return false end
 local stream, ref_suffix = KEYS[1], ''
 if ARGV[11] ~= '' then
@@ -62,10 +65,10 @@ if stream ~= KEYS[1] then  -- NX: a stream already waiting keeps the time of its
   redis.call('ZADD', KEYS[5], 'NX', tonumber(string.match(entry, '^%d+')), stream)
   redis.call('XADD', KEYS[6], 'MAXLEN', '~', 64, '*', 'stream', stream)
 end
-local ref = entry .. ref_suffix
+local ref = entry .. ref_suffix .. ARGV[14]
 redis.call('HSET', KEYS[2], 'status', 'queued', 'model', ARGV[3], 'entry', ref, 'seq', 0,
   'created_at', ARGV[4], 'prompt_tokens', ARGV[5], 'completion_tokens', 0, 'max_tokens', ARGV[6],
-  'owner', ARGV[8])
+  'owner', ARGV[8], 'priority', ARGV[13])
 redis.call('EXPIRE', KEYS[2], ARGV[7])
 if KEYS[7] then
   redis.call('SET', KEYS[7], ARGV[9] .. ' ' .. ARGV[10], 'EX', ARGV[7])
@@ -100,8 +103,10 @@ if not status then return false end
 if status ~= 'queued' and status ~= 'running' then return status end
 if status == 'queued' then
   -- Never run. Its entry stays in the stream (a worker that reads it skips and acks it): deleting an
-  -- unread entry would leave the group's lag undefined. Admission does not count it.
-  redis.call('SADD', KEYS[3], redis.call('HGET', KEYS[1], 'entry'))
+  -- unread entry would leave the group's lag undefined. Admission does not count it. KEYS[3] and KEYS[4]:
+  -- the interactive and the batch skip sets.
+  local ref = redis.call('HGET', KEYS[1], 'entry')
+  redis.call('SADD', string.sub(ref, -#ARGV[6]) == ARGV[6] and KEYS[4] or KEYS[3], ref)
 end
 end_request('cancelled', 'cancelled', nil, ARGV[2], ARGV[1], ARGV[3])
 redis.call('PUBLISH', ARGV[4], ARGV[5])
@@ -165,8 +170,9 @@ return 1
 """
 
 
-# KEYS: req:{id}, the stream the entry is in, the skip set, the shared stream. ARGV[5]: the entry's ref.
-# The job goes back to the shared stream: whichever worker has room continues it.
+# KEYS: req:{id}, the stream the entry is in, its skip set, the class's stream (the shared one or the batch
+# one). ARGV[5]: the entry's ref; ARGV[6]: the ref suffix of the class's stream. The job goes back to the
+# class's stream: whichever worker has room continues it.
 _HAND_BACK = """
 local function remove_entry()
   redis.call('XACK', KEYS[2], ARGV[4], ARGV[3])
@@ -186,7 +192,7 @@ if status == 'queued' and redis.call('HGET', KEYS[1], 'entry') ~= ARGV[5] then
 end
 local entry = redis.call('XADD', KEYS[4], '*', 'job', ARGV[2])
 remove_entry()
-redis.call('HSET', KEYS[1], 'status', 'queued', 'entry', entry, 'worker', '', 'strikes', 0)
+redis.call('HSET', KEYS[1], 'status', 'queued', 'entry', entry .. ARGV[6], 'worker', '', 'strikes', 0)
 return 'requeued'
 """
 
@@ -201,6 +207,11 @@ if status ~= 'queued' and status ~= 'running' then return 0 end
 end_request('failed', 'error', ARGV[3], ARGV[4], ARGV[5], ARGV[8])
 return 1
 """
+
+
+def class_stream(job: Job) -> str:
+    """Where a job of its class waits unrouted: the shared stream, or the batch stream."""
+    return keys.batch_stream(job.model) if job.is_batch else keys.job_stream(job.model)
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,14 +259,15 @@ class RequestStore:
         common/affinity.py, chose one); None when the model's streams are at their cap.
         `owner`: the digest of the API key that created it ("" without API keys). With `idempotency`, a
         key seen before gets the earlier request instead (a Replay), admitted or not."""
-        call = ScriptCall(_ENQUEUE, [keys.job_stream(job.model), keys.request(job.request_id),
-                                     keys.skipped_jobs(job.model), keys.engine_streams(job.model),
+        stream = class_stream(job)
+        call = ScriptCall(_ENQUEUE, [stream, keys.request(job.request_id),
+                                     keys.skip_set_of(stream), keys.engine_streams(job.model),
                                      keys.waiting_engine_streams(job.model), keys.idle_nudges(job.model),
                                      *([idempotency.key] if idempotency else [])],
                           [max_outstanding, job.pack(), job.model, job.enqueued_at, len(job.prompt_token_ids),
                            job.sampling["max_tokens"], ttl_s, owner,
                            *([idempotency.fingerprint, job.request_id] if idempotency else ["", ""]),
-                           route or "", keys.CONSUMER_GROUP])
+                           route or "", keys.CONSUMER_GROUP, job.priority, keys.entry_ref(stream, "")])
         try:
             [reply] = await self.run_scripts([call])
         except NotReplicatedError:
@@ -275,8 +287,10 @@ class RequestStore:
     async def cancel(self, request_id: str, model: str, *, result_ttl_s: int) -> str | None:
         """Cancel a queued or running request. Returns the status it ends in, None if unknown."""
         [status] = await self.run_scripts([ScriptCall(
-            _CANCEL, [keys.request(request_id), keys.request_chunks(request_id), keys.skipped_jobs(model)],
-            [result_ttl_s, time.time(), keys.chunk_channel(request_id), keys.CANCELS, request_id])])
+            _CANCEL, [keys.request(request_id), keys.request_chunks(request_id), keys.skipped_jobs(model),
+                      keys.skipped_jobs(model, batch=True)],
+            [result_ttl_s, time.time(), keys.chunk_channel(request_id), keys.CANCELS, request_id,
+             keys.BATCH_REF_SUFFIX])])
         return None if status is None else as_text(status)
 
     async def read(self, request_id: str) -> tuple[dict[str, str], list[Chunk]] | None:
@@ -317,13 +331,13 @@ class RequestStore:
                 for status, seq, chunks in replies]
 
     async def hand_back(self, job: Job, stream: str, entry_id: bytes | str, worker_id: str) -> str:
-        """Put a job this worker will not finish back at the end of the shared stream as a new entry
+        """Put a job this worker will not finish back at the end of its class's stream as a new entry
         (what it emitted stays: the next worker continues). 'requeued', 'taken' (another worker
         owns it), or the terminal status it already had; the old entry is acked unless taken."""
         [reply] = await self.run_scripts([ScriptCall(
-            _HAND_BACK, [keys.request(job.request_id), stream, keys.skipped_jobs(job.model),
-                         keys.job_stream(job.model)],
-            [worker_id, job.pack(), entry_id, keys.CONSUMER_GROUP, keys.entry_ref(stream, entry_id)])])
+            _HAND_BACK, [keys.request(job.request_id), stream, keys.skip_set_of(stream), class_stream(job)],
+            [worker_id, job.pack(), entry_id, keys.CONSUMER_GROUP, keys.entry_ref(stream, entry_id),
+             keys.entry_ref(class_stream(job), "")])])
         return as_text(reply)
 
     async def dead_letter(self, job: Job, stream: str, entry_id: bytes | str, worker_id: str, reason: str, *,
@@ -332,7 +346,7 @@ class RequestStore:
         await self.run_scripts([ScriptCall(
             _DEAD_LETTER,
             [keys.request(job.request_id), keys.request_chunks(job.request_id), stream,
-             keys.dead_letters(job.model), keys.skipped_jobs(job.model)],
+             keys.dead_letters(job.model), keys.skip_set_of(stream)],
             [worker_id, job.pack(), reason, time.time(), result_ttl_s, entry_id, keys.CONSUMER_GROUP,
              keys.chunk_channel(job.request_id), max_dead_letters, job.request_id,
              keys.entry_ref(stream, entry_id)])])

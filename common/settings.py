@@ -64,8 +64,10 @@ class GatewaySettings(_RequestLifetimes):
     redis_url: str = DEFAULT_REDIS_URL
     host: str = "127.0.0.1"
     port: int = 8000
-    # Admission: a model's stream holds at most this many unfinished jobs; past it, 429.
+    # Admission, per priority class: a model's interactive streams hold at most `max_outstanding` unfinished
+    # jobs, its batch stream `max_outstanding_batch`; past either, 429 for that class only.
     max_outstanding: int = 256
+    max_outstanding_batch: int = 4096
     retry_after_s: int = 1
     max_body_bytes: int = 1 << 20
     default_max_tokens: int = 256

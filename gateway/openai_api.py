@@ -29,6 +29,7 @@ from gateway.validation import (
     check_messages,
     int_field,
     parse_json_object,
+    priority_field,
     sampling_fields,
 )
 from gateway.views import usage_of
@@ -37,8 +38,8 @@ log = logging.getLogger(__name__)
 
 # Accepted (the sampling fields and what does not change the output); others only with their no-op value
 # (_NOOP_VALUES).
-_ACCEPTED = frozenset({"user", "stream_options", "stream", "n", "model", "max_tokens", "max_completion_tokens"}
-                      ) | SAMPLING_FIELDS
+_ACCEPTED = frozenset({"user", "stream_options", "stream", "n", "model", "max_tokens", "max_completion_tokens",
+                       "priority"}) | SAMPLING_FIELDS
 _NOOP_VALUES: dict[str, tuple[Any, ...]] = {
     "logprobs": (None, False),
     "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
@@ -90,7 +91,7 @@ def _parse(body: dict[str, Any], *, chat: bool) -> tuple[GenerateRequest, bool, 
 
     max_tokens = int_field(body, "max_completion_tokens", minimum=1) or int_field(body, "max_tokens", minimum=1)
     request = GenerateRequest(model=model, prompt=prompt, messages=messages, max_tokens=max_tokens,
-                              sampling=sampling_fields(body))
+                              sampling=sampling_fields(body), priority=priority_field(body))
     return request, stream, _Usage(final=bool(options.get("include_usage")),
                                    continuous=bool(options.get("continuous_usage_stats")))
 

@@ -45,6 +45,8 @@ _SAMPLING = {
     "stop_token_ids": {"type": "array", "maxItems": 64, "items": {"type": "integer", "minimum": 0}},
     "logit_bias": {"type": "object", "maxProperties": 300, "description": "token id -> bias in [-100, 100]",
                    "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
+    "priority": {"oneOf": [{"type": "string", "enum": ["interactive", "batch"]}, {"type": "integer"}],
+                 "description": "the request's class (default interactive); an integer as vLLM's: above 0 is batch"},
 }
 _MESSAGES = {"type": "array", "minItems": 1, "items": {
     "type": "object", "required": ["role", "content"], "additionalProperties": False,

@@ -74,15 +74,14 @@ class Submitter:
         params = SamplingParams(max_tokens=max_tokens, **request.sampling)
         params.min_tokens = min(params.min_tokens, max_tokens)
         return Job(request_id=request_id or new_request_id(), model=card.name, prompt_token_ids=prompt_ids,
-                   sampling=dataclasses.asdict(params),
-                   enqueued_at=time.time())
+                   sampling=dataclasses.asdict(params), enqueued_at=time.time(), priority=request.priority)
 
     async def enqueue(self, job: Job, *, owner: str = "", idempotency: Idempotency | None = None) -> str:
         """The id of the request now queued for this submit: the job's, or with an idempotency key seen
         before, the earlier request's."""
-        reply = await self._store.enqueue(job, max_outstanding=self._settings.max_outstanding,
-                                          ttl_s=self._settings.request_ttl_s, owner=owner, idempotency=idempotency,
-                                          route=await self._route(job))
+        cap = self._settings.max_outstanding_batch if job.is_batch else self._settings.max_outstanding
+        reply = await self._store.enqueue(job, max_outstanding=cap, ttl_s=self._settings.request_ttl_s, owner=owner,
+                                          idempotency=idempotency, route=await self._route(job))
         if isinstance(reply, str):
             self._on_routed(job.model, "@" in reply)
         if isinstance(reply, Replay):
@@ -90,14 +89,13 @@ class Submitter:
         if reply is None:
             self._on_rejected(job.model)
             raise Overloaded(
-                f"model {job.model!r} is at capacity ({self._settings.max_outstanding} outstanding requests); "
-                "retry later",
+                f"model {job.model!r} is at capacity ({cap} outstanding {job.priority} requests); retry later",
                 retry_after_s=self._settings.retry_after_s,
             )
         return job.request_id
 
     async def _route(self, job: Job) -> bytes | None:
-        if self._affinity is None:
+        if self._affinity is None or job.is_batch:  # batch jobs wait in their own stream, unrouted
             return None
         card = await self._registry.resolve(job.model)
         if not card.prefix_block_size:

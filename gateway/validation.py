@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.errors import BadRequest, Unprocessable
-from common.protocol import SamplingParams
+from common.protocol import Priority, SamplingParams
 
 MAX_STOP_STRINGS = 8
 MAX_SEED = 2**63 - 1
@@ -18,7 +18,7 @@ _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 _ROLES = frozenset({"system", "user", "assistant", "tool"})
 # The request fields that become the job's SamplingParams (max_tokens is checked against the context apart).
 SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams)) - {"max_tokens"}
-GENERATE_FIELDS = frozenset({"model", "prompt", "messages", "max_tokens"}) | SAMPLING_FIELDS
+GENERATE_FIELDS = frozenset({"model", "prompt", "messages", "max_tokens", "priority"}) | SAMPLING_FIELDS
 MAX_TOP_K = 1 << 20
 MAX_STOP_TOKEN_IDS = 64
 MAX_LOGIT_BIAS = 300  # OpenAI's limit
@@ -32,6 +32,7 @@ class GenerateRequest:
     max_tokens: int | None
     # The checked sampling fields (sampling_fields): common.protocol.SamplingParams less max_tokens.
     sampling: dict[str, Any] = field(default_factory=dict)
+    priority: Priority = Priority.INTERACTIVE
 
     def token_ids(self) -> list[tuple[str, int]]:
         """(field, token id) of every token id the request names: the gateway checks them against the model."""
@@ -78,7 +79,22 @@ def parse_generate(body: dict[str, Any], *, also_allowed: frozenset[str] = froze
         raise Unprocessable("`prompt` must be a non-empty string", param="prompt")
 
     return GenerateRequest(model=model, prompt=prompt, messages=messages,
-                           max_tokens=int_field(body, "max_tokens", minimum=1), sampling=sampling_fields(body))
+                           max_tokens=int_field(body, "max_tokens", minimum=1), sampling=sampling_fields(body),
+                           priority=priority_field(body))
+
+
+def priority_field(body: dict[str, Any]) -> Priority:
+    """`priority`: a class name ("interactive", "batch"), or as vLLM's own integer field (lower runs sooner):
+    0 or less is interactive, above 0 batch."""
+    value = body.get("priority")
+    if value is None:
+        return Priority.INTERACTIVE
+    if isinstance(value, str) and value in Priority.__members__.values():
+        return Priority(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return Priority.BATCH if value > 0 else Priority.INTERACTIVE
+    raise Unprocessable(f"`priority` must be one of {', '.join(Priority)} or an integer (vLLM's: above 0 is "
+                        "batch)", param="priority")
 
 
 def prompt_or_messages(body: dict[str, Any]) -> tuple[str | None, list[dict[str, Any]] | None]:

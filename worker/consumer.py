@@ -2,7 +2,9 @@
 
 main -> load (per model, at start or from a control job) -> _serve_model (register; reclaim dead
         workers' jobs, take jobs (worker/job_reader.py: the engine's own stream, the shared one, other
-        engines' waiting too long), as the KV budget allows; record the prompts' prefix blocks)
+        engines' waiting too long, then the batch stream), as the KV budget allows; record the prompts'
+        prefix blocks; while batch jobs fill the engine, take interactive ones anyway and preempt batch
+        jobs for them: _yield_to_interactive)
      -> _run_job (engine stream -> publisher -> finish -> XACK+XDEL)
 plus heartbeat, the cancel listener, the control plane (arq: load/unload, housekeeping cron), and
 a SIGTERM path: stop reading, let in-flight jobs finish for `drain_timeout_s`, hand back (re-queue,
@@ -107,7 +109,8 @@ class Worker:
         self._job_readers: dict[str, JobReader] = {}  # model -> where its _serve_model takes jobs from
         self._event_followers: dict[str, asyncio.Task[None]] = {}  # model -> its engine's KV cache events
         self._closing: set[str] = set()  # models whose reader is to stop after its current read
-        self._in_redis: set[str] = set()  # models whose reader is in a stream read or claim now
+        self._in_redis: dict[str, int] = {}  # model -> its reader loops in a stream read or claim now
+        self._out_of_redis: dict[str, asyncio.Event] = {}  # model -> set while none of them is
         self._jobs: dict[str, set[asyncio.Task[None]]] = {}  # model -> its running _run_job tasks
         self._state = "starting"
         self._started_at = time.time()
@@ -170,8 +173,9 @@ class Worker:
             # redis-py 5 can lose the cancellation of a blocked read and hang. A reader waiting for KV
             # room, not on Redis, is cancelled at once.
             self._closing.add(name)
-            if name in self._in_redis:
-                await asyncio.wait({reader}, timeout=self.settings.read_block_ms / 1000 + 2.0)
+            if self._in_redis.get(name):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._out_of_redis[name].wait(), self.settings.read_block_ms / 1000 + 2.0)
             await _cancel(reader)
         jobs = self._jobs.get(name, set())
         if jobs:
@@ -263,7 +267,8 @@ class Worker:
         for name, status in self.loader.status.items():
             budget = self.budgets.get(name)
             if budget is not None:
-                status.kv_used_tokens, status.running = budget.used_tokens, budget.max_seqs - budget.free_seqs
+                status.kv_used_tokens, status.running = budget.used_tokens, budget.held_seqs
+                status.running_batch = len(budget.batch_jobs)
             engine = self.loader.engines.get(name)
             if engine is not None:
                 stats = engine.stats()
@@ -302,6 +307,12 @@ class Worker:
             self.redis, self.worker_id, self.engine_id, spec.name, wait_ms=self.settings.affinity_wait_ms,
             block_ms=self.settings.read_block_ms)
         await self._hand_back_unstarted(spec.name, budget)  # what an earlier run of this reader left (a crash)
+        async with asyncio.TaskGroup() as loops:
+            loops.create_task(self._take_jobs(spec, engine, budget, reader))
+            loops.create_task(self._yield_to_interactive(spec, engine, budget, reader))
+
+    async def _take_jobs(self, spec: ModelSpec, engine: Engine, budget: KvBudget, reader: JobReader) -> None:
+        """Fill free slots: reclaimed jobs, then interactive ones, then batch ones."""
         next_reclaim = 0.0
         while spec.name not in self._closing:
             await budget.wait_for_slot()
@@ -331,6 +342,41 @@ class Worker:
             if spec.name in self._closing:
                 return  # _stop_model hands back what was just read
             await self._start_jobs(engine, budget, jobs)
+
+    async def _yield_to_interactive(self, spec: ModelSpec, engine: Engine, budget: KvBudget,
+                                    reader: JobReader) -> None:
+        """While batch jobs fill every slot, interactive jobs are taken anyway, as many as there are batch
+        jobs to preempt: each preempted job is handed back to the batch stream with its output so far
+        (continued later, like a drained one), and its slot is reserved for the interactive job."""
+        while spec.name not in self._closing:
+            await budget.wait_until(lambda: budget.free_seqs <= 0 and bool(self._preemptible(budget)))
+            try:
+                with self._redis_call(spec.name):
+                    entries = await reader.read_interactive(len(self._preemptible(budget)))
+            except REDIS_UNAVAILABLE as exc:
+                log.warning("looking for interactive jobs of %s failed: %s", spec.name, describe(exc))
+                await asyncio.sleep(1.0)
+                continue
+            jobs = await self._parse(entries)
+            for taken in jobs:
+                self._hold(taken)
+                self.metrics.jobs_taken.labels(spec.name, _source(reader, taken.stream)).inc()
+            if spec.name in self._closing:
+                return  # _stop_model hands back what was just read
+            if not jobs:
+                continue
+            budget.reserve(len(jobs))
+            for request_id in self._preemptible(budget)[: len(jobs)]:
+                log.info("preempting batch job for interactive work", extra={"request_id": request_id})
+                self._handing_back.add(request_id)
+                self._running[request_id].abort(request_id)  # its _run_job hands it back
+                self.metrics.preempted.labels(spec.name).inc()
+            await self._start_jobs(engine, budget, jobs, reserved=True)
+
+    def _preemptible(self, budget: KvBudget) -> list[str]:
+        """Batch jobs running here that are not being handed back already, the last admitted first."""
+        return [request_id for request_id in budget.batch_jobs
+                if request_id in self._running and request_id not in self._handing_back]
 
     async def _reclaim(self, reader: JobReader, count: int) -> list[Taken]:
         """Entries of the model's streams this worker holds in Redis but lost track of, else a dead worker's."""
@@ -377,12 +423,15 @@ class Worker:
 
     @contextlib.contextmanager
     def _redis_call(self, model: str) -> Iterator[None]:
-        """Marks the model's reader as inside a stream read or claim (see _stop_model)."""
-        self._in_redis.add(model)
+        """Marks one of the model's reader loops as inside a stream read or claim (see _stop_model)."""
+        self._in_redis[model] = self._in_redis.get(model, 0) + 1
+        self._out_of_redis.setdefault(model, asyncio.Event()).clear()
         try:
             yield
         finally:
-            self._in_redis.discard(model)
+            self._in_redis[model] -= 1
+            if not self._in_redis[model]:
+                self._out_of_redis[model].set()
 
     async def _register(self, engine: Engine) -> None:
         """Publish the model card and tokenizer, so gateways can validate and tokenize (before the model
@@ -393,20 +442,24 @@ class Worker:
             await pipe.execute()
         await ensure_groups(self.redis, engine.card.name, keys.job_stream(engine.card.name, self.engine_id))
 
-    async def _start_jobs(self, engine: Engine, budget: KvBudget, jobs: list[Taken]) -> None:
-        """Admit jobs in the order taken against the KV budget; start each admitted run in one round trip."""
+    async def _start_jobs(self, engine: Engine, budget: KvBudget, jobs: list[Taken], *,
+                          reserved: bool = False) -> None:
+        """Admit jobs in the order taken against the KV budget; start each admitted run in one round trip.
+        `reserved`: each job has a slot reserved for it (budget.reserve)."""
         admitted: list[Taken] = []
         for taken in jobs:
             job = taken.job
             if budget.never_fits(job.token_budget):
+                if reserved:
+                    budget.unreserve()
                 await self._refuse(taken, f"the request needs {job.token_budget} KV tokens "
                                    f"(prompt + max_tokens); this worker holds at most {budget.capacity_tokens}")
                 continue
-            if not budget.try_admit(job.request_id, job.token_budget):
+            if not budget.try_admit(job.request_id, job.token_budget, batch=job.is_batch, reserved=reserved):
                 await self._launch(engine, budget, admitted)
                 admitted = []
                 # Waiting here stops this model's reads: backpressure flows back into the stream.
-                await budget.admit(job.request_id, job.token_budget)
+                await budget.admit(job.request_id, job.token_budget, batch=job.is_batch, reserved=reserved)
             admitted.append(taken)
         await self._launch(engine, budget, admitted)
 
@@ -487,7 +540,7 @@ class Worker:
                                       prompt_tokens=0 if plan.tokens_done else len(job.prompt_token_ids),
                                       cached_tokens=0 if plan.tokens_done else published.cached_tokens,
                                       new_tokens=published.completion_tokens - plan.tokens_done,
-                                      finish_reason=finish_reason)
+                                      finish_reason=finish_reason, priority=job.priority)
         if request_id in self._handing_back:
             self._handing_back.discard(request_id)
             await self._retrying(lambda: self._hand_back(taken))
@@ -572,7 +625,7 @@ class Worker:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xack(stream, keys.CONSUMER_GROUP, entry_id)
             pipe.xdel(stream, entry_id)
-            pipe.srem(keys.skipped_jobs(keys.model_of_job_stream(stream)), keys.entry_ref(stream, entry_id))
+            pipe.srem(keys.skip_set_of(stream), keys.entry_ref(stream, entry_id))
             await pipe.execute()
         self._held.get(stream, {}).pop(entry_id, None)
 
@@ -611,7 +664,9 @@ class Worker:
 
 
 def _source(reader: JobReader, stream: str) -> str:
-    """Where a taken job came from, for the metric: own, shared, or another engine's stream."""
+    """Where a taken job came from, for the metric: own, shared, batch, or another engine's stream."""
+    if stream == reader.batch_stream:
+        return "batch"
     return "own" if stream == reader.own_stream else "shared" if stream == reader.shared_stream else "other"
 
 

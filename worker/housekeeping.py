@@ -107,7 +107,8 @@ async def expire(redis: Redis, *, dead_letter_ttl_s: int) -> dict[str, int]:
     for model, streams in (await fleet_state.model_streams(redis, models)).items():
         for stream in streams:
             expired += await _expire_queued(redis, model, stream)
-        await _forget_skipped_gone(redis, model)
+        for batch in (False, True):
+            await _forget_skipped_gone(redis, model, keys.skipped_jobs(model, batch=batch))
         trimmed += await redis.xtrim(keys.dead_letters(model), minid=min_id, approximate=False)
     if expired or trimmed:
         log.info("housekeeping: %d expired queued job(s) removed, %d old dead letter(s) trimmed", expired, trimmed)
@@ -133,12 +134,11 @@ async def _expire_queued(redis: Redis, model: str, stream: str) -> int:
             if not found]
     if not gone:
         return 0
-    return int(await redis.sadd(keys.skipped_jobs(model), *gone))
+    return int(await redis.sadd(keys.skip_set_of(stream), *gone))
 
 
-async def _forget_skipped_gone(redis: Redis, model: str) -> None:
+async def _forget_skipped_gone(redis: Redis, model: str, skipped: str) -> None:
     """Skip marks whose entry is no longer in its stream (removed some other way than a worker's ack)."""
-    skipped = keys.skipped_jobs(model)
     members = [as_text(m) for m in await redis.srandmember(skipped, _EXPIRE_SCAN) or []]
     if not members:
         return

@@ -1,7 +1,8 @@
 """How a worker takes a model's jobs: its engine's own stream first (jobs routed to it for its cached
 prefixes, common/affinity.py), then the shared stream, then entries of other engines' own streams that
 waited `affinity_wait_ms` there (their engine is busy, or dead): no job waits for a busy engine while
-another has room, and a dead engine's stream is drained by the others. One script, one round trip, at
+another has room, and a dead engine's stream is drained by the others. Batch-class jobs come last, from
+the model's batch stream, only into the slots the interactive streams left. One script, one round trip, at
 most `count` entries; which other streams hold overdue entries comes from one sorted set
 (`keys.waiting_engine_streams`), so a look costs the same with 2 engines or 200. With nothing to take, a
 blocking read on the own and the shared stream and the model's idle nudges (an entry for each job routed
@@ -25,8 +26,9 @@ from common.redis_conn import as_text
 log = logging.getLogger(__name__)
 
 # KEYS: own stream, shared stream, the model's engine-streams set, its waiting engine streams (sorted by the
-# time of their oldest unread entry). ARGV: group, consumer, count, wait ms. Replies {{stream, id, fields},
-# ...}, and the ms until another engine's oldest unread entry may be taken (-1: none waits).
+# time of their oldest unread entry), the batch stream. ARGV: group, consumer, count, wait ms, batch count.
+# Replies {{stream, id, fields}, ...}, and the ms until another engine's oldest unread entry may be taken
+# (-1: none waits).
 # A look is O(1) whatever the number of engines: only streams the waiting set says are overdue are read;
 # a stream whose unread entries were read some other way (the blocking read below) is dropped from the
 # set by the next look that finds nothing there.
@@ -82,6 +84,7 @@ for _, stream in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', cutoff)) do
     still_waiting(stream)
   end
 end
+take(KEYS[5], math.min(count - #taken, tonumber(ARGV[5])))
 -- When another engine's oldest unread entry becomes overdue (an entry routed later wakes an idle worker
 -- through the nudges stream).
 local due = -1
@@ -116,20 +119,25 @@ class JobReader:
         self._engine_streams = keys.engine_streams(model)
         self._waiting = keys.waiting_engine_streams(model)
         self._nudges = keys.idle_nudges(model)
+        self.batch_stream = keys.batch_stream(model)
         self._wait_ms = wait_ms
         self._block_ms = block_ms
         self._take = redis.register_script(_TAKE)
 
-    async def read(self, count: int) -> list[tuple[str, bytes, dict[bytes, bytes]]]:
-        """Up to `count` entries (stream, id, fields); waits up to `block_ms` for one when there are none."""
+    async def read(self, count: int, *, batch: bool = True) -> list[tuple[str, bytes, dict[bytes, bytes]]]:
+        """Up to `count` entries (stream, id, fields), interactive ones first, then (with `batch`) batch ones;
+        waits up to `block_ms` for one when there are none."""
         try:
             taken, due = await self._take(keys=[self.own_stream, self.shared_stream, self._engine_streams,
-                                                self._waiting],
-                                          args=[keys.CONSUMER_GROUP, self._worker_id, count, self._wait_ms])
+                                                self._waiting, self.batch_stream],
+                                          args=[keys.CONSUMER_GROUP, self._worker_id, count, self._wait_ms,
+                                                count if batch else 0])
             if taken:
                 return [(as_text(stream), entry_id, _fields(flat)) for stream, entry_id, flat in taken]
             block_ms = self._block_ms if due < 0 else max(1, min(self._block_ms, int(due)))
             streams = {self.own_stream: ">", self.shared_stream: ">", self._nudges: ">"}
+            if batch:
+                streams[self.batch_stream] = ">"
             reply = await self._redis.xreadgroup(keys.CONSUMER_GROUP, self._worker_id, streams, count=count,
                                                  block=block_ms)
         except ResponseError as exc:
@@ -144,9 +152,23 @@ class JobReader:
                 pipe.xack(self._nudges, keys.CONSUMER_GROUP, *nudges)
                 pipe.xdel(self._nudges, *nudges)
                 await pipe.execute()
-        # Both job streams may answer one blocking read (up to `count` each): rare, as both were empty just
+        # Several job streams may answer one blocking read (up to `count` each): rare, as all were empty just
         # before; the extra entries wait in this worker for room.
         return [entry for entry in entries if entry[0] != self._nudges]
+
+    async def read_interactive(self, count: int) -> list[tuple[str, bytes, dict[bytes, bytes]]]:
+        """Up to `count` entries of the own and the shared stream, waiting up to `block_ms` for one: how a
+        worker whose slots batch jobs fill learns that interactive work waits (worker/consumer.py)."""
+        try:
+            reply = await self._redis.xreadgroup(keys.CONSUMER_GROUP, self._worker_id,
+                                                 {self.own_stream: ">", self.shared_stream: ">"}, count=count,
+                                                 block=self._block_ms)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await ensure_groups(self._redis, self.model, self.own_stream)
+            return []
+        return [(as_text(stream), entry_id, fields) for stream, rows in reply or [] for entry_id, fields in rows]
 
     async def streams(self) -> list[str]:
         """Every stream of the model: the shared one and each engine's own."""
@@ -162,9 +184,10 @@ class JobReader:
 
 
 async def ensure_groups(redis: Redis, model: str, own_stream: str) -> None:
-    """The consumer group on the model's shared stream, an engine's own stream and the nudges, from id 0:
+    """The consumer group on the model's shared stream, an engine's own stream, the nudges and the batch
+    stream, from id 0:
     jobs enqueued before any worker existed are served too."""
-    for stream in (keys.job_stream(model), own_stream, keys.idle_nudges(model)):
+    for stream in (keys.job_stream(model), own_stream, keys.idle_nudges(model), keys.batch_stream(model)):
         try:
             await redis.xgroup_create(stream, keys.CONSUMER_GROUP, id="0", mkstream=True)
         except ResponseError as exc:

@@ -40,6 +40,10 @@ class WorkerMetrics:
         self.jobs_taken = Counter("llm_fleet_jobs_taken", "Jobs read from the engine's own stream (routed here by "
                                   "prefix affinity), the shared stream, or another engine's (it waited too long "
                                   "there)", ["model", "source"], registry=r)
+        self.jobs_done = Counter("llm_fleet_jobs_done", "Jobs that ended here, by priority class",
+                                 ["model", "priority"], registry=r)
+        self.preempted = Counter("llm_fleet_jobs_preempted", "Batch jobs handed back to their stream to make room "
+                                 "for interactive ones (continued later from their output so far)", model, registry=r)
         self.reclaimed = Counter("llm_fleet_jobs_reclaimed", "Jobs claimed from dead workers", model, registry=r)
         self.handed_back = Counter("llm_fleet_jobs_handed_back", "Jobs re-queued on drain or unload", model,
                                    registry=r)
@@ -48,6 +52,8 @@ class WorkerMetrics:
         self.task_crashes = Counter("llm_fleet_task_crashes", "Long-lived tasks (publisher, reader, heartbeat, "
                                     "...) that raised and were restarted", ["task"], registry=r)
         self.running = Gauge("llm_fleet_running_requests", "Jobs admitted by the KV budget", model, registry=r)
+        self.running_batch = Gauge("llm_fleet_running_batch_requests", "Of those, batch-class jobs", model,
+                                   registry=r)
         self.engine_running = Gauge("llm_fleet_engine_running_requests", "Running, as the engine reports it",
                                     model, registry=r)
         self.engine_waiting = Gauge("llm_fleet_engine_waiting_requests", "Waiting inside the engine", model,
@@ -71,12 +77,13 @@ class WorkerMetrics:
         self.per_process_families = frozenset(family.name for metric in (
             self.queue_wait, self.ttft, self.itl, self.e2e, self.prompt_tokens, self.cached_tokens,
             self.generation_tokens, self.finished, self.jobs_taken, self.reclaimed, self.handed_back,
-            self.dead_lettered, self.running, self.kv_used, self.kv_capacity, self.task_crashes)
+            self.dead_lettered, self.running, self.kv_used, self.kv_capacity, self.task_crashes, self.jobs_done,
+            self.preempted, self.running_batch)
             for family in metric.describe())
 
     def job_done(self, model: str, *, enqueued_at: float, started_at: float, first_output_at: float | None,
                  finished_at: float, prompt_tokens: int, cached_tokens: int, new_tokens: int,
-                 finish_reason: str) -> None:
+                 finish_reason: str, priority: str) -> None:
         """One finished run of a job on this worker (a continuation counts only what it generated)."""
         self.queue_wait.labels(model).observe(max(0.0, started_at - enqueued_at))
         if first_output_at is not None:
@@ -88,18 +95,20 @@ class WorkerMetrics:
         self.cached_tokens.labels(model).inc(min(cached_tokens, prompt_tokens))
         self.generation_tokens.labels(model).inc(new_tokens)
         self.finished.labels(model, finish_reason).inc()
+        self.jobs_done.labels(model, priority).inc()
 
     def render(self, status: WorkerStatus) -> bytes:
         """The exposition text, gauges set from `status` first."""
         self.model_state.clear()
-        for gauge in (self.running, self.engine_running, self.engine_waiting, self.kv_used, self.kv_capacity,
-                      self.kv_usage, self.load_progress):
+        for gauge in (self.running, self.running_batch, self.engine_running, self.engine_waiting, self.kv_used,
+                      self.kv_capacity, self.kv_usage, self.load_progress):
             gauge.clear()  # an unloaded model's series disappear
         for name, model in status.models.items():
             for state in ModelState:
                 self.model_state.labels(name, state.value).set(1 if model["state"] == state else 0)
             self.load_progress.labels(name).set(model["progress"])
             self.running.labels(name).set(model["running"])
+            self.running_batch.labels(name).set(model.get("running_batch", 0))
             self.kv_used.labels(name).set(model["kv_used_tokens"])
             self.kv_capacity.labels(name).set(model["kv_capacity_tokens"])
             for gauge, key in ((self.engine_running, "engine_running"), (self.engine_waiting, "engine_waiting"),
