@@ -1,0 +1,83 @@
+"""Priority classes: batch work runs in what interactive work leaves, yields its slots, and has its own cap."""
+
+from __future__ import annotations
+
+from common import keys
+from tests.conftest import TEST_MODEL, StartFleet
+from tests.test_faults import wait_until
+
+LONG = "".join(chr(ord("a") + i % 26) for i in range(100))  # the test engine echoes it, a byte per step
+
+
+async def test_batch_jobs_yield_their_slots_to_an_interactive_request_and_still_complete_whole(
+    start_fleet: StartFleet, redis
+) -> None:
+    # Four slots, 20 ms a step: a batch job takes 2 s, an interactive one 0.1 s.
+    fleet = await start_fleet(engine={"max_num_seqs": 4, "step_delay_ms": 20})
+    worker = fleet.workers[0]
+    batch = [await fleet.submit(prompt=LONG, max_tokens=100, priority="batch") for _ in range(6)]
+    budget = worker.budgets[TEST_MODEL]
+
+    async def four_batch_jobs_running() -> bool:
+        return len(budget.batch_jobs) == 4
+
+    await wait_until(four_batch_jobs_running)
+
+    interactive = await fleet.submit(prompt="quick", max_tokens=5)
+    done = await fleet.wait_done(interactive, timeout_s=10)
+    assert done["status"] == "completed" and done["text"] == "quick"
+    # It did not wait for a batch job to end: none has, yet (each needs 2 s of steps).
+    states = [(await fleet.get(f"/v1/requests/{request_id}"))[1]["status"] for request_id in batch]
+    assert "completed" not in states, states
+    assert _counter(worker, "llm_fleet_jobs_preempted_total") >= 1
+
+    # The preempted job went back to the batch stream and was continued: every text whole, no gap, no repeat.
+    for request_id in batch:
+        result = await fleet.wait_done(request_id, timeout_s=30)
+        assert result["status"] == "completed" and result["text"] == LONG
+    assert _counter(worker, "llm_fleet_jobs_handed_back_total") >= 1
+    assert await redis.xlen(keys.batch_stream(TEST_MODEL)) == 0
+
+
+async def test_interactive_jobs_are_taken_before_batch_jobs_queued_earlier(start_fleet: StartFleet) -> None:
+    fleet = await start_fleet(workers=0)
+    await fleet.start_worker(max_num_seqs=1, step_delay_ms=5)  # registers the model
+    await fleet.wait_ready()
+    await fleet.stop_workers()
+    batch = [await fleet.submit(prompt=f"batch {i}", max_tokens=8, priority="batch") for i in range(3)]
+    interactive = [await fleet.submit(prompt=f"chat {i}", max_tokens=8) for i in range(3)]
+
+    await fleet.start_worker(max_num_seqs=1, step_delay_ms=5)
+    started = {}
+    for request_id in batch + interactive:
+        result = await fleet.wait_done(request_id)
+        assert result["status"] == "completed"
+        started[request_id] = result["timings"]["created_at"] + result["timings"]["queue_s"]
+    assert max(started[i] for i in interactive) < min(started[b] for b in batch)
+
+
+async def test_each_class_has_its_own_cap_so_a_batch_backlog_never_refuses_interactive_work(
+    start_fleet: StartFleet,
+) -> None:
+    fleet = await start_fleet(workers=0, max_outstanding=2, max_outstanding_batch=3)
+    await fleet.start_worker()
+    await fleet.wait_ready()
+    await fleet.stop_workers()
+
+    async def post(priority: object) -> int:
+        return (await fleet.post("/v1/generate", {"model": TEST_MODEL, "prompt": "x", "max_tokens": 2,
+                                                  "priority": priority}))[0]
+
+    assert [await post("batch") for _ in range(4)] == [202, 202, 202, 429]
+    assert [await post("interactive") for _ in range(3)] == [202, 202, 429]
+    # vLLM's integer priority: above 0 is batch (whose cap is reached), 0 interactive (whose cap is too).
+    assert await post(5) == 429 and await post(0) == 429
+    status, reply, _ = await fleet.post("/v1/completions", {"model": TEST_MODEL, "prompt": "x", "priority": "urgent"})
+    assert status == 422 and reply["error"]["param"] == "priority"
+    _, view = await fleet.get("/v1/fleet")
+    assert view["queues"][TEST_MODEL]["batch_outstanding"] == 3
+    assert view["queues"][TEST_MODEL]["outstanding"] == 5  # both classes
+
+
+def _counter(worker, name: str) -> float:
+    return worker.metrics.registry.get_sample_value(name, {"model": TEST_MODEL}) or 0.0
