@@ -64,3 +64,8 @@ class Unauthorized(FleetError):
 class Forbidden(FleetError):
     status = 403
     type = "permission_error"
+
+
+class Conflict(FleetError):
+    status = 409
+    type = "invalid_request_error"

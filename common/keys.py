@@ -145,3 +145,43 @@ def rate_window(key_digest: str, second: int) -> str:
 
 def active_requests(key_digest: str) -> str:
     return f"active:{{{key_digest}}}"
+
+
+# The Files and Batches API (gateway/files_api.py, gateway/batches_api.py, gateway/batch_runner.py).
+def file_meta(file_id: str) -> str:
+    """Hash: a stored file's OpenAI object fields (id, bytes, filename, purpose, ...) and its owner."""
+    return f"file:{{{file_id}}}"
+
+
+def file_parts(file_id: str) -> str:
+    """List: the file's content in parts of whole lines (up to ~1 MiB each), in order."""
+    return f"file:{{{file_id}}}:parts"
+
+
+def files_of(owner: str) -> str:
+    """Sorted set: the file ids of an API key's digest ("" without keys), by creation time."""
+    return f"files:{owner}"
+
+
+def batch(batch_id: str) -> str:
+    """Hash: a batch's OpenAI object fields, its owner, and its runner's progress (where the next input
+    line is, counts)."""
+    return f"batch:{{{batch_id}}}"
+
+
+def batch_inflight(batch_id: str) -> str:
+    """Hash: request id -> the input line it runs (packed), for the batch's lines in the queue now."""
+    return f"batch:{{{batch_id}}}:inflight"
+
+
+def batch_runner(batch_id: str) -> str:
+    """String with a TTL: the gateway process that carries the batch on now (a lease it renews)."""
+    return f"batch:{{{batch_id}}}:runner"
+
+
+def batches_of(owner: str) -> str:
+    """Sorted set: the batch ids of an API key's digest ("" without keys), by creation time."""
+    return f"batches:{owner}"
+
+
+ACTIVE_BATCHES = "batches:active"  # set: batches not yet in a final state (what the runners look after)

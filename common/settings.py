@@ -105,6 +105,15 @@ class GatewaySettings(_RequestLifetimes):
     affinity_load_weight: float = 0.5
     affinity_queue_batches: float = 1.0
     prefix_fresh_s: float = 600.0
+    # Files and batches (gateway/files_api.py, gateway/batch_runner.py): the largest file and the most lines
+    # of a batch input file; how many of a batch's lines are in the queue at once; how often each gateway's
+    # runner steps the batches it carries, and how long its lease on one lasts without renewal (another
+    # gateway takes the batch on after that).
+    max_file_bytes: int = 200 << 20
+    batch_max_lines: int = 50_000
+    batch_window: int = 1024
+    batch_tick_s: float = 0.2
+    batch_lease_ms: int = 5000
 
 
 def default_worker_id() -> str:

@@ -19,7 +19,9 @@ from common.supervision import Supervisor
 from gateway import (
     admin_api,
     admin_models,
+    batches_api,
     console_api,
+    files_api,
     health,
     http_api,
     metrics,
@@ -30,8 +32,11 @@ from gateway import (
     ws,
 )
 from gateway.auth import Authenticator, guard
+from gateway.batch_runner import BatchRunner
+from gateway.batch_store import BatchStore
 from gateway.context import GATEWAY_KEY, REQUEST_ID_KEY, Gateway
 from gateway.disconnects import DisconnectWatcher
+from gateway.file_store import FileStore
 from gateway.models import ModelRegistry
 from gateway.rejections import RejectionTally
 from gateway.relay import Relay
@@ -114,6 +119,15 @@ def create_app(settings: GatewaySettings) -> web.Application:
         web.get("/openapi.json", openapi.openapi_json),
         web.get("/metrics", metrics.metrics_endpoint),
         web.get("/v1/fleet", console_api.fleet),
+        web.post("/v1/files", files_api.create_file),
+        web.get("/v1/files", files_api.list_files),
+        web.get("/v1/files/{file_id}", files_api.get_file),
+        web.get("/v1/files/{file_id}/content", files_api.file_content),
+        web.delete("/v1/files/{file_id}", files_api.delete_file),
+        web.post("/v1/batches", batches_api.create_batch),
+        web.get("/v1/batches", batches_api.list_batches),
+        web.get("/v1/batches/{batch_id}", batches_api.get_batch),
+        web.post("/v1/batches/{batch_id}/cancel", batches_api.cancel_batch),
         web.post("/admin/keys", admin_api.create_key),
         web.get("/admin/keys", admin_api.list_keys),
         web.delete("/admin/keys/{name}", admin_api.revoke_key),
@@ -159,9 +173,12 @@ def _lifecycle(settings: GatewaySettings,
         submitter = Submitter(settings, store, registry, on_rejected=on_rejected,
                               on_routed=lambda model, to_engine: gateway_metrics.routed.labels(
                                   model, "engine" if to_engine else "shared").inc())
+        files, batches = FileStore(redis), BatchStore(redis)
         app[GATEWAY_KEY] = Gateway(settings, redis, store, registry, submitter, relay,
                                    Authenticator(redis, settings.auth_cache_s), arq, supervisor, disconnects,
-                                   rejections)
+                                   rejections, files, batches)
+        runner = BatchRunner(redis, settings, store, submitter, files, batches)
+        supervisor.start("batch_runner", runner.run)
         heap.freeze()  # what start-up built lives as long as the process (common/heap.py)
         yield
         await supervisor.stop()

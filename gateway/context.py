@@ -16,7 +16,9 @@ from common.request_store import Idempotency, RequestMeta, RequestStore
 from common.settings import GatewaySettings
 from common.supervision import Supervisor
 from gateway.auth import Authenticator, Caller
+from gateway.batch_store import BatchStore
 from gateway.disconnects import DisconnectWatcher
+from gateway.file_store import FileStore
 from gateway.models import ModelRegistry
 from gateway.rejections import RejectionTally
 from gateway.relay import Relay, Subscription
@@ -38,6 +40,8 @@ class Gateway:
     supervisor: Supervisor  # the gateway's long-lived tasks (relay reader, disconnects); /ready reports failures
     disconnects: DisconnectWatcher
     rejections: RejectionTally  # 429s per model, fleet-wide (the console)
+    files: FileStore
+    batches: BatchStore
     heartbeats: HeartbeatHistory = field(default_factory=HeartbeatHistory)  # workers' tokens/s (the console)
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
     # Shutting down (a restart, a deploy): open sockets are closed with "going away" and their

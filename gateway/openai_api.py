@@ -54,7 +54,7 @@ def _is_noop(name: str, value: Any) -> bool:
     return any(type(value) is type(noop) and value == noop for noop in _NOOP_VALUES.get(name, ()))
 
 
-def _parse(body: dict[str, Any], *, chat: bool) -> tuple[GenerateRequest, bool, _Usage]:
+def parse_openai_body(body: dict[str, Any], *, chat: bool) -> tuple[GenerateRequest, bool, _Usage]:
     """(request, stream, usage wanted in the stream); 400 for what we do not support."""
     text_field = "messages" if chat else "prompt"
     allowed = _ACCEPTED | {text_field}
@@ -126,7 +126,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def _serve(request: web.Request, *, chat: bool) -> web.StreamResponse:
     gateway = Gateway.of(request)
     body = parse_json_object(await request.read())
-    generate, stream, usage = _parse(body, chat=chat)
+    generate, stream, usage = parse_openai_body(body, chat=chat)
     job = await gateway.submitter.prepare(generate, request_id=request[REQUEST_ID_KEY])
     caller = request.get(CALLER_KEY)
     subscription = await gateway.submit_streaming(job, caller, idempotency_of(request, body))
@@ -135,7 +135,7 @@ async def _serve(request: web.Request, *, chat: bool) -> web.StreamResponse:
     # final chunk then ends the loops below.
     try:
         async with gateway.disconnects.watching(request, lambda: gateway.cancel(request_id, caller)):
-            shape = _Shape(chat, request_id, job.model, len(job.prompt_token_ids))
+            shape = CompletionShape(chat, request_id, job.model, len(job.prompt_token_ids))
             if stream:
                 return await _stream(request, subscription, shape, usage)
             return await _complete(request, subscription, shape)
@@ -143,7 +143,7 @@ async def _serve(request: web.Request, *, chat: bool) -> web.StreamResponse:
         subscription.close()
 
 
-class _Shape:
+class CompletionShape:
     """OpenAI's response objects for one request."""
 
     def __init__(self, chat: bool, request_id: str, model: str, prompt_tokens: int) -> None:
@@ -195,7 +195,7 @@ def _failed(chunk: Chunk) -> FleetError:
     return error
 
 
-async def _complete(request: web.Request, subscription: Subscription, shape: _Shape) -> web.Response:
+async def _complete(request: web.Request, subscription: Subscription, shape: CompletionShape) -> web.Response:
     parts: list[str] = []
     async for chunk in subscription.chunks():
         if request.transport is None or request.transport.is_closing():
@@ -209,7 +209,7 @@ async def _complete(request: web.Request, subscription: Subscription, shape: _Sh
     raise AssertionError("a request's chunks always end with a final one")
 
 
-async def _stream(request: web.Request, subscription: Subscription, shape: _Shape,
+async def _stream(request: web.Request, subscription: Subscription, shape: CompletionShape,
                   usage: _Usage) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Request-Id": subscription.request_id})

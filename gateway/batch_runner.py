@@ -1,0 +1,236 @@
+"""Carries batches on: every gateway runs one; each active batch is carried by whichever gateway holds its
+lease (renewed every tick, taken over by another gateway when its holder dies), so a batch outlives any
+one gateway. A step of a batch:
+
+- collect: its lines' requests that ended are written to the output file (completed) or the error file
+  (failed, cancelled), each exactly once (gateway/batch_store.py);
+- feed: input lines become ordinary jobs of the batch class (common/protocol.py Priority), `batch_window`
+  in flight at most, so a million-line batch never is a million-entry stream; each with an idempotency
+  key of its own, so a line fed again after its runner died is the same request; a line that is no valid
+  request goes to the error file with the status and error the endpoint would have answered;
+- stop: a cancelled batch cancels its lines in flight; one whose window passed does too, and reports every
+  line not run as `batch_expired` (OpenAI's behaviour); once nothing is in flight the batch ends, its
+  output and error files published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from redis.asyncio import Redis
+
+from common import keys
+from common.errors import FleetError, Overloaded
+from common.protocol import TERMINAL_STATUSES, Chunk, Priority, RequestStatus
+from common.redis_conn import REDIS_UNAVAILABLE, describe
+from common.request_store import RequestStore
+from common.settings import GatewaySettings
+from gateway.batch_input import parse_line
+from gateway.batch_store import Batch, BatchStatus, BatchStore, InFlight
+from gateway.file_store import FileStore
+from gateway.idempotency import idempotency_for
+from gateway.openai_api import CompletionShape, parse_openai_body
+from gateway.submit import Submitter
+from gateway.validation import GenerateRequest, parse_generate
+from gateway.views import request_view
+
+log = logging.getLogger(__name__)
+
+_STOP_MESSAGES = {
+    "cancel": ("batch_cancelled", "The batch was cancelled before this request completed."),
+    "expire": ("batch_expired", "This request could not be executed before the completion window expired."),
+}
+
+
+class BatchRunner:
+    def __init__(self, redis: Redis, settings: GatewaySettings, store: RequestStore, submitter: Submitter,
+                 files: FileStore, batches: BatchStore) -> None:
+        self._redis = redis
+        self._settings = settings
+        self._store = store
+        self._submitter = submitter
+        self._files = files
+        self._batches = batches
+        self.runner_id = uuid.uuid4().hex  # this process, as lease holder
+        self._stopping_sent: set[str] = set()  # batches whose in-flight requests this runner cancelled
+
+    async def run(self) -> None:
+        while True:
+            try:
+                for batch_id in await self._batches.active():
+                    if await self._batches.lease(batch_id, self.runner_id, self._settings.batch_lease_ms):
+                        await self.step(batch_id)
+            except REDIS_UNAVAILABLE as exc:
+                log.warning("batch runner: %s", describe(exc))
+            await asyncio.sleep(self._settings.batch_tick_s)
+
+    async def step(self, batch_id: str) -> None:
+        batch = await self._batches.get(batch_id)
+        if batch is None:
+            return
+        now = int(time.time())
+        if batch.status == BatchStatus.VALIDATING:
+            batch.status, batch.in_progress_at = BatchStatus.IN_PROGRESS, now
+            await self._batches.update(batch.id, status=batch.status, in_progress_at=now)
+        if not batch.stopping and now >= batch.expires_at:
+            batch.stopping = "expire"
+            await self._batches.update(batch.id, stopping="expire")
+        await self._collect(batch)
+        if batch.stopping:
+            await self._stop(batch)
+        else:
+            await self._feed(batch)
+            if batch.fed >= batch.total and not await self._batches.inflight(batch.id):
+                await self._finish(batch, BatchStatus.COMPLETED, "completed_at")
+
+    async def _collect(self, batch: Batch) -> None:
+        inflight = await self._batches.inflight(batch.id)
+        if not inflight:
+            return
+        request_ids = list(inflight)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for request_id in request_ids:
+                pipe.hget(keys.request(request_id), "status")
+            statuses = await pipe.execute()
+        for request_id, status in zip(request_ids, statuses, strict=True):
+            if status is not None and status.decode() not in TERMINAL_STATUSES:
+                continue
+            line, ok = await self._result_line(batch, request_id, inflight[request_id])
+            await self._batches.record_ended(batch, request_id, line, ok=ok)
+
+    async def _result_line(self, batch: Batch, request_id: str, line: InFlight) -> tuple[bytes, bool]:
+        """The output line (True) or error line (False) of a request that ended."""
+        found = await self._store.read(request_id)
+        record: dict[str, Any] = {"id": f"batch_req_{request_id}", "custom_id": line.custom_id}
+        if found is None:
+            record.update(response=None, error={"code": "request_expired",
+                                                "message": "the request's result expired before it was collected"})
+            return _jsonl(record), False
+        state, chunks = found
+        status = state.get("status")
+        if status == RequestStatus.CANCELLED:
+            code, message = _STOP_MESSAGES.get(batch.stopping, ("cancelled", "The request was cancelled."))
+            record.update(response=None, error={"code": code, "message": message})
+            return _jsonl(record), False
+        if status == RequestStatus.FAILED:
+            error = {"error": {"message": state.get("error") or "generation failed", "type": "server_error",
+                               "param": None, "code": 500}}
+            record.update(response={"status_code": 500, "request_id": request_id, "body": error}, error=None)
+            return _jsonl(record), False
+        if batch.endpoint == "/v1/generate":
+            body = request_view(request_id, state, chunks)
+        else:
+            final = chunks[-1] if chunks else Chunk(seq=0, text="")
+            shape = CompletionShape(batch.endpoint == "/v1/chat/completions", request_id, batch.model,
+                                    int(state.get("prompt_tokens", 0)))
+            body = shape.final("".join(c.text for c in chunks), final)
+        record.update(response={"status_code": 200, "request_id": request_id, "body": body}, error=None)
+        return _jsonl(record), True
+
+    async def _feed(self, batch: Batch) -> None:
+        room = self._settings.batch_window - len(await self._batches.inflight(batch.id))
+        part: list[bytes] | None = None
+        while room > 0 and batch.fed < batch.total:
+            if part is None:
+                raw_part = await self._files.part(batch.input_file_id, batch.next_part)
+                if raw_part is None:
+                    raise RuntimeError(f"batch {batch.id}: input file {batch.input_file_id} is gone")
+                part = raw_part.split(b"\n")[:-1]
+            raw = part[batch.next_line]
+            next_part, next_line = ((batch.next_part + 1, 0) if batch.next_line + 1 >= len(part)
+                                    else (batch.next_part, batch.next_line + 1))
+            number = batch.fed + 1
+            try:
+                request_id, custom_id = await self._submit(batch, raw, number)
+            except Overloaded:
+                return  # the batch class is at its cap: the next tick goes on
+            except FleetError as exc:
+                custom_id = _custom_id(raw)
+                error_line = _jsonl({"id": f"batch_req_line_{number}", "custom_id": custom_id,
+                                     "response": {"status_code": exc.status, "request_id": None,
+                                                  "body": exc.to_dict()}, "error": None})
+                moved = await self._batches.record_fed(batch, next_part=next_part, next_line=next_line,
+                                                       request=None, error_line=error_line)
+            else:
+                moved = await self._batches.record_fed(batch, next_part=next_part, next_line=next_line,
+                                                       request=(request_id, InFlight(number, custom_id)))
+                room -= 1
+            if not moved:
+                return  # another runner carries it now
+            if next_line == 0:
+                part = None
+
+    async def _submit(self, batch: Batch, raw: bytes, number: int) -> tuple[str, str]:
+        """Line `number` as a batch-class job in the queue: (its request id, its custom_id)."""
+        line = parse_line(raw, number)
+        request: GenerateRequest
+        if batch.endpoint == "/v1/generate":
+            request = parse_generate({k: v for k, v in line.body.items() if k != "priority"})
+        else:
+            request, _, _ = parse_openai_body(line.body, chat=batch.endpoint == "/v1/chat/completions")
+        request.priority = Priority.BATCH
+        job = await self._submitter.prepare(request)
+        idempotency = idempotency_for(f"{batch.id} line {number}", line.body, route="batch", owner=batch.owner)
+        return await self._submitter.enqueue(job, owner=batch.owner, idempotency=idempotency), line.custom_id
+
+    async def _stop(self, batch: Batch) -> None:
+        """Cancel what is in flight (once per runner; what ends is collected as it ends); an expiring batch
+        reports every line not fed; then the batch ends."""
+        inflight = await self._batches.inflight(batch.id)
+        if inflight and batch.id not in self._stopping_sent:
+            self._stopping_sent.add(batch.id)
+            for request_id in inflight:
+                await self._store.cancel(request_id, batch.model, result_ttl_s=self._settings.result_ttl_s)
+        if inflight:
+            return
+        if batch.stopping == "expire":
+            code, message = _STOP_MESSAGES["expire"]
+            part: list[bytes] | None = None
+            while batch.fed < batch.total:
+                if part is None:
+                    part = ((await self._files.part(batch.input_file_id, batch.next_part)) or b"").split(b"\n")[:-1]
+                custom_id = _custom_id(part[batch.next_line])
+                next_part, next_line = ((batch.next_part + 1, 0) if batch.next_line + 1 >= len(part)
+                                        else (batch.next_part, batch.next_line + 1))
+                error_line = _jsonl({"id": f"batch_req_line_{batch.fed + 1}", "custom_id": custom_id,
+                                     "response": None, "error": {"code": code, "message": message}})
+                if not await self._batches.record_fed(batch, next_part=next_part, next_line=next_line,
+                                                      request=None, error_line=error_line):
+                    return
+                if next_line == 0:
+                    part = None
+            await self._finish(batch, BatchStatus.EXPIRED, "expired_at")
+        else:
+            await self._finish(batch, BatchStatus.CANCELLED, "cancelled_at")
+        self._stopping_sent.discard(batch.id)
+
+    async def _finish(self, batch: Batch, status: BatchStatus, at_field: str) -> None:
+        """Publish the output and error files (those with lines), then the final status."""
+        now = int(time.time())
+        await self._batches.update(batch.id, status=BatchStatus.FINALIZING, finalizing_at=now)
+        fields: dict[str, Any] = {"status": status, "finalizing_at": now, at_field: now}
+        for file_id, kind, name in ((batch.output_id, "output", "output_file_id"),
+                                    (batch.error_id, "errors", "error_file_id")):
+            stored = await self._batches.result_file(batch, file_id, kind)
+            if stored is not None:
+                await self._files.publish(stored)
+                fields[name] = file_id
+        await self._batches.ended(batch, **fields)
+        log.info("batch %s %s (%d lines)", batch.id, status, batch.total)
+
+
+def _custom_id(raw: bytes) -> str | None:
+    try:
+        value = json.loads(raw).get("custom_id")
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _jsonl(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, separators=(",", ":")).encode() + b"\n"

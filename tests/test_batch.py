@@ -1,0 +1,191 @@
+"""The Files and Batch APIs, driven by the real `openai` SDK: upload, create, poll, results; cancel, expiry;
+bad input files; a batch carried on by another gateway; the real CPU model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import openai
+import pytest
+
+from common import keys
+from tests.conftest import TEST_MODEL, Fleet, StartFleet
+
+
+def sdk(fleet: Fleet) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=fleet.base_url + "/v1", api_key="unused", max_retries=0)
+
+
+def jsonl(lines: list[dict[str, Any]]) -> bytes:
+    return b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+
+
+def completion_lines(count: int, *, url: str = "/v1/completions", **body: Any) -> list[dict[str, Any]]:
+    """Prompts the test engine echoes whole (max_tokens: their length)."""
+    return [{"custom_id": f"req-{i}", "method": "POST", "url": url,
+             "body": {"model": TEST_MODEL, "prompt": f"line {i} says hello", "max_tokens": len(f"line {i} says hello"),
+                      **body}}
+            for i in range(count)]
+
+
+async def run_batch(client: openai.AsyncOpenAI, lines: list[dict[str, Any]], *, endpoint: str = "/v1/completions",
+                    window: str = "24h", timeout_s: float = 60.0) -> Any:
+    uploaded = await client.files.create(file=("input.jsonl", jsonl(lines)), purpose="batch")
+    batch = await client.batches.create(input_file_id=uploaded.id, endpoint=endpoint,  # type: ignore[arg-type]
+                                        completion_window=window)  # type: ignore[arg-type]
+    return await wait_final(client, batch.id, timeout_s)
+
+
+async def wait_final(client: openai.AsyncOpenAI, batch_id: str, timeout_s: float = 60.0) -> Any:
+    async with asyncio.timeout(timeout_s):
+        while True:
+            batch = await client.batches.retrieve(batch_id)
+            if batch.status in ("completed", "failed", "expired", "cancelled"):
+                return batch
+            await asyncio.sleep(0.1)
+
+
+async def results(client: openai.AsyncOpenAI, file_id: str | None) -> dict[str, dict[str, Any]]:
+    """A result file's lines by custom_id (each custom_id once)."""
+    if file_id is None:
+        return {}
+    lines = [json.loads(line) for line in (await client.files.content(file_id)).text.splitlines()]
+    by_id = {line["custom_id"]: line for line in lines}
+    assert len(by_id) == len(lines), "a custom_id appears twice"
+    return by_id
+
+
+async def test_the_openai_sdk_batch_flow_runs_every_line_and_reports_each_once(start_fleet: StartFleet) -> None:
+    fleet = await start_fleet()
+    client = sdk(fleet)
+    lines = completion_lines(30)
+    lines.append({"custom_id": "too-long", "method": "POST", "url": "/v1/completions",
+                  "body": {"model": TEST_MODEL, "prompt": "x", "max_tokens": 100_000}})  # over the context
+    batch = await run_batch(client, lines)
+
+    assert batch.status == "completed" and batch.request_counts.total == 31
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (30, 1)
+    outputs, errors = await results(client, batch.output_file_id), await results(client, batch.error_file_id)
+    assert set(outputs) == {f"req-{i}" for i in range(30)} and set(errors) == {"too-long"}
+    for i in range(30):
+        response = outputs[f"req-{i}"]["response"]
+        assert response["status_code"] == 200
+        assert response["body"]["choices"][0]["text"] == f"line {i} says hello"  # the test engine echoes
+        assert response["body"]["usage"]["completion_tokens"] == len(f"line {i} says hello")
+    assert errors["too-long"]["response"]["status_code"] == 422
+    assert "max_tokens" in errors["too-long"]["response"]["body"]["error"]["message"]
+
+    listed = await client.batches.list(limit=10)
+    assert [b.id for b in listed.data] == [batch.id]
+    output_file = await client.files.retrieve(batch.output_file_id)
+    assert output_file.purpose == "batch_output" and output_file.bytes == len(
+        (await client.files.content(batch.output_file_id)).content)
+    await client.files.delete(batch.output_file_id)
+    with pytest.raises(openai.NotFoundError):
+        await client.files.retrieve(batch.output_file_id)
+
+
+async def test_chat_and_native_endpoints_run_as_batches_at_the_batch_priority(start_fleet: StartFleet, redis) -> None:
+    fleet = await start_fleet()
+    client = sdk(fleet)
+    chat = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
+             "body": {"model": TEST_MODEL, "messages": [{"role": "user", "content": f"hi {i}"}], "max_tokens": 8}}
+            for i in range(3)]
+    batch = await run_batch(client, chat, endpoint="/v1/chat/completions")
+    outputs = await results(client, batch.output_file_id)
+    assert len(outputs) == 3
+    assert all(o["response"]["body"]["object"] == "chat.completion" for o in outputs.values())
+    request_id = outputs["c0"]["response"]["request_id"]
+    assert (await redis.hget(keys.request(request_id), "priority")) == b"batch"
+
+    native = completion_lines(2, url="/v1/generate")
+    batch = await run_batch(client, native, endpoint="/v1/generate")
+    outputs = await results(client, batch.output_file_id)
+    assert outputs["req-1"]["response"]["body"]["text"] == "line 1 says hello"
+
+
+async def test_a_bad_input_file_is_refused_naming_the_line(start_fleet: StartFleet) -> None:
+    fleet = await start_fleet(workers=0, max_file_bytes=4096)
+    client = sdk(fleet)
+    good = completion_lines(3)
+    cases = [
+        (jsonl(good[:2]) + b"{not json\n", "line 3"),
+        (jsonl([good[0], {**good[1], "custom_id": "req-0"}]), "line 2"),
+        (jsonl([good[0], {**good[1], "url": "/v1/chat/completions"}]), "line 2"),
+        (jsonl([good[0], {**good[1], "body": {**good[1]["body"], "model": "other"}}]), "line 2"),
+        (jsonl([{**good[0], "method": "GET"}]), "line 1"),
+        (b"\n\n", "no lines"),
+    ]
+    for content, named in cases:
+        with pytest.raises(openai.BadRequestError) as raised:
+            await client.files.create(file=("input.jsonl", content), purpose="batch")
+        assert named in str(raised.value)
+    with pytest.raises(openai.APIStatusError) as raised:
+        await client.files.create(file=("big.jsonl", jsonl(completion_lines(100))), purpose="batch")
+    assert raised.value.status_code == 413
+    assert (await client.files.list()).data == []  # nothing half-stored
+
+    uploaded = await client.files.create(file=("input.jsonl", jsonl(good)), purpose="batch")
+    with pytest.raises(openai.BadRequestError, match="/v1/completions"):
+        await client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                    completion_window="24h")
+    with pytest.raises(openai.NotFoundError):
+        await client.batches.create(input_file_id="file-nope", endpoint="/v1/completions", completion_window="24h")
+    with pytest.raises(openai.BadRequestError, match="completion_window"):
+        await client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions",
+                                    completion_window="forever")  # type: ignore[arg-type]
+
+
+async def test_a_cancelled_batch_stops_and_reports_what_ran(start_fleet: StartFleet) -> None:
+    fleet = await start_fleet(engine={"step_delay_ms": 20, "max_num_seqs": 4}, batch_window=8)
+    client = sdk(fleet)
+    uploaded = await client.files.create(file=("input.jsonl", jsonl(completion_lines(200))), purpose="batch")
+    batch = await client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions",
+                                        completion_window="24h")
+    async with asyncio.timeout(20):
+        while (await client.batches.retrieve(batch.id)).request_counts.completed < 4:
+            await asyncio.sleep(0.1)
+    cancelling = await client.batches.cancel(batch.id)
+    assert cancelling.status == "cancelling"
+    batch = await wait_final(client, batch.id)
+    assert batch.status == "cancelled" and batch.cancelled_at
+    outputs, errors = await results(client, batch.output_file_id), await results(client, batch.error_file_id)
+    assert len(outputs) == batch.request_counts.completed >= 4
+    assert len(errors) == batch.request_counts.failed
+    assert all(e["error"]["code"] == "batch_cancelled" for e in errors.values())
+    assert len(outputs) + len(errors) < 200  # lines never fed are not run
+    with pytest.raises(openai.ConflictError):
+        await client.batches.cancel(batch.id)
+
+
+async def test_an_expired_batch_reports_every_line_not_run_as_expired(start_fleet: StartFleet) -> None:
+    fleet = await start_fleet(engine={"step_delay_ms": 20, "max_num_seqs": 4}, batch_window=8)
+    client = sdk(fleet)
+    batch = await run_batch(client, completion_lines(100), window="2s")
+    assert batch.status == "expired" and batch.expired_at
+    outputs, errors = await results(client, batch.output_file_id), await results(client, batch.error_file_id)
+    assert set(outputs) | set(errors) == {f"req-{i}" for i in range(100)} and not set(outputs) & set(errors)
+    assert all(e["error"]["code"] == "batch_expired" for e in errors.values())
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (len(outputs), len(errors))
+
+
+async def test_a_batch_whose_gateway_goes_away_is_carried_on_by_another(start_fleet: StartFleet) -> None:
+    first = await start_fleet(engine={"step_delay_ms": 5}, batch_window=16, batch_lease_ms=500)
+    client = sdk(first)
+    uploaded = await client.files.create(file=("input.jsonl", jsonl(completion_lines(120))), purpose="batch")
+    batch = await client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions",
+                                        completion_window="24h")
+    async with asyncio.timeout(20):
+        while (await client.batches.retrieve(batch.id)).request_counts.completed < 10:
+            await asyncio.sleep(0.05)
+    second = await start_fleet(workers=0, batch_lease_ms=500)
+    assert first._runner is not None
+    await first._runner.cleanup()  # the first gateway is gone, its lease lapses
+
+    other = sdk(second)
+    batch = await wait_final(other, batch.id)
+    assert batch.status == "completed" and batch.request_counts.completed == 120
+    outputs = await results(other, batch.output_file_id)
+    assert set(outputs) == {f"req-{i}" for i in range(120)}
