@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import time
 
+import aiohttp
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from common.errors import BadRequest, NotFound
 from gateway.auth import CALLER_KEY
@@ -21,6 +23,13 @@ async def create_file(request: web.Request) -> web.Response:
     gateway = Gateway.of(request)
     if not request.content_type.startswith("multipart/"):
         raise BadRequest("upload the file as multipart/form-data with fields `purpose` and `file`", param="file")
+    try:
+        return await _upload(gateway, request)
+    except (ValueError, AssertionError, aiohttp.ClientPayloadError, HttpProcessingError) as exc:  # malformed multipart
+        raise BadRequest(f"the multipart body cannot be read: {exc}", param="file") from exc
+
+
+async def _upload(gateway: Gateway, request: web.Request) -> web.Response:
     reader = await request.multipart()
     purpose: str | None = None
     stored: StoredFile | None = None

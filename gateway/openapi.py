@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
+_INT_SCHEMA = {"type": "integer", "minimum": 0}
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -20,7 +21,8 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 def _errors(*statuses: int) -> dict[str, Any]:
     reasons = {400: "Malformed request", 401: "Missing or invalid API key", 403: "Not allowed",
-               404: "Unknown model or request", 413: "Body or prompt too large", 422: "Invalid field",
+               404: "Unknown model, request, file or batch", 409: "The batch is finished already",
+               413: "Body, prompt or file too large", 422: "Invalid field",
                429: "Over capacity or over the key's limits (see Retry-After)",
                503: "Queue (Redis) unreachable, or the model is not loaded on any worker"}
     return {str(s): _json(_ERROR, reasons[s]) for s in statuses}
@@ -87,6 +89,78 @@ _MODEL_STATE = {"type": "string", "enum": ["loading", "ready", "failed", "unload
 _MODEL_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
 _CONTROL = {"$ref": "#/components/schemas/ControlReply"}
 _REQUEST_ID = {"name": "request_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_FILE_ID = {"name": "file_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_BATCH_ID = {"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_PAGING = [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+           {"name": "after", "in": "query", "schema": {"type": "string"},
+            "description": "the last id of the page before"}]
+_FILE = {"type": "object", "required": ["id", "object", "bytes", "created_at", "filename", "purpose"], "properties": {
+    "id": {"type": "string"}, "object": {"type": "string", "enum": ["file"]}, "bytes": _INT_SCHEMA,
+    "created_at": _INT_SCHEMA, "filename": {"type": "string"},
+    "purpose": {"type": "string", "enum": ["batch", "batch_output"]}}}
+_BATCH = {"type": "object", "required": ["id", "object", "endpoint", "input_file_id", "completion_window", "status",
+                                         "created_at", "request_counts"], "properties": {
+    "id": {"type": "string"}, "object": {"type": "string", "enum": ["batch"]}, "endpoint": {"type": "string"},
+    "input_file_id": {"type": "string"}, "completion_window": {"type": "string"},
+    "status": {"type": "string", "enum": ["validating", "in_progress", "finalizing", "completed", "failed", "expired",
+                                          "cancelling", "cancelled"]},
+    "output_file_id": {"type": "string", "nullable": True}, "error_file_id": {"type": "string", "nullable": True},
+    "created_at": _INT_SCHEMA, "request_counts": {"type": "object", "required": ["total", "completed", "failed"]}}}
+
+
+def _list_of(item: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "required": ["object", "data", "has_more"],
+            "properties": {"object": {"type": "string", "enum": ["list"]}, "data": {"type": "array", "items": item},
+                           "has_more": {"type": "boolean"}}}
+
+
+_BATCH_PATHS = {
+    "/v1/files": {
+        "post": {"summary": "Upload a batch input file (JSONL, checked line by line; OpenAI's Files API)",
+                 "operationId": "createFile",
+                 "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                     "type": "object", "required": ["purpose", "file"],
+                     "properties": {"purpose": {"type": "string", "enum": ["batch"]},
+                                    "file": {"type": "string", "format": "binary"}}}}}},
+                 "responses": {"200": _json(_FILE, "The stored file"), **_errors(400, 401, 403, 413, 429, 503)}},
+        "get": {"summary": "The caller's files, newest first", "operationId": "listFiles",
+                "parameters": [*_PAGING, {"name": "purpose", "in": "query", "schema": {"type": "string"}}],
+                "responses": {"200": _json(_list_of(_FILE), "Files"), **_errors(400, 401, 403, 429, 503)}}},
+    "/v1/files/{file_id}": {
+        "get": {"summary": "A file's fields", "operationId": "getFile", "parameters": [_FILE_ID],
+                "responses": {"200": _json(_FILE, "The file"), **_errors(401, 403, 404, 429, 503)}},
+        "delete": {"summary": "Delete a file", "operationId": "deleteFile", "parameters": [_FILE_ID],
+                   "responses": {"200": _json({"type": "object", "required": ["id", "deleted"]}, "Deleted"),
+                                 **_errors(401, 403, 404, 429, 503)}}},
+    "/v1/files/{file_id}/content": {"get": {
+        "summary": "A file's content (JSONL)", "operationId": "getFileContent", "parameters": [_FILE_ID],
+        "responses": {"200": {"description": "The lines",
+                              "content": {"application/jsonl": {"schema": {"type": "string"}}}},
+                      **_errors(401, 403, 404, 429, 503)}}},
+    "/v1/batches": {
+        "post": {"summary": "Run an uploaded file's lines at the batch priority (OpenAI's Batch API)",
+                 "operationId": "createBatch",
+                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                     "type": "object", "required": ["input_file_id", "endpoint", "completion_window"],
+                     "additionalProperties": False, "properties": {
+                         "input_file_id": {"type": "string"},
+                         "endpoint": {"type": "string", "enum": ["/v1/chat/completions", "/v1/completions",
+                                                                 "/v1/generate"]},
+                         "completion_window": {"type": "string", "description": "\"24h\" (s, m or h; at most 7 days)"},
+                         "metadata": {"type": "object", "nullable": True, "maxProperties": 16,
+                                      "additionalProperties": {"type": "string"}}}}}}},
+                 "responses": {"200": _json(_BATCH, "The batch"), **_errors(400, 401, 403, 404, 413, 422, 429, 503)}},
+        "get": {"summary": "The caller's batches, newest first", "operationId": "listBatches", "parameters": _PAGING,
+                "responses": {"200": _json(_list_of(_BATCH), "Batches"), **_errors(400, 401, 403, 429, 503)}}},
+    "/v1/batches/{batch_id}": {"get": {
+        "summary": "A batch: status, request counts, output and error files", "operationId": "getBatch",
+        "parameters": [_BATCH_ID],
+        "responses": {"200": _json(_BATCH, "The batch"), **_errors(401, 403, 404, 429, 503)}}},
+    "/v1/batches/{batch_id}/cancel": {"post": {
+        "summary": "Cancel a batch: its lines in flight are cancelled, what completed is kept",
+        "operationId": "cancelBatch", "parameters": [_BATCH_ID],
+        "responses": {"200": _json(_BATCH, "The batch, cancelling"), **_errors(401, 403, 404, 409, 429, 503)}}},
+}
 
 SPEC: dict[str, Any] = {
     "openapi": "3.0.3",
@@ -283,6 +357,7 @@ SPEC: dict[str, Any] = {
             "summary": "Revoke an API key (admin)", "operationId": "revokeKey",
             "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
             "responses": {"200": _json({"type": "object"}, "Revoked"), **_errors(401, 403, 404, 429, 503)}}},
+        **_BATCH_PATHS,
     },
 }
 
