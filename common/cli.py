@@ -17,6 +17,7 @@ _PARTS = {
     "keys": ("common.keys_cli", "create, list or revoke API keys"),
     "status": ("common.status_cli", "workers, models, KV use, queues and tokens/s, from Redis"),
     "models": ("common.models_cli", "load or unload a model on running workers (control plane)"),
+    "batch": ("common.batch_cli", "submit a JSONL batch, follow it, fetch its results (Batch API)"),
 }
 
 

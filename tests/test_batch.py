@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from typing import Any
 
 import openai
@@ -189,3 +190,24 @@ async def test_a_batch_whose_gateway_goes_away_is_carried_on_by_another(start_fl
     assert batch.status == "completed" and batch.request_counts.completed == 120
     outputs = await results(other, batch.output_file_id)
     assert set(outputs) == {f"req-{i}" for i in range(120)}
+
+
+async def test_the_cli_submits_follows_and_fetches_a_batch(start_fleet: StartFleet, tmp_path) -> None:
+    fleet = await start_fleet()
+    source = tmp_path / "input.jsonl"
+    source.write_bytes(jsonl(completion_lines(5)))
+    cli = [sys.executable, "-m", "common.cli", "batch", "--url", fleet.base_url]
+    submitted = await asyncio.create_subprocess_exec(*cli, "submit", str(source), "--wait",
+                                                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(submitted.communicate(), 60)
+    assert submitted.returncode == 0, err
+    batch_id = out.decode().strip()
+    assert batch_id.startswith("batch_") and b"5/5" in err  # the progress bar reached the end
+    output = tmp_path / "output.jsonl"
+    fetched = await asyncio.create_subprocess_exec(*cli, "results", batch_id, "--output", str(output))
+    assert await asyncio.wait_for(fetched.wait(), 30) == 0
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    assert sorted(line["custom_id"] for line in lines) == [f"req-{i}" for i in range(5)]
+    missing = await asyncio.create_subprocess_exec(*cli, "status", "batch_nope", stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(missing.communicate(), 30)
+    assert missing.returncode != 0 and b"does not exist" in err
