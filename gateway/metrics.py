@@ -44,6 +44,10 @@ class GatewayMetrics:
         self.waiting_routed = Gauge("llm_fleet_queue_waiting_routed", "Unread jobs in engines' own streams "
                                     "(prefix affinity)", ["model"], registry=r)
         self.held = Gauge("llm_fleet_queue_held", "Jobs read by a worker, not finished", ["model"], registry=r)
+        self.batch_outstanding = Gauge("llm_fleet_queue_batch_outstanding", "Of the outstanding jobs, batch-class "
+                                       "ones (a batch's lines in the queue)", ["model"], registry=r)
+        self.batch_waiting = Gauge("llm_fleet_queue_batch_waiting", "Of those, not read by a worker yet", ["model"],
+                                   registry=r)
         self.oldest = Gauge("llm_fleet_queue_oldest_waiting_seconds", "Age of the oldest unread job", ["model"],
                             registry=r)
         self.dead_letters = Gauge("llm_fleet_dead_letters", "Jobs kept in the model's dead-letter stream", ["model"],
@@ -58,12 +62,15 @@ class GatewayMetrics:
         queues = await fleet_state.queues(gateway.redis)
         workers = await gateway.registry.live_workers()
         for gauge in (self.outstanding, self.waiting, self.waiting_routed, self.lag, self.held, self.oldest,
+                      self.batch_outstanding, self.batch_waiting,
                       self.dead_letters, self.serving):
             gauge.clear()
         for model, queue in queues.items():
             self.outstanding.labels(model).set(queue["outstanding"])
             self.waiting.labels(model).set(queue["waiting"])
             self.waiting_routed.labels(model).set(queue["waiting_in_engine_streams"])
+            self.batch_outstanding.labels(model).set(queue["batch_outstanding"])
+            self.batch_waiting.labels(model).set(queue["batch_waiting"])
             if queue["lag"] is not None:
                 self.lag.labels(model).set(queue["lag"])
             self.held.labels(model).set(queue["held_by_workers"])
