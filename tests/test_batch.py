@@ -6,12 +6,17 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections.abc import AsyncIterator
 from typing import Any
 
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from common import keys
+from common.errors import FleetError
+from gateway.batch_input import InputChecker
 from tests.conftest import TEST_MODEL, Fleet, StartFleet
 
 
@@ -211,3 +216,41 @@ async def test_the_cli_submits_follows_and_fetches_a_batch(start_fleet: StartFle
     missing = await asyncio.create_subprocess_exec(*cli, "status", "batch_nope", stderr=asyncio.subprocess.PIPE)
     _, err = await asyncio.wait_for(missing.communicate(), 30)
     assert missing.returncode != 0 and b"does not exist" in err
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                  max_size=3),
+                     max_leaves=8)
+_LINE = st.one_of(
+    st.binary(max_size=40),
+    _JSON.map(lambda value: json.dumps(value).encode()),
+    st.fixed_dictionaries({"custom_id": _JSON, "method": st.sampled_from(["POST", "GET", 1]),
+                           "url": st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/x", None]),
+                           "body": st.one_of(_JSON, st.fixed_dictionaries({"model": _JSON}))}
+                          ).map(lambda value: json.dumps(value).encode()))
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=st.lists(_LINE, max_size=6), chunk=st.integers(min_value=1, max_value=64))
+def test_any_upload_is_stored_whole_or_refused_with_a_4xx(lines: list[bytes], chunk: int) -> None:
+    """Malformed JSONL, cut anywhere into chunks: accepted (every non-blank line kept), or a 400/413 naming the
+    problem; never another exception."""
+    content = b"\n".join(line.replace(b"\n", b" ") for line in lines)
+    checker = InputChecker(max_bytes=10_000, max_lines=4)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(content), chunk):
+            yield content[start:start + chunk]
+
+    async def parts() -> list[bytes]:
+        return [part async for part in checker.parts(chunks())]
+
+    try:
+        stored = asyncio.run(parts())
+    except FleetError as exc:
+        assert exc.status in (400, 413) and exc.message
+        return
+    kept = [line for line in b"".join(stored).split(b"\n") if line]
+    assert kept == [line.replace(b"\n", b" ") for line in lines if line.replace(b"\n", b" ").strip()]
+    assert checker.lines == len(kept) >= 1

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import openai
 import pytest
 
 from common.protocol import SamplingParams
@@ -131,6 +133,24 @@ async def test_real_model_answers_through_the_whole_fleet(start_fleet: StartFlee
         starts = [r["timings"]["created_at"] + r["timings"]["queue_s"] for r in results]
         ends = [r["timings"]["created_at"] + r["timings"]["total_s"] for r in results]
         assert max(starts) < min(ends), "every request started before any finished"
+
+        # The Batch API with the openai SDK: the same greedy answers as the requests above, at the batch priority.
+        client = openai.AsyncOpenAI(base_url=fleet.base_url + "/v1", api_key="unused", max_retries=0)
+        lines = [{"custom_id": f"count-{n}", "method": "POST", "url": "/v1/completions",
+                  "body": {"model": SMOLLM2, "prompt": f"Count to {n}:", "max_tokens": 16, "temperature": 0}}
+                 for n in (3, 4, 5, 6)]
+        uploaded = await client.files.create(file=("counts.jsonl", "\n".join(json.dumps(x) for x in lines).encode()),
+                                             purpose="batch")
+        batch = await client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions",
+                                            completion_window="24h")
+        async with asyncio.timeout(120):
+            while batch.status not in ("completed", "failed", "expired", "cancelled"):
+                await asyncio.sleep(0.2)
+                batch = await client.batches.retrieve(batch.id)
+        assert batch.status == "completed" and batch.request_counts.completed == 4
+        answers = {json.loads(line)["custom_id"]: json.loads(line)["response"]["body"]["choices"][0]["text"]
+                   for line in (await client.files.content(batch.output_file_id)).text.splitlines()}
+        assert answers == {f"count-{n}": r["text"] for n, r in zip((3, 4, 5, 6), results, strict=True)}
     finally:
         worker.terminate()
         await asyncio.to_thread(worker.wait, 30)

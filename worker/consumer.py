@@ -365,8 +365,9 @@ class Worker:
                 return  # _stop_model hands back what was just read
             if not jobs:
                 continue
+            short = len(jobs) - max(0, budget.free_seqs)  # slots may have freed while the read blocked
             budget.reserve(len(jobs))
-            for request_id in self._preemptible(budget)[: len(jobs)]:
+            for request_id in self._preemptible(budget)[:short]:
                 log.info("preempting batch job for interactive work", extra={"request_id": request_id})
                 self._handing_back.add(request_id)
                 self._running[request_id].abort(request_id)  # its _run_job hands it back
