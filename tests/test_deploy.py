@@ -93,11 +93,13 @@ def test_keda_scales_each_worker_group_on_its_model_streams_lag() -> None:
     assert set(scaled) == {"fleet-llm-fleet-worker-small", "fleet-llm-fleet-worker-large"}
     small = scaled["fleet-llm-fleet-worker-small"]["spec"]
     assert small["minReplicaCount"] == 0 and small["scaleTargetRef"]["name"] == "fleet-llm-fleet-worker-small"
-    (trigger,) = small["triggers"]
-    assert trigger["type"] == "redis-streams" and trigger["authenticationRef"]["name"] == "fleet-llm-fleet-redis"
-    assert trigger["metadata"] == {"address": "redis.example.com:6380", "stream": keys.job_stream("smollm2-135m"),
-                                   "consumerGroup": keys.CONSUMER_GROUP, "lagCount": "32",
-                                   "activationLagCount": "1", "enableTLS": "true"}
+    shared, batch = small["triggers"]  # interactive and batch work both scale the group
+    for trigger, stream in ((shared, keys.job_stream("smollm2-135m")), (batch, keys.batch_stream("smollm2-135m"))):
+        assert trigger["type"] == "redis-streams"
+        assert trigger["authenticationRef"]["name"] == "fleet-llm-fleet-redis"
+        assert trigger["metadata"] == {"address": "redis.example.com:6380", "stream": stream,
+                                       "consumerGroup": keys.CONSUMER_GROUP, "lagCount": "32",
+                                       "activationLagCount": "1", "enableTLS": "true"}
     (auth,) = by_kind(docs, "TriggerAuthentication")
     assert auth["spec"]["secretTargetRef"] == [{"parameter": "password", "name": "fleet-redis",
                                                 "key": "redis-password"}]
