@@ -108,6 +108,7 @@ class Worker:
         self._readers: dict[str, asyncio.Task[None]] = {}  # model -> its _serve_model task
         self._job_readers: dict[str, JobReader] = {}  # model -> where its _serve_model takes jobs from
         self._event_followers: dict[str, asyncio.Task[None]] = {}  # model -> its engine's KV cache events
+        self._yielders: dict[str, asyncio.Task[None]] = {}  # model -> its _yield_to_interactive task
         self._closing: set[str] = set()  # models whose reader is to stop after its current read
         self._in_redis: dict[str, int] = {}  # model -> its reader loops in a stream read or claim now
         self._out_of_redis: dict[str, asyncio.Event] = {}  # model -> set while none of them is
@@ -168,15 +169,22 @@ class Worker:
         continues it. Scaling in or unloading loses nothing."""
         self.loader.begin_unload(name)
         reader = self._readers.pop(name, None)
+        yielder = self._yielders.pop(name, None)
         if reader is not None:
             # Let a read in flight return (XREADGROUP blocks read_block_ms at most) rather than cancel it:
             # redis-py 5 can lose the cancellation of a blocked read and hang. A reader waiting for KV
             # room, not on Redis, is cancelled at once.
             self._closing.add(name)
+            if name in self.budgets:
+                self.budgets[name].wake()  # a loop waiting for room sees `_closing` and returns
             if self._in_redis.get(name):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._out_of_redis[name].wait(), self.settings.read_block_ms / 1000 + 2.0)
+            # Ended, not cancelled, where possible: a cancelled task keeps its frames (and the engine) alive.
+            await asyncio.wait({t for t in (reader, yielder) if t is not None}, timeout=1.0)
             await _cancel(reader)
+        if yielder is not None:
+            await _cancel(yielder)
         jobs = self._jobs.get(name, set())
         if jobs:
             await asyncio.wait(jobs, timeout=self.settings.drain_timeout_s)
@@ -307,15 +315,20 @@ class Worker:
             self.redis, self.worker_id, self.engine_id, spec.name, wait_ms=self.settings.affinity_wait_ms,
             block_ms=self.settings.read_block_ms)
         await self._hand_back_unstarted(spec.name, budget)  # what an earlier run of this reader left (a crash)
-        async with asyncio.TaskGroup() as loops:
-            loops.create_task(self._take_jobs(spec, engine, budget, reader))
-            loops.create_task(self._yield_to_interactive(spec, engine, budget, reader))
+        earlier = self._yielders.pop(spec.name, None)  # of a run of this reader that crashed
+        if earlier is not None:
+            await _cancel(earlier)
+        self._yielders[spec.name] = self.supervisor.start(
+            f"yield:{spec.name}", lambda: self._yield_to_interactive(spec, engine, budget, reader))
+        await self._take_jobs(spec, engine, budget, reader)
 
     async def _take_jobs(self, spec: ModelSpec, engine: Engine, budget: KvBudget, reader: JobReader) -> None:
         """Fill free slots: reclaimed jobs, then interactive ones, then batch ones."""
         next_reclaim = 0.0
         while spec.name not in self._closing:
-            await budget.wait_for_slot()
+            await budget.wait_until(lambda: spec.name in self._closing or budget.free_seqs > 0)
+            if spec.name in self._closing:
+                return
             free = min(budget.free_seqs, _MAX_READ_BATCH)
             try:
                 claimed: list[Taken] = []
@@ -349,7 +362,10 @@ class Worker:
         jobs to preempt: each preempted job is handed back to the batch stream with its output so far
         (continued later, like a drained one), and its slot is reserved for the interactive job."""
         while spec.name not in self._closing:
-            await budget.wait_until(lambda: budget.free_seqs <= 0 and bool(self._preemptible(budget)))
+            await budget.wait_until(lambda: spec.name in self._closing
+                                    or (budget.free_seqs <= 0 and bool(self._preemptible(budget))))
+            if spec.name in self._closing:
+                return
             try:
                 with self._redis_call(spec.name):
                     entries = await reader.read_interactive(len(self._preemptible(budget)))
@@ -371,6 +387,9 @@ class Worker:
                 log.info("preempting batch job for interactive work", extra={"request_id": request_id})
                 self._handing_back.add(request_id)
                 self._running[request_id].abort(request_id)  # its _run_job hands it back
+                # Its slot goes to the interactive job now, not once the hand-back is written: the engine drops
+                # the aborted sequence at its next step, so it runs one over its limit for a step at most.
+                budget.release(request_id)
                 self.metrics.preempted.labels(spec.name).inc()
             await self._start_jobs(engine, budget, jobs, reserved=True)
 

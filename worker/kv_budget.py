@@ -81,6 +81,10 @@ class KvBudget:
         self._reserved -= 1
         self._changed.set()
 
+    def wake(self) -> None:
+        """Have every `wait_until` check its condition again (it changed without an admission or release)."""
+        self._changed.set()
+
     async def wait_until(self, condition: Callable[[], bool]) -> None:
         """Wait until `condition` holds; it is checked again whenever a job is admitted or released."""
         while not condition():
@@ -90,9 +94,6 @@ class KvBudget:
     def never_fits(self, tokens: int) -> bool:
         """Larger than the whole engine: no oversubscription makes it runnable."""
         return self._blocks(tokens) > self.capacity_tokens
-
-    async def wait_for_slot(self) -> None:
-        await self.wait_until(lambda: self.free_seqs > 0)
 
     def release(self, request_id: str) -> None:
         held = self._held.pop(request_id, None)
