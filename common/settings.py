@@ -136,6 +136,9 @@ class WorkerSettings(_RequestLifetimes):
     # into the next). > 0: at least this long between flushes (fewer, bigger chunks; a request's first
     # output is never held back).
     flush_interval_ms: float = 0.0
+    # A batch-class job's output is written at most this often (and when it ends): it is read when the
+    # batch collects it, not streamed. Its progress since the last write is redone if its worker dies.
+    batch_flush_interval_ms: float = 500.0
     read_block_ms: int = 1000
     # A job routed to another engine's own stream (prefix affinity) that waited this long may be taken
     # by this worker when it has room and nothing else to do (worker/job_reader.py).

@@ -526,8 +526,9 @@ class Worker:
         request_id = job.request_id
         self._running[request_id] = engine
         started_at, finish_reason = time.time(), FinishReason.ERROR
-        published = self.publisher.open(request_id, last_seq, len(job.prompt_token_ids),
-                                        completion_tokens=plan.tokens_done)
+        published = self.publisher.open(
+            request_id, last_seq, len(job.prompt_token_ids), completion_tokens=plan.tokens_done,
+            interval_s=self.settings.batch_flush_interval_ms / 1000 if job.is_batch else 0.0)
         try:
             if plan.unsent_text:
                 self.publisher.add(EngineOutput(request_id, plan.unsent_text))

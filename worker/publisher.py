@@ -4,7 +4,9 @@ Per-token work stays in memory; Redis sees one append per flush for each request
 A flush starts as soon as the previous one is done: with little load, that is every engine step
 (each token goes out as it is made); as load rises a flush takes longer and carries more tokens per
 request. The cost of the last flush sets the coalescing, not a fixed delay. An optional
-`flush_interval` spaces flushes further (a request's first output is never held back).
+`flush_interval` spaces flushes further (a request's first output is never held back). A request opened
+with its own `interval` (batch-class jobs: nobody watches them token by token) is written at most that
+often, and when it ends: its per-token cost in Redis all but goes.
 
 A flush that Redis cannot take (unreachable, or refusing: OOM, BUSY, READONLY) keeps the text and
 retries with backoff, so a Redis blip loses nothing. A request whose own output cannot be stored (any
@@ -47,6 +49,8 @@ class OpenRequest:
     # Sent, but the reply was lost (Redis went away): it is re-sent exactly as it was, since it
     # may have been applied (the store ignores a seq it has), and newer output waits for it.
     unconfirmed: tuple[ScriptCall, Chunk] | None = None
+    interval: float = 0.0  # written at most this often (s) until it ends; 0: every flush
+    next_write_at: float = 0.0  # monotonic
 
     @property
     def buffered(self) -> bool:
@@ -79,10 +83,13 @@ class ChunkPublisher:
         self._urgent = False
         self.tokens_out = 0  # every output token this process generated, for the heartbeat
 
-    def open(self, request_id: str, last_seq: int, prompt_tokens: int, completion_tokens: int = 0) -> OpenRequest:
-        """Start publishing a request; a continuation passes the seq and token count it reached."""
+    def open(self, request_id: str, last_seq: int, prompt_tokens: int, completion_tokens: int = 0, *,
+             interval_s: float = 0.0) -> OpenRequest:
+        """Start publishing a request; a continuation passes the seq and token count it reached. With
+        `interval_s`, its output is written at most that often until it ends."""
         state = self._open[request_id] = OpenRequest(last_seq=last_seq, prompt_tokens=prompt_tokens,
-                                                     completion_tokens=completion_tokens)
+                                                     completion_tokens=completion_tokens, interval=interval_s,
+                                                     next_write_at=time.monotonic() + interval_s)
         return state
 
     def add(self, output: EngineOutput) -> None:
@@ -92,7 +99,7 @@ class ChunkPublisher:
         if output.request_id not in self._dirty:
             if state.first_output_at is None:
                 state.first_output_at = time.time()
-            if state.last_seq == 0:
+            if state.last_seq == 0 and not state.interval:
                 self._urgent = True  # first output of a request: no coalescing delay
             self._dirty[output.request_id] = state
         if output.cached_tokens is not None:
@@ -157,7 +164,12 @@ class ChunkPublisher:
         # arrives while the pipeline is in flight goes into the next flush.
         dirty, self._dirty = self._dirty, {}
         sent: list[tuple[str, OpenRequest]] = []
+        now = time.monotonic()
         for request_id, state in dirty.items():
+            if state.interval and state.waiter is None and state.unconfirmed is None and now < state.next_write_at:
+                self._dirty[request_id] = state  # not due: a later flush writes it
+                continue
+            state.next_write_at = now + state.interval
             if state.taken or state.broken:  # nothing more is written for it; a finish learns so at once
                 _resolve(state, -1)
                 continue
