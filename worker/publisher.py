@@ -50,7 +50,9 @@ class OpenRequest:
     # may have been applied (the store ignores a seq it has), and newer output waits for it.
     unconfirmed: tuple[ScriptCall, Chunk] | None = None
     interval: float = 0.0  # written at most this often (s) until it ends; 0: every flush
-    next_write_at: float = 0.0  # monotonic
+    # Monotonic. A run's first output is due at once: it shows the run made progress (a job whose runs
+    # keep dying before any output is given up on as poison, common/request_store.py).
+    next_write_at: float = 0.0
 
     @property
     def buffered(self) -> bool:
@@ -88,8 +90,7 @@ class ChunkPublisher:
         """Start publishing a request; a continuation passes the seq and token count it reached. With
         `interval_s`, its output is written at most that often until it ends."""
         state = self._open[request_id] = OpenRequest(last_seq=last_seq, prompt_tokens=prompt_tokens,
-                                                     completion_tokens=completion_tokens, interval=interval_s,
-                                                     next_write_at=time.monotonic() + interval_s)
+                                                     completion_tokens=completion_tokens, interval=interval_s)
         return state
 
     def add(self, output: EngineOutput) -> None:
