@@ -381,7 +381,7 @@ class Worker:
                 return  # _stop_model hands back what was just read
             if not jobs:
                 continue
-            short = len(jobs) - max(0, budget.free_seqs)  # slots may have freed while the read blocked
+            short = max(0, len(jobs) - max(0, budget.free_seqs))  # slots may have freed while the read blocked
             budget.reserve(len(jobs))
             for request_id in self._preemptible(budget)[:short]:
                 log.info("preempting batch job for interactive work", extra={"request_id": request_id})
