@@ -20,6 +20,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 from redis.asyncio import Redis
@@ -132,26 +133,34 @@ class BatchRunner:
         record.update(response={"status_code": 200, "request_id": request_id, "body": body}, error=None)
         return _jsonl(record), True
 
-    async def _feed(self, batch: Batch) -> None:
-        room = self._settings.batch_window - len(await self._batches.inflight(batch.id))
+    async def _unfed(self, batch: Batch) -> AsyncIterator[tuple[bytes, int, int]]:
+        """The batch's input lines from its cursor on: (the line, and the cursor after it: part, line). The
+        caller moves the cursor (record_fed) before it asks for the next one."""
         part: list[bytes] | None = None
-        while room > 0 and batch.fed < batch.total:
+        while batch.fed < batch.total:
             if part is None:
                 raw_part = await self._files.part(batch.input_file_id, batch.next_part)
                 if raw_part is None:
                     raise RuntimeError(f"batch {batch.id}: input file {batch.input_file_id} is gone")
                 part = raw_part.split(b"\n")[:-1]
-            raw = part[batch.next_line]
-            next_part, next_line = ((batch.next_part + 1, 0) if batch.next_line + 1 >= len(part)
-                                    else (batch.next_part, batch.next_line + 1))
+            last_of_part = batch.next_line + 1 >= len(part)
+            yield (part[batch.next_line], *((batch.next_part + 1, 0) if last_of_part
+                                            else (batch.next_part, batch.next_line + 1)))
+            if last_of_part:
+                part = None
+
+    async def _feed(self, batch: Batch) -> None:
+        room = self._settings.batch_window - len(await self._batches.inflight(batch.id))
+        async for raw, next_part, next_line in self._unfed(batch):
+            if room <= 0:
+                return
             number = batch.fed + 1
             try:
                 request_id, custom_id = await self._submit(batch, raw, number)
             except Overloaded:
                 return  # the batch class is at its cap: the next tick goes on
             except FleetError as exc:
-                custom_id = _custom_id(raw)
-                error_line = _jsonl({"id": f"batch_req_line_{number}", "custom_id": custom_id,
+                error_line = _jsonl({"id": f"batch_req_line_{number}", "custom_id": _custom_id(raw),
                                      "response": {"status_code": exc.status, "request_id": None,
                                                   "body": exc.to_dict()}, "error": None})
                 moved = await self._batches.record_fed(batch, next_part=next_part, next_line=next_line,
@@ -162,8 +171,6 @@ class BatchRunner:
                 room -= 1
             if not moved:
                 return  # another runner carries it now
-            if next_line == 0:
-                part = None
 
     async def _submit(self, batch: Batch, raw: bytes, number: int) -> tuple[str, str]:
         """Line `number` as a batch-class job in the queue: (its request id, its custom_id)."""
@@ -190,20 +197,12 @@ class BatchRunner:
             return
         if batch.stopping == "expire":
             code, message = _STOP_MESSAGES["expire"]
-            part: list[bytes] | None = None
-            while batch.fed < batch.total:
-                if part is None:
-                    part = ((await self._files.part(batch.input_file_id, batch.next_part)) or b"").split(b"\n")[:-1]
-                custom_id = _custom_id(part[batch.next_line])
-                next_part, next_line = ((batch.next_part + 1, 0) if batch.next_line + 1 >= len(part)
-                                        else (batch.next_part, batch.next_line + 1))
-                error_line = _jsonl({"id": f"batch_req_line_{batch.fed + 1}", "custom_id": custom_id,
+            async for raw, next_part, next_line in self._unfed(batch):
+                error_line = _jsonl({"id": f"batch_req_line_{batch.fed + 1}", "custom_id": _custom_id(raw),
                                      "response": None, "error": {"code": code, "message": message}})
                 if not await self._batches.record_fed(batch, next_part=next_part, next_line=next_line,
                                                       request=None, error_line=error_line):
                     return
-                if next_line == 0:
-                    part = None
             await self._finish(batch, BatchStatus.EXPIRED, "expired_at")
         else:
             await self._finish(batch, BatchStatus.CANCELLED, "cancelled_at")

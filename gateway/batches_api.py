@@ -14,7 +14,7 @@ from gateway.auth import CALLER_KEY
 from gateway.batch_input import ENDPOINTS
 from gateway.batch_store import FINAL_STATUSES, Batch, BatchStatus, new_batch_id
 from gateway.context import Gateway, may_access
-from gateway.files_api import file_for, page_query
+from gateway.files_api import file_for, list_response, page_query
 from gateway.validation import parse_json_object, reject_unknown
 
 _WINDOW = re.compile(r"^([1-9][0-9]{0,5})([smh])$")
@@ -72,10 +72,7 @@ async def list_batches(request: web.Request) -> web.Response:
     limit, after = page_query(request)
     caller = request.get(CALLER_KEY)
     batches, more = await gateway.batches.page(caller.digest if caller else "", limit=limit, after=after)
-    data = [b.to_openai() for b in batches]
-    return web.json_response({"object": "list", "data": data, "has_more": more,
-                              "first_id": data[0]["id"] if data else None,
-                              "last_id": data[-1]["id"] if data else None})
+    return list_response([b.to_openai() for b in batches], more)
 
 
 async def cancel_batch(request: web.Request) -> web.Response:

@@ -5,6 +5,7 @@ uploaded it (or, for a batch's output, that created the batch)."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import aiohttp
 from aiohttp import BodyPartReader, web
@@ -73,10 +74,7 @@ async def list_files(request: web.Request) -> web.Response:
     limit, after = page_query(request)
     files, more = await gateway.files.page(_owner(request), limit=limit, after=after)
     purpose = request.query.get("purpose")
-    data = [f.to_openai() for f in files if purpose is None or f.purpose == purpose]
-    return web.json_response({"object": "list", "data": data, "has_more": more,
-                              "first_id": data[0]["id"] if data else None,
-                              "last_id": data[-1]["id"] if data else None})
+    return list_response([f.to_openai() for f in files if purpose is None or f.purpose == purpose], more)
 
 
 async def get_file(request: web.Request) -> web.Response:
@@ -109,6 +107,13 @@ async def file_for(request: web.Request, file_id: str) -> StoredFile:
     if stored is None or not may_access(request.get(CALLER_KEY), stored.owner):
         raise NotFound(f"file {file_id} does not exist", param="file_id")
     return stored
+
+
+def list_response(data: list[dict[str, Any]], more: bool) -> web.Response:
+    """OpenAI's list object: a page of objects, and whether more follow."""
+    return web.json_response({"object": "list", "data": data, "has_more": more,
+                              "first_id": data[0]["id"] if data else None,
+                              "last_id": data[-1]["id"] if data else None})
 
 
 def page_query(request: web.Request) -> tuple[int, str | None]:

@@ -348,10 +348,7 @@ class Worker:
                 log.warning("taking jobs of %s failed: %s", spec.name, describe(exc))
                 await asyncio.sleep(1.0)
                 continue
-            jobs = await self._parse(entries)
-            for taken in jobs:
-                self._hold(taken)
-                self.metrics.jobs_taken.labels(spec.name, _source(reader, taken.stream)).inc()
+            jobs = await self._held_jobs(reader, entries)
             if spec.name in self._closing:
                 return  # _stop_model hands back what was just read
             await self._start_jobs(engine, budget, jobs)
@@ -373,10 +370,7 @@ class Worker:
                 log.warning("looking for interactive jobs of %s failed: %s", spec.name, describe(exc))
                 await asyncio.sleep(1.0)
                 continue
-            jobs = await self._parse(entries)
-            for taken in jobs:
-                self._hold(taken)
-                self.metrics.jobs_taken.labels(spec.name, _source(reader, taken.stream)).inc()
+            jobs = await self._held_jobs(reader, entries)
             if spec.name in self._closing:
                 return  # _stop_model hands back what was just read
             if not jobs:
@@ -392,6 +386,14 @@ class Worker:
                 budget.release(request_id)
                 self.metrics.preempted.labels(spec.name).inc()
             await self._start_jobs(engine, budget, jobs, reserved=True)
+
+    async def _held_jobs(self, reader: JobReader, entries: list[tuple[str, bytes, dict[bytes, bytes]]]) -> list[Taken]:
+        """The jobs of entries just read, held (and counted by where they came from)."""
+        jobs = await self._parse(entries)
+        for taken in jobs:
+            self._hold(taken)
+            self.metrics.jobs_taken.labels(reader.model, _source(reader, taken.stream)).inc()
+        return jobs
 
     def _preemptible(self, budget: KvBudget) -> list[str]:
         """Batch jobs running here that are not being handed back already, the last admitted first."""
