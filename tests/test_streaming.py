@@ -103,3 +103,28 @@ async def test_a_reader_that_fell_behind_gets_what_is_waiting_merged_into_one_ch
     finally:
         await supervisor.stop()
         await relay.close()
+
+
+async def test_a_batch_jobs_output_is_written_at_its_first_token_then_only_at_its_interval_and_end(
+    redis: aioredis.Redis, store_with_request: tuple[RequestStore, str]
+) -> None:
+    """Nobody streams a batch job: after the first output (written at once: it is the progress a restarted
+    job's poison check counts), tokens wait for the job's interval or its end, in one chunk."""
+    store, request_id = store_with_request
+    publisher = ChunkPublisher(redis, store, WORKER, flush_interval_s=0, request_ttl_s=60, result_ttl_s=60,
+                               on_lost=lambda _: None)
+    runner = asyncio.create_task(publisher.run())
+    try:
+        publisher.open(request_id, last_seq=0, prompt_tokens=2, interval_s=30.0)
+        publisher.add(EngineOutput(request_id, "a", [97]))
+        async with asyncio.timeout(5):
+            while not await store.chunks_after(request_id, 0):
+                await asyncio.sleep(0.01)
+        for text in "bcde":
+            publisher.add(EngineOutput(request_id, text, [ord(text)]))
+            await asyncio.sleep(0.02)  # flushes run meanwhile, each one finds it not due
+        assert [c.text for c in await store.chunks_after(request_id, 0)] == ["a"]
+        assert await publisher.finish(EngineOutput(request_id, "", [], finish_reason=FinishReason.LENGTH)) == 1
+    finally:
+        runner.cancel()
+    assert [(c.seq, c.text) for c in await store.chunks_after(request_id, 0)] == [(1, "a"), (2, "bcde")]
