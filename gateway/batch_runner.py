@@ -65,10 +65,28 @@ class BatchRunner:
             try:
                 for batch_id in await self._batches.active():
                     if await self._batches.lease(batch_id, self.runner_id, self._settings.batch_lease_ms):
-                        await self.step(batch_id)
+                        await self._step_alone(batch_id)
             except REDIS_UNAVAILABLE as exc:
                 log.warning("batch runner: %s", describe(exc))
             await asyncio.sleep(self._settings.batch_tick_s)
+
+    async def _step_alone(self, batch_id: str) -> None:
+        """One batch's step, whose failure is that batch's alone: a batch that cannot go on (its input file
+        was deleted, ...) ends `failed` with the reason, and the others go on."""
+        try:
+            await self.step(batch_id)
+        except REDIS_UNAVAILABLE:
+            raise
+        except Exception as exc:
+            log.exception("batch %s cannot go on; it fails", batch_id)
+            batch = await self._batches.get(batch_id)
+            if batch is not None:
+                for request_id in await self._batches.inflight(batch_id):
+                    await self._store.cancel(request_id, batch.model, result_ttl_s=self._settings.result_ttl_s)
+                await self._batches.ended(batch, status=BatchStatus.FAILED, failed_at=int(time.time()),
+                                          errors={"object": "list", "data": [
+                                              {"code": "batch_failed", "message": str(exc), "param": None,
+                                               "line": batch.fed + 1}]})
 
     async def step(self, batch_id: str) -> None:
         batch = await self._batches.get(batch_id)
@@ -141,7 +159,8 @@ class BatchRunner:
             if part is None:
                 raw_part = await self._files.part(batch.input_file_id, batch.next_part)
                 if raw_part is None:
-                    raise RuntimeError(f"batch {batch.id}: input file {batch.input_file_id} is gone")
+                    raise RuntimeError(f"its input file {batch.input_file_id} was deleted before line "
+                                       f"{batch.fed + 1} was read")
                 part = raw_part.split(b"\n")[:-1]
             last_of_part = batch.next_line + 1 >= len(part)
             yield (part[batch.next_line], *((batch.next_part + 1, 0) if last_of_part

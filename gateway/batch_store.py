@@ -69,9 +69,10 @@ class Batch:
     expired_at: int | None = None
     cancelling_at: int | None = None
     cancelled_at: int | None = None
+    errors: dict[str, Any] | None = None  # OpenAI's list of what failed the batch
 
     def to_openai(self) -> dict[str, Any]:
-        return {"id": self.id, "object": "batch", "endpoint": self.endpoint, "errors": None,
+        return {"id": self.id, "object": "batch", "endpoint": self.endpoint, "errors": self.errors,
                 "input_file_id": self.input_file_id, "completion_window": self.completion_window,
                 "status": self.status, "output_file_id": self.output_file_id, "error_file_id": self.error_file_id,
                 "created_at": self.created_at, **{name: getattr(self, name) for name in _TIMES},

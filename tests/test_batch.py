@@ -254,3 +254,21 @@ def test_any_upload_is_stored_whole_or_refused_with_a_4xx(lines: list[bytes], ch
     kept = [line for line in b"".join(stored).split(b"\n") if line]
     assert kept == [line.replace(b"\n", b" ") for line in lines if line.replace(b"\n", b" ").strip()]
     assert checker.lines == len(kept) >= 1
+
+
+async def test_a_batch_whose_input_file_is_deleted_fails_alone(start_fleet: StartFleet) -> None:
+    fleet = await start_fleet(engine={"step_delay_ms": 20, "max_num_seqs": 4}, batch_window=4)
+    client = sdk(fleet)
+    uploaded = await client.files.create(file=("input.jsonl", jsonl(completion_lines(100))), purpose="batch")
+    batch = await client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions",
+                                        completion_window="24h")
+    async with asyncio.timeout(20):
+        while (await client.batches.retrieve(batch.id)).request_counts.completed < 2:
+            await asyncio.sleep(0.05)
+    await client.files.delete(uploaded.id)
+    batch = await wait_final(client, batch.id)
+    assert batch.status == "failed" and batch.failed_at and batch.errors is not None
+    assert "deleted" in batch.errors.data[0].message
+    assert (await fleet.get("/ready"))[0] == 200  # the runner goes on with other batches
+    other = await run_batch(client, completion_lines(3))
+    assert other.status == "completed" and other.request_counts.completed == 3
