@@ -26,7 +26,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from common import keys
-from common.errors import FleetError, Overloaded
+from common.errors import FleetError, Overloaded, Unavailable
 from common.protocol import TERMINAL_STATUSES, Chunk, Priority, RequestStatus
 from common.redis_conn import REDIS_UNAVAILABLE, describe
 from common.request_store import RequestStore
@@ -176,8 +176,8 @@ class BatchRunner:
             number = batch.fed + 1
             try:
                 request_id, custom_id = await self._submit(batch, raw, number)
-            except Overloaded:
-                return  # the batch class is at its cap: the next tick goes on
+            except (Overloaded, Unavailable):
+                return  # the batch class is at its cap, or no worker serves the model now: the next tick goes on
             except FleetError as exc:
                 error_line = _jsonl({"id": f"batch_req_line_{number}", "custom_id": _custom_id(raw),
                                      "response": {"status_code": exc.status, "request_id": None,

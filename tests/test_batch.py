@@ -272,3 +272,20 @@ async def test_a_batch_whose_input_file_is_deleted_fails_alone(start_fleet: Star
     assert (await fleet.get("/ready"))[0] == 200  # the runner goes on with other batches
     other = await run_batch(client, completion_lines(3))
     assert other.status == "completed" and other.request_counts.completed == 3
+
+
+async def test_a_batch_waits_while_no_worker_serves_its_model(start_fleet: StartFleet) -> None:
+    fleet = await start_fleet(workers=0)
+    await fleet.start_worker()  # registers the model, then leaves: requests for it get 503 now
+    await fleet.wait_ready()
+    await fleet.stop_workers()
+    client = sdk(fleet)
+    uploaded = await client.files.create(file=("input.jsonl", jsonl(completion_lines(5))), purpose="batch")
+    batch = await client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions",
+                                        completion_window="24h")
+    await asyncio.sleep(1.0)
+    waiting = await client.batches.retrieve(batch.id)
+    assert waiting.status == "in_progress" and waiting.request_counts.failed == 0  # no line failed for it
+    await fleet.start_worker()
+    batch = await wait_final(client, batch.id)
+    assert batch.status == "completed" and batch.request_counts.completed == 5
