@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 
 from common import keys
 from common.errors import FleetError
+from common.protocol import WorkerStatus
 from gateway.batch_input import InputChecker
 from tests.conftest import TEST_MODEL, Fleet, StartFleet
 
@@ -274,11 +276,17 @@ async def test_a_batch_whose_input_file_is_deleted_fails_alone(start_fleet: Star
     assert other.status == "completed" and other.request_counts.completed == 3
 
 
-async def test_a_batch_waits_while_no_worker_serves_its_model(start_fleet: StartFleet) -> None:
+async def test_a_batch_waits_while_no_worker_serves_its_model(start_fleet: StartFleet, redis) -> None:
     fleet = await start_fleet(workers=0)
-    await fleet.start_worker()  # registers the model, then leaves: requests for it get 503 now
+    await fleet.start_worker()  # registers the model, then leaves
     await fleet.wait_ready()
     await fleet.stop_workers()
+    # A live worker that does not serve it (as after an operator unloaded it): requests for it get 503 now.
+    idle = WorkerStatus(worker_id="idle", host="h", pid=1, state="serving", started_at=time.time(),
+                        heartbeat_at=time.time())
+    await redis.set(keys.worker("idle"), idle.pack(), ex=60)
+    await redis.sadd(keys.WORKERS, "idle")
+    assert (await fleet.post("/v1/completions", completion_lines(1)[0]["body"]))[0] == 503
     client = sdk(fleet)
     uploaded = await client.files.create(file=("input.jsonl", jsonl(completion_lines(5))), purpose="batch")
     batch = await client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions",
@@ -286,6 +294,7 @@ async def test_a_batch_waits_while_no_worker_serves_its_model(start_fleet: Start
     await asyncio.sleep(1.0)
     waiting = await client.batches.retrieve(batch.id)
     assert waiting.status == "in_progress" and waiting.request_counts.failed == 0  # no line failed for it
+    await redis.delete(keys.worker("idle"))
     await fleet.start_worker()
     batch = await wait_final(client, batch.id)
     assert batch.status == "completed" and batch.request_counts.completed == 5
