@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -66,10 +67,14 @@ async def probes(http: aiohttp.ClientSession, base: str, args: argparse.Namespac
     queue = list(range(args.probes))
     ttfts: list[float] = []
 
+    gaps = random.Random(7)
+
     async def client() -> None:
         while queue:
             ttfts.append(await probe(http, base, queue.pop(), args))
-            await asyncio.sleep(args.probe_gap_s)
+            # A random pause: a fixed one would send every probe at the same phase of the engine's step clock
+            # (a probe ends with a step), and a batched engine admits a newcomer at its next step.
+            await asyncio.sleep(gaps.uniform(0.5, 1.5) * args.probe_gap_s)
 
     await asyncio.gather(*(client() for _ in range(args.probe_clients)))
     return ttfts
