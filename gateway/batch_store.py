@@ -144,7 +144,7 @@ class BatchStore:
     async def create(self, batch: Batch) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(keys.batch(batch.id), mapping=batch.to_hash())
-            pipe.zadd(keys.batches_of(batch.owner), {batch.id: batch.created_at})
+            pipe.zadd(keys.batches_of(batch.owner), {batch.id: time.time()})  # created_at is whole seconds
             pipe.sadd(keys.ACTIVE_BATCHES, batch.id)
             await pipe.execute()
 

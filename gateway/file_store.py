@@ -4,6 +4,7 @@ in a gateway's memory) and read back the same way."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
@@ -72,7 +73,7 @@ class FileStore:
         """Write the file's fields and list it: from now on it exists."""
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(keys.file_meta(stored.id), mapping={k: v for k, v in asdict(stored).items()})
-            pipe.zadd(keys.files_of(stored.owner), {stored.id: stored.created_at})
+            pipe.zadd(keys.files_of(stored.owner), {stored.id: time.time()})  # created_at is whole seconds
             await pipe.execute()
 
     async def get(self, file_id: str) -> StoredFile | None:

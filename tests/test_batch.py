@@ -15,7 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common import keys
+from common import api_keys, keys
+from common.api_keys import ApiKey
 from common.errors import FleetError
 from common.protocol import WorkerStatus
 from gateway.batch_input import InputChecker
@@ -298,3 +299,32 @@ async def test_a_batch_waits_while_no_worker_serves_its_model(start_fleet: Start
     await fleet.start_worker()
     batch = await wait_final(client, batch.id)
     assert batch.status == "completed" and batch.request_counts.completed == 5
+
+
+async def test_files_and_batches_belong_to_the_key_that_made_them(start_fleet: StartFleet, redis) -> None:
+    """With API keys, another key neither sees nor touches a key's files and batches (a 404, as for a
+    request); an admin key reaches them. Lists page newest first."""
+    fleet = await start_fleet(auth=True, auth_cache_s=0)
+    alice, bob = [await api_keys.create(redis, ApiKey(name=name)) for name in ("alice", "bob")]
+    admin = await api_keys.create(redis, ApiKey(name="ops", admin=True))
+
+    def client(key: str) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=fleet.base_url + "/v1", api_key=key, max_retries=0)
+
+    batches = [await run_batch(client(alice), completion_lines(2)) for _ in range(3)]
+    mine = batches[0]
+    for call in (client(bob).batches.retrieve(mine.id), client(bob).batches.cancel(mine.id),
+                 client(bob).files.retrieve(mine.input_file_id), client(bob).files.content(mine.output_file_id),
+                 client(bob).files.delete(mine.output_file_id)):
+        with pytest.raises(openai.NotFoundError):
+            await call
+    assert (await client(bob).batches.list()).data == [] and (await client(bob).files.list()).data == []
+    with pytest.raises(openai.NotFoundError):  # nor may another key run a batch over alice's file
+        await client(bob).batches.create(input_file_id=mine.input_file_id, endpoint="/v1/completions",
+                                         completion_window="24h")
+    assert (await client(admin).batches.retrieve(mine.id)).id == mine.id
+
+    first = await client(alice).batches.list(limit=2)
+    assert [b.id for b in first.data] == [batches[2].id, batches[1].id] and first.has_more
+    rest = await client(alice).batches.list(limit=2, after=first.data[-1].id)
+    assert [b.id for b in rest.data] == [batches[0].id] and not rest.has_more
