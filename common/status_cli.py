@@ -72,8 +72,9 @@ def render(snapshot: dict[str, Any]) -> str:
             table.append((worker["worker_id"], worker["state"], name, state, running, kv, rate, gpu_mem))
     lines += _columns(table)
     lines.append("")
-    queues = [("MODEL", "OUTSTANDING", "WAITING", "HELD BY WORKERS", "DEAD LETTERS")]
-    queues += [(name, str(q["outstanding"]), str(q["waiting"]), str(q["held_by_workers"]), str(q["dead_letters"]))
+    queues = [("MODEL", "OUTSTANDING", "WAITING", "HELD BY WORKERS", "OF THEM BATCH", "DEAD LETTERS")]
+    queues += [(name, str(q["outstanding"]), str(q["waiting"]), str(q["held_by_workers"]),
+                str(q.get("batch_outstanding", 0)), str(q["dead_letters"]))
                for name, q in snapshot["queues"].items()]
     lines += _columns(queues)
     return "\n".join(lines)
