@@ -39,12 +39,24 @@ def completion_lines(count: int, *, url: str = "/v1/completions", **body: Any) -
             for i in range(count)]
 
 
+async def start_batch(client: openai.AsyncOpenAI, lines: list[dict[str, Any]], *,
+                      endpoint: str = "/v1/completions", window: str = "24h") -> Any:
+    uploaded = await client.files.create(file=("input.jsonl", jsonl(lines)), purpose="batch")
+    return await client.batches.create(input_file_id=uploaded.id, endpoint=endpoint,  # type: ignore[arg-type]
+                                       completion_window=window)  # type: ignore[arg-type]
+
+
 async def run_batch(client: openai.AsyncOpenAI, lines: list[dict[str, Any]], *, endpoint: str = "/v1/completions",
                     window: str = "24h", timeout_s: float = 60.0) -> Any:
-    uploaded = await client.files.create(file=("input.jsonl", jsonl(lines)), purpose="batch")
-    batch = await client.batches.create(input_file_id=uploaded.id, endpoint=endpoint,  # type: ignore[arg-type]
-                                        completion_window=window)  # type: ignore[arg-type]
+    batch = await start_batch(client, lines, endpoint=endpoint, window=window)
     return await wait_final(client, batch.id, timeout_s)
+
+
+async def wait_completed(client: openai.AsyncOpenAI, batch_id: str, count: int) -> None:
+    """Until `count` of the batch's lines completed."""
+    async with asyncio.timeout(20):
+        while (await client.batches.retrieve(batch_id)).request_counts.completed < count:
+            await asyncio.sleep(0.05)
 
 
 async def wait_final(client: openai.AsyncOpenAI, batch_id: str, timeout_s: float = 60.0) -> Any:
@@ -150,12 +162,8 @@ async def test_a_bad_input_file_is_refused_naming_the_line(start_fleet: StartFle
 async def test_a_cancelled_batch_stops_and_reports_what_ran(start_fleet: StartFleet) -> None:
     fleet = await start_fleet(engine={"step_delay_ms": 20, "max_num_seqs": 4}, batch_window=8)
     client = sdk(fleet)
-    uploaded = await client.files.create(file=("input.jsonl", jsonl(completion_lines(200))), purpose="batch")
-    batch = await client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions",
-                                        completion_window="24h")
-    async with asyncio.timeout(20):
-        while (await client.batches.retrieve(batch.id)).request_counts.completed < 4:
-            await asyncio.sleep(0.1)
+    batch = await start_batch(client, completion_lines(200))
+    await wait_completed(client, batch.id, 4)
     cancelling = await client.batches.cancel(batch.id)
     assert cancelling.status == "cancelling"
     batch = await wait_final(client, batch.id)
@@ -183,12 +191,8 @@ async def test_an_expired_batch_reports_every_line_not_run_as_expired(start_flee
 async def test_a_batch_whose_gateway_goes_away_is_carried_on_by_another(start_fleet: StartFleet) -> None:
     first = await start_fleet(engine={"step_delay_ms": 5}, batch_window=16, batch_lease_ms=500)
     client = sdk(first)
-    uploaded = await client.files.create(file=("input.jsonl", jsonl(completion_lines(120))), purpose="batch")
-    batch = await client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions",
-                                        completion_window="24h")
-    async with asyncio.timeout(20):
-        while (await client.batches.retrieve(batch.id)).request_counts.completed < 10:
-            await asyncio.sleep(0.05)
+    batch = await start_batch(client, completion_lines(120))
+    await wait_completed(client, batch.id, 10)
     second = await start_fleet(workers=0, batch_lease_ms=500)
     assert first._runner is not None
     await first._runner.cleanup()  # the first gateway is gone, its lease lapses
@@ -262,13 +266,9 @@ def test_any_upload_is_stored_whole_or_refused_with_a_4xx(lines: list[bytes], ch
 async def test_a_batch_whose_input_file_is_deleted_fails_alone(start_fleet: StartFleet) -> None:
     fleet = await start_fleet(engine={"step_delay_ms": 20, "max_num_seqs": 4}, batch_window=4)
     client = sdk(fleet)
-    uploaded = await client.files.create(file=("input.jsonl", jsonl(completion_lines(100))), purpose="batch")
-    batch = await client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions",
-                                        completion_window="24h")
-    async with asyncio.timeout(20):
-        while (await client.batches.retrieve(batch.id)).request_counts.completed < 2:
-            await asyncio.sleep(0.05)
-    await client.files.delete(uploaded.id)
+    batch = await start_batch(client, completion_lines(100))
+    await wait_completed(client, batch.id, 2)
+    await client.files.delete(batch.input_file_id)
     batch = await wait_final(client, batch.id)
     assert batch.status == "failed" and batch.failed_at and batch.errors is not None
     assert "deleted" in batch.errors.data[0].message
@@ -289,9 +289,7 @@ async def test_a_batch_waits_while_no_worker_serves_its_model(start_fleet: Start
     await redis.sadd(keys.WORKERS, "idle")
     assert (await fleet.post("/v1/completions", completion_lines(1)[0]["body"]))[0] == 503
     client = sdk(fleet)
-    uploaded = await client.files.create(file=("input.jsonl", jsonl(completion_lines(5))), purpose="batch")
-    batch = await client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions",
-                                        completion_window="24h")
+    batch = await start_batch(client, completion_lines(5))
     await asyncio.sleep(1.0)
     waiting = await client.batches.retrieve(batch.id)
     assert waiting.status == "in_progress" and waiting.request_counts.failed == 0  # no line failed for it
