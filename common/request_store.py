@@ -295,13 +295,18 @@ class RequestStore:
 
     async def read(self, request_id: str) -> tuple[dict[str, str], list[Chunk]] | None:
         """The request's state and all its chunks, in one round trip."""
+        [found] = await self.read_many([request_id])
+        return found
+
+    async def read_many(self, request_ids: list[str]) -> list[tuple[dict[str, str], list[Chunk]] | None]:
+        """`read` of several requests, in one round trip."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(keys.request(request_id))
-            pipe.lrange(keys.request_chunks(request_id), 0, -1)
-            state, raw_chunks = await pipe.execute()
-        if not state:
-            return None
-        return {as_text(k): as_text(v) for k, v in state.items()}, [Chunk.unpack(c) for c in raw_chunks]
+            for request_id in request_ids:
+                pipe.hgetall(keys.request(request_id))
+                pipe.lrange(keys.request_chunks(request_id), 0, -1)
+            replies = await pipe.execute()
+        return [({as_text(k): as_text(v) for k, v in state.items()}, [Chunk.unpack(c) for c in chunks]) if state
+                else None for state, chunks in zip(replies[::2], replies[1::2], strict=True)]
 
     async def meta(self, request_id: str) -> RequestMeta | None:
         """Who owns the request and how far it is, in one read; None when it does not exist (or expired)."""

@@ -116,15 +116,19 @@ class BatchRunner:
             for request_id in request_ids:
                 pipe.hget(keys.request(request_id), "status")
             statuses = await pipe.execute()
-        for request_id, status in zip(request_ids, statuses, strict=True):
-            if status is not None and status.decode() not in TERMINAL_STATUSES:
-                continue
-            line, ok = await self._result_line(batch, request_id, inflight[request_id])
-            await self._batches.record_ended(batch, request_id, line, ok=ok)
+        ended = [request_id for request_id, status in zip(request_ids, statuses, strict=True)
+                 if status is None or status.decode() in TERMINAL_STATUSES]
+        if not ended:
+            return
+        results = await self._store.read_many(ended)  # a round trip for all of them, and one to write them
+        await self._batches.record_ended(batch, [
+            (request_id, *self._result_line(batch, request_id, inflight[request_id], found))
+            for request_id, found in zip(ended, results, strict=True)])
 
-    async def _result_line(self, batch: Batch, request_id: str, line: InFlight) -> tuple[bytes, bool]:
-        """The output line (True) or error line (False) of a request that ended."""
-        found = await self._store.read(request_id)
+    def _result_line(self, batch: Batch, request_id: str, line: InFlight,
+                     found: tuple[dict[str, str], list[Chunk]] | None) -> tuple[bytes, bool]:
+        """The output line (True) or error line (False) of a request that ended (`found`: its state and
+        chunks; None: its result expired)."""
         record: dict[str, Any] = {"id": f"batch_req_{request_id}", "custom_id": line.custom_id}
         if found is None:
             record.update(response=None, error={"code": "request_expired",

@@ -201,13 +201,16 @@ class BatchStore:
             batch.failed += 1 if error_line else 0
         return bool(moved)
 
-    async def record_ended(self, batch: Batch, request_id: str, result_line: bytes, *, ok: bool) -> bool:
-        """Write a line's result to the output file (ok) or the error file; False: written before."""
-        file_id = batch.output_id if ok else batch.error_id
-        return bool(await self._ended(
-            keys=[keys.batch(batch.id), keys.batch_inflight(batch.id), keys.file_parts(file_id),
-                  keys.file_meta(file_id)],
-            args=[request_id, result_line, "completed" if ok else "failed"]))
+    async def record_ended(self, batch: Batch, results: list[tuple[str, bytes, bool]]) -> None:
+        """Write each ended request's result line (request id, line, ok) to the output file (ok) or the error
+        file, in one round trip; a line written before (by a runner that died before it knew) is not again."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for request_id, result_line, ok in results:
+                file_id = batch.output_id if ok else batch.error_id
+                await self._ended(keys=[keys.batch(batch.id), keys.batch_inflight(batch.id), keys.file_parts(file_id),
+                                        keys.file_meta(file_id)],
+                                  args=[request_id, result_line, "completed" if ok else "failed"], client=pipe)
+            await pipe.execute()
 
     async def result_file(self, batch: Batch, file_id: str, kind: str) -> StoredFile | None:
         """The output or error file as the runner wrote it (None: no line went there)."""
