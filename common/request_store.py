@@ -339,10 +339,11 @@ class RequestStore:
         """Put a job this worker will not finish back at the end of its class's stream as a new entry
         (what it emitted stays: the next worker continues). 'requeued', 'taken' (another worker
         owns it), or the terminal status it already had; the old entry is acked unless taken."""
+        home = class_stream(job)
         [reply] = await self.run_scripts([ScriptCall(
-            _HAND_BACK, [keys.request(job.request_id), stream, keys.skip_set_of(stream), class_stream(job)],
+            _HAND_BACK, [keys.request(job.request_id), stream, keys.skip_set_of(stream), home],
             [worker_id, job.pack(), entry_id, keys.CONSUMER_GROUP, keys.entry_ref(stream, entry_id),
-             keys.entry_ref(class_stream(job), "")])])
+             keys.entry_ref(home, "")])])
         return as_text(reply)
 
     async def dead_letter(self, job: Job, stream: str, entry_id: bytes | str, worker_id: str, reason: str, *,

@@ -74,7 +74,7 @@ def render(snapshot: dict[str, Any]) -> str:
     lines.append("")
     queues = [("MODEL", "OUTSTANDING", "WAITING", "HELD BY WORKERS", "OF THEM BATCH", "DEAD LETTERS")]
     queues += [(name, str(q["outstanding"]), str(q["waiting"]), str(q["held_by_workers"]),
-                str(q.get("batch_outstanding", 0)), str(q["dead_letters"]))
+                str(q["batch_outstanding"]), str(q["dead_letters"]))
                for name, q in snapshot["queues"].items()]
     lines += _columns(queues)
     return "\n".join(lines)

@@ -99,18 +99,18 @@ class BatchRunner:
         if not batch.stopping and now >= batch.expires_at:
             batch.stopping = "expire"
             await self._batches.update(batch.id, stopping="expire")
-        await self._collect(batch)
+        inflight = await self._collect(batch)
         if batch.stopping:
-            await self._stop(batch)
-        else:
-            await self._feed(batch)
-            if batch.fed >= batch.total and not await self._batches.inflight(batch.id):
-                await self._finish(batch, BatchStatus.COMPLETED, "completed_at")
+            await self._stop(batch, inflight)
+        elif not await self._feed(batch, self._settings.batch_window - len(inflight)) and not inflight \
+                and batch.fed >= batch.total:
+            await self._finish(batch, BatchStatus.COMPLETED, "completed_at")
 
-    async def _collect(self, batch: Batch) -> None:
+    async def _collect(self, batch: Batch) -> dict[str, InFlight]:
+        """Write the results of the batch's requests that ended; the ones still in flight."""
         inflight = await self._batches.inflight(batch.id)
         if not inflight:
-            return
+            return inflight
         request_ids = list(inflight)
         async with self._redis.pipeline(transaction=False) as pipe:
             for request_id in request_ids:
@@ -119,11 +119,12 @@ class BatchRunner:
         ended = [request_id for request_id, status in zip(request_ids, statuses, strict=True)
                  if status is None or status.decode() in TERMINAL_STATUSES]
         if not ended:
-            return
+            return inflight
         results = await self._store.read_many(ended)  # a round trip for all of them, and one to write them
         await self._batches.record_ended(batch, [
-            (request_id, *self._result_line(batch, request_id, inflight[request_id], found))
+            (request_id, *self._result_line(batch, request_id, inflight.pop(request_id), found))
             for request_id, found in zip(ended, results, strict=True)])
+        return inflight
 
     def _result_line(self, batch: Batch, request_id: str, line: InFlight,
                      found: tuple[dict[str, str], list[Chunk]] | None) -> tuple[bytes, bool]:
@@ -172,28 +173,30 @@ class BatchRunner:
             if last_of_part:
                 part = None
 
-    async def _feed(self, batch: Batch) -> None:
-        room = self._settings.batch_window - len(await self._batches.inflight(batch.id))
+    async def _feed(self, batch: Batch, room: int) -> int:
+        """Input lines into the queue, up to `room` requests; how many went in."""
+        fed = 0
         async for raw, next_part, next_line in self._unfed(batch):
-            if room <= 0:
-                return
+            if fed >= room:
+                break
             number = batch.fed + 1
             try:
                 request_id, custom_id = await self._submit(batch, raw, number)
             except (Overloaded, Unavailable):
-                return  # the batch class is at its cap, or no worker serves the model now: the next tick goes on
+                break  # the batch class is at its cap, or no worker serves the model now: the next tick goes on
             except FleetError as exc:
                 error_line = _jsonl({"id": f"batch_req_line_{number}", "custom_id": _custom_id(raw),
                                      "response": {"status_code": exc.status, "request_id": None,
                                                   "body": exc.to_dict()}, "error": None})
-                moved = await self._batches.record_fed(batch, next_part=next_part, next_line=next_line,
-                                                       request=None, error_line=error_line)
+                if not await self._batches.record_fed(batch, next_part=next_part, next_line=next_line,
+                                                      request=None, error_line=error_line):
+                    break  # another runner carries it now
             else:
-                moved = await self._batches.record_fed(batch, next_part=next_part, next_line=next_line,
-                                                       request=(request_id, InFlight(number, custom_id)))
-                room -= 1
-            if not moved:
-                return  # another runner carries it now
+                if not await self._batches.record_fed(batch, next_part=next_part, next_line=next_line,
+                                                      request=(request_id, InFlight(number, custom_id))):
+                    break
+                fed += 1
+        return fed
 
     async def _submit(self, batch: Batch, raw: bytes, number: int) -> tuple[str, str]:
         """Line `number` as a batch-class job in the queue: (its request id, its custom_id)."""
@@ -208,10 +211,9 @@ class BatchRunner:
         idempotency = idempotency_for(f"{batch.id} line {number}", line.body, route="batch", owner=batch.owner)
         return await self._submitter.enqueue(job, owner=batch.owner, idempotency=idempotency), line.custom_id
 
-    async def _stop(self, batch: Batch) -> None:
+    async def _stop(self, batch: Batch, inflight: dict[str, InFlight]) -> None:
         """Cancel what is in flight (once per runner; what ends is collected as it ends); an expiring batch
         reports every line not fed; then the batch ends."""
-        inflight = await self._batches.inflight(batch.id)
         if inflight and batch.id not in self._stopping_sent:
             self._stopping_sent.add(batch.id)
             for request_id in inflight:

@@ -172,8 +172,8 @@ class Worker:
         yielder = self._yielders.pop(name, None)
         if reader is not None:
             # Let a read in flight return (XREADGROUP blocks read_block_ms at most) rather than cancel it:
-            # redis-py 5 can lose the cancellation of a blocked read and hang. A reader waiting for KV
-            # room, not on Redis, is cancelled at once.
+            # redis-py 5 can lose the cancellation of a blocked read and hang. The reader loops waiting for KV
+            # room are woken and return.
             self._closing.add(name)
             if name in self.budgets:
                 self.budgets[name].wake()  # a loop waiting for room sees `_closing` and returns
