@@ -109,8 +109,7 @@ class ChunkPublisher:
         state.token_ids.extend(output.token_ids)
         state.completion_tokens += len(output.token_ids)
         self.tokens_out += len(output.token_ids)
-        if not state.interval or time.monotonic() >= state.next_write_at:
-            self._wakeup.set()  # (a batch job's output that is not due wakes no flush: one would only defer it)
+        self._wakeup.set()
 
     async def finish(self, output: EngineOutput) -> int:
         """Write the request's remaining output and final status; the store's reply: 1, or 0 (the
