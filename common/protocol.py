@@ -88,6 +88,11 @@ class SamplingParams(Packed):
     # does not), and OpenAI's logit_bias: token id (a string, as in its JSON) -> added to its logit.
     stop_token_ids: list[int] = field(default_factory=list)
     logit_bias: dict[str, float] = field(default_factory=dict)
+    # Log-probabilities, as vLLM reports them (of the model's raw distribution, before any penalty or
+    # temperature): None asks for none; k >= 0 for each output token its own and its k most likely
+    # alternatives (`logprobs`), for each prompt token the same (`prompt_logprobs`, completions' `echo`).
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
 
 @dataclass(slots=True)
@@ -115,6 +120,11 @@ class Job(Packed):
         return len(self.prompt_token_ids) + int(self.sampling["max_tokens"])
 
 
+# One token's log-probability: [its logprob, [[token id, logprob], ... its k most likely alternatives, most
+# likely first]]. Lists, not objects: a chunk stays one flat msgpack map.
+TokenLogprob = list[Any]
+
+
 @dataclass(slots=True)
 class Chunk(Packed):
     """A coalesced piece of output on `chunks:{id}` and in `req:{id}:chunks`; seq starts at 1.
@@ -130,6 +140,10 @@ class Chunk(Packed):
     completion_tokens: int | None = None
     error: str | None = None
     cached_tokens: int | None = None  # of the prompt, from the engine's prefix cache (the last chunk)
+    # Asked for in the job's sampling: one TokenLogprob per token of token_ids, and in the first chunk of a
+    # request one per prompt token (None for the first, which has nothing before it).
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @classmethod
     def merged(cls, chunks: list[Chunk]) -> Chunk:
@@ -138,9 +152,12 @@ class Chunk(Packed):
             return chunks[0]
         last = chunks[-1]
         token_ids = [t for c in chunks for t in c.token_ids or ()] if any(c.token_ids for c in chunks) else None
+        logprobs = [lp for c in chunks for lp in c.logprobs or ()] if any(c.logprobs for c in chunks) else None
         return cls(seq=last.seq, text="".join(c.text for c in chunks), token_ids=token_ids,
                    finish_reason=last.finish_reason, prompt_tokens=last.prompt_tokens,
-                   completion_tokens=last.completion_tokens, error=last.error, cached_tokens=last.cached_tokens)
+                   completion_tokens=last.completion_tokens, error=last.error, cached_tokens=last.cached_tokens,
+                   logprobs=logprobs, prompt_logprobs=next((c.prompt_logprobs for c in chunks if c.prompt_logprobs),
+                                                          None))
 
 
 @dataclass(slots=True)

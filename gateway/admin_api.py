@@ -7,22 +7,13 @@ from aiohttp import web
 from common import api_keys
 from common.api_keys import ApiKey
 from common.errors import NotFound, Unprocessable
+from gateway.api_types import ApiKeyBody, parse, parse_json_object
 from gateway.context import Gateway
-from gateway.validation import int_field, number_field, parse_json_object, reject_unknown
-
-_KEY_FIELDS = frozenset({"name", "admin", "rps", "max_concurrent"})
 
 
 async def create_key(request: web.Request) -> web.Response:
-    body = parse_json_object(await request.read())
-    reject_unknown(body, _KEY_FIELDS)
-    name, admin = body.get("name"), body.get("admin", False)
-    if not isinstance(name, str) or not 0 < len(name) <= 64:
-        raise Unprocessable("`name` must be a string of 1 to 64 characters", param="name")
-    if not isinstance(admin, bool):
-        raise Unprocessable("`admin` must be a boolean", param="admin")
-    key = ApiKey(name=name, admin=admin, rps=number_field(body, "rps", 0.0, low=0.0, high=1e6),
-                 max_concurrent=int_field(body, "max_concurrent", minimum=0, maximum=1_000_000) or 0)
+    body = parse(ApiKeyBody, parse_json_object(await request.read()))
+    key = ApiKey(name=body.name, admin=body.admin, rps=body.rps, max_concurrent=body.max_concurrent)
     try:
         secret = await api_keys.create(Gateway.of(request).redis, key)
     except ValueError as exc:

@@ -16,11 +16,8 @@ from aiohttp import web
 
 from common import control
 from common.errors import Unprocessable
+from gateway.api_types import B, LoadBody, UnloadBody, parse, parse_json_object
 from gateway.context import Gateway
-from gateway.validation import int_field, parse_json_object, reject_unknown, strict_bool
-
-_LOAD_FIELDS = frozenset({"workers", "replicas", "wait"})
-_UNLOAD_FIELDS = frozenset({"workers", "wait"})
 
 
 async def list_workers(request: web.Request) -> web.Response:
@@ -31,21 +28,20 @@ async def list_workers(request: web.Request) -> web.Response:
 
 async def load_model(request: web.Request) -> web.Response:
     gateway, model = Gateway.of(request), request.match_info["name"]
-    body = _body(await request.read(), _LOAD_FIELDS)
-    worker_ids = _worker_ids(body)
-    replicas = int_field(body, "replicas", minimum=1, maximum=10_000)
+    body = _body(await request.read(), LoadBody)
+    worker_ids, replicas = _worker_ids(body), body.replicas
     if worker_ids is not None and replicas is not None:
         raise Unprocessable("give `workers` or `replicas`, not both", param="replicas")
     targets = control.plan_load(await gateway.registry.live_workers(), model, worker_ids=worker_ids,
                                 replicas=replicas)
-    return await _dispatch(gateway, control.LOAD_MODEL, model, targets, wait=body.get("wait", False))
+    return await _dispatch(gateway, control.LOAD_MODEL, model, targets, wait=body.wait)
 
 
 async def unload_model(request: web.Request) -> web.Response:
     gateway, model = Gateway.of(request), request.match_info["name"]
-    body = _body(await request.read(), _UNLOAD_FIELDS)
+    body = _body(await request.read(), UnloadBody)
     targets = control.plan_unload(await gateway.registry.live_workers(), model, worker_ids=_worker_ids(body))
-    return await _dispatch(gateway, control.UNLOAD_MODEL, model, targets, wait=body.get("wait", False))
+    return await _dispatch(gateway, control.UNLOAD_MODEL, model, targets, wait=body.wait)
 
 
 async def _dispatch(gateway: Gateway, action: str, model: str, targets: list[str], *, wait: bool) -> web.Response:
@@ -60,17 +56,9 @@ async def _dispatch(gateway: Gateway, action: str, model: str, targets: list[str
     return web.json_response(reply)
 
 
-def _body(raw: bytes, allowed: frozenset[str]) -> dict[str, Any]:
-    body = parse_json_object(raw) if raw.strip() else {}
-    reject_unknown(body, allowed)
-    strict_bool(body, "wait", False)
-    return body
+def _body(raw: bytes, model: type[B]) -> B:
+    return parse(model, parse_json_object(raw) if raw.strip() else {})
 
 
-def _worker_ids(body: dict[str, Any]) -> list[str] | None:
-    ids = body.get("workers")
-    if ids is None:
-        return None
-    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) and i for i in ids):
-        raise Unprocessable("`workers` must be a non-empty list of worker ids", param="workers")
-    return list(dict.fromkeys(ids))
+def _worker_ids(body: UnloadBody) -> list[str] | None:
+    return None if body.workers is None else list(dict.fromkeys(body.workers))

@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 from common.errors import BadRequest, PayloadTooLarge
+from gateway.api_types import BatchEndpoint
 
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/generate")
+ENDPOINTS: tuple[str, ...] = get_args(BatchEndpoint)
 PART_BYTES = 1 << 20  # lines are stored in parts of about this size (gateway/file_store.py)
 MAX_CUSTOM_ID = 512
 

@@ -31,13 +31,13 @@ from common.protocol import TERMINAL_STATUSES, Chunk, Priority, RequestStatus
 from common.redis_conn import REDIS_UNAVAILABLE, describe
 from common.request_store import RequestStore
 from common.settings import GatewaySettings
+from gateway.api_types import GenerateBody, parse
 from gateway.batch_input import parse_line
 from gateway.batch_store import Batch, BatchStatus, BatchStore, InFlight
 from gateway.file_store import FileStore
 from gateway.idempotency import idempotency_for
 from gateway.openai_api import CompletionShape, parse_openai_body
 from gateway.submit import Submitter
-from gateway.validation import GenerateRequest, parse_generate
 from gateway.views import request_view
 
 log = logging.getLogger(__name__)
@@ -149,10 +149,9 @@ class BatchRunner:
         if batch.endpoint == "/v1/generate":
             body = request_view(request_id, state, chunks)
         else:
-            final = chunks[-1] if chunks else Chunk(seq=0, text="")
             shape = CompletionShape(batch.endpoint == "/v1/chat/completions", request_id, batch.model,
                                     int(state.get("prompt_tokens", 0)))
-            body = shape.final("".join(c.text for c in chunks), final)
+            body = shape.final([chunks])
         record.update(response={"status_code": 200, "request_id": request_id, "body": body}, error=None)
         return _jsonl(record), True
 
@@ -201,11 +200,10 @@ class BatchRunner:
     async def _submit(self, batch: Batch, raw: bytes, number: int) -> tuple[str, str]:
         """Line `number` as a batch-class job in the queue: (its request id, its custom_id)."""
         line = parse_line(raw, number)
-        request: GenerateRequest
-        if batch.endpoint == "/v1/generate":
-            request = parse_generate({k: v for k, v in line.body.items() if k != "priority"})
-        else:
-            request, _, _ = parse_openai_body(line.body, chat=batch.endpoint == "/v1/chat/completions")
+        body = {k: v for k, v in line.body.items() if k != "priority"}
+        parsed = parse(GenerateBody, body) if batch.endpoint == "/v1/generate" else parse_openai_body(
+            body, chat=batch.endpoint == "/v1/chat/completions")
+        request = parsed.request()
         request.priority = Priority.BATCH
         job = await self._submitter.prepare(request)
         idempotency = idempotency_for(f"{batch.id} line {number}", line.body, route="batch", owner=batch.owner)

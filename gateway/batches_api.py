@@ -3,51 +3,36 @@ the same queue as every request, at the batch priority (gateway/batch_runner.py)
 
 from __future__ import annotations
 
-import re
 import time
-from typing import Any
 
 from aiohttp import web
 
 from common.errors import BadRequest, Conflict, NotFound
+from gateway.api_types import BatchBody, parse, parse_json_object
 from gateway.auth import CALLER_KEY
-from gateway.batch_input import ENDPOINTS
 from gateway.batch_store import FINAL_STATUSES, Batch, BatchStatus, new_batch_id
 from gateway.context import Gateway, may_access
 from gateway.files_api import file_for, list_response, page_query
-from gateway.validation import parse_json_object, reject_unknown
 
-_WINDOW = re.compile(r"^([1-9][0-9]{0,5})([smh])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600}
 MAX_WINDOW_S = 7 * 24 * 3600
-_MAX_METADATA = 16
 
 
-def completion_window_s(value: Any) -> int:
-    """OpenAI's `completion_window` ("24h"); this fleet also takes seconds or minutes ("90s", "30m"), up to 7 days."""
-    match = _WINDOW.match(value) if isinstance(value, str) else None
-    if match is None or int(match[1]) * _UNIT_S[match[2]] > MAX_WINDOW_S:
-        raise BadRequest("`completion_window` must be a duration such as \"24h\" (s, m or h; at most 7 days)",
-                         param="completion_window")
-    return int(match[1]) * _UNIT_S[match[2]]
+def completion_window_s(value: str) -> int:
+    """OpenAI's `completion_window` ("24h", its pattern checked by BatchBody); this fleet also takes seconds or
+    minutes ("90s", "30m"), up to 7 days."""
+    seconds = int(value[:-1]) * _UNIT_S[value[-1]]
+    if seconds > MAX_WINDOW_S:
+        raise BadRequest("`completion_window` must be at most 7 days", param="completion_window")
+    return seconds
 
 
 async def create_batch(request: web.Request) -> web.Response:
     gateway = Gateway.of(request)
-    body = parse_json_object(await request.read())
-    reject_unknown(body, frozenset({"input_file_id", "endpoint", "completion_window", "metadata"}))
-    endpoint = body.get("endpoint")
-    if endpoint not in ENDPOINTS:
-        raise BadRequest(f"`endpoint` must be one of {', '.join(ENDPOINTS)}", param="endpoint")
-    window_s = completion_window_s(body.get("completion_window"))
-    metadata = body.get("metadata")
-    if metadata is not None and not (isinstance(metadata, dict) and len(metadata) <= _MAX_METADATA and all(
-            isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512 for k, v in metadata.items())):
-        raise BadRequest(f"`metadata` must map at most {_MAX_METADATA} keys (64 characters) to strings (512)",
-                         param="metadata")
-    if not isinstance(body.get("input_file_id"), str):
-        raise BadRequest("`input_file_id` must be the id of an uploaded file", param="input_file_id")
-    stored = await file_for(request, body["input_file_id"])
+    body = parse(BatchBody, parse_json_object(await request.read()), unknown=BadRequest, invalid=BadRequest)
+    endpoint = body.endpoint
+    window_s = completion_window_s(body.completion_window)
+    stored = await file_for(request, body.input_file_id)
     if stored.purpose != "batch":
         raise BadRequest(f"file {stored.id} is not a batch input file (purpose {stored.purpose})",
                          param="input_file_id")
@@ -57,8 +42,8 @@ async def create_batch(request: web.Request) -> web.Response:
     now = int(time.time())
     caller = request.get(CALLER_KEY)
     batch = Batch(id=new_batch_id(), owner=caller.digest if caller else "", endpoint=endpoint, model=card.name,
-                  input_file_id=stored.id, completion_window=body["completion_window"], created_at=now,
-                  expires_at=now + window_s, metadata=metadata, total=stored.lines)
+                  input_file_id=stored.id, completion_window=body.completion_window, created_at=now,
+                  expires_at=now + window_s, metadata=body.metadata, total=stored.lines)
     await gateway.batches.create(batch)
     return web.json_response(batch.to_openai())
 

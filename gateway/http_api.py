@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway.api_types import GenerateBody, parse, parse_json_object
 from gateway.auth import CALLER_KEY
 from gateway.context import REQUEST_ID_KEY, Gateway, may_access, not_found
 from gateway.idempotency import idempotency_of
-from gateway.validation import parse_generate, parse_json_object
 from gateway.views import request_view
 
 
 async def generate(request: web.Request) -> web.Response:
     gateway = Gateway.of(request)
     body = parse_json_object(await request.read())
-    job = await gateway.submitter.prepare(parse_generate(body), request_id=request[REQUEST_ID_KEY])
+    job = await gateway.submitter.prepare(parse(GenerateBody, body).request(), request_id=request[REQUEST_ID_KEY])
     request_id = request[REQUEST_ID_KEY] = await gateway.submit(job, request.get(CALLER_KEY),
                                                                 idempotency_of(request, body))
     return web.json_response({"request_id": request_id, "status": "queued", "model": job.model}, status=202,

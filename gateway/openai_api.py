@@ -9,110 +9,33 @@ started ends the stream with an error event and `[DONE]`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import json
 import logging
 import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
 
-from common.errors import BadRequest, FleetError, Unavailable, Unprocessable
-from common.protocol import Chunk, FinishReason
+from common.errors import BadRequest, FleetError, Unavailable
+from common.protocol import Chunk, FinishReason, Job
 from common.redis_conn import REDIS_UNAVAILABLE, describe
-from gateway.auth import CALLER_KEY
+from common.request_store import Idempotency
+from gateway.api_types import MAX_SEED, ChatBody, CompletionBody, StreamOptions, parse, parse_json_object
+from gateway.auth import CALLER_KEY, Caller
 from gateway.context import REQUEST_ID_KEY, Gateway
 from gateway.idempotency import idempotency_of
 from gateway.relay import Subscription
-from gateway.validation import (
-    SAMPLING_FIELDS,
-    GenerateRequest,
-    check_messages,
-    int_field,
-    parse_json_object,
-    priority_field,
-    sampling_fields,
-)
-from gateway.views import usage_of
+from gateway.views import finite, usage_of
 
 log = logging.getLogger(__name__)
 
-# Accepted (the sampling fields and what does not change the output); others only with their no-op value
-# (_NOOP_VALUES).
-_ACCEPTED = frozenset({"user", "stream_options", "stream", "n", "model", "max_tokens", "max_completion_tokens",
-                       "priority"}) | SAMPLING_FIELDS
-_NOOP_VALUES: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
-    "suffix": (None,), "parallel_tool_calls": (None,), "tools": (None, []), "tool_choice": (None, "none"),
-    "response_format": (None, {"type": "text"}), "service_tier": (None, "auto", "default"), "store": (None, False),
-    "metadata": (None,),
-}
-
-
-def _is_noop(name: str, value: Any) -> bool:
-    """Same type and value as a no-op value: `logprobs: 0` asks for logprobs (0 == False in Python)."""
-    return any(type(value) is type(noop) and value == noop for noop in _NOOP_VALUES.get(name, ()))
-
-
-def parse_openai_body(body: dict[str, Any], *, chat: bool) -> tuple[GenerateRequest, bool, _Usage]:
-    """(request, stream, usage wanted in the stream); 400 for what we do not support."""
-    text_field = "messages" if chat else "prompt"
-    allowed = _ACCEPTED | {text_field}
-    unsupported = sorted(k for k in body if k not in allowed and not _is_noop(k, body[k]))
-    if unsupported:
-        raise BadRequest(f"unsupported parameter(s): {', '.join(unsupported)}", param=unsupported[0])
-    if body.get("n", 1) != 1:
-        raise BadRequest("only n=1 is supported", param="n")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise BadRequest("`stream` must be a boolean", param="stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats"}:
-        raise BadRequest("`stream_options` supports include_usage and continuous_usage_stats",
-                         param="stream_options")
-    if not all(isinstance(v, bool) for v in options.values()):
-        raise BadRequest("`stream_options` values must be booleans", param="stream_options")
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise BadRequest("`model` must be a string", param="model")
-
-    prompt = messages = None
-    if chat:
-        messages = body.get("messages")
-        if isinstance(messages, list):
-            messages = [_flatten_content(m) for m in messages]
-        check_messages(messages)
-    else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise Unprocessable("`prompt` must be a non-empty string (or a list of one)", param="prompt")
-
-    max_tokens = int_field(body, "max_completion_tokens", minimum=1) or int_field(body, "max_tokens", minimum=1)
-    request = GenerateRequest(model=model, prompt=prompt, messages=messages, max_tokens=max_tokens,
-                              sampling=sampling_fields(body), priority=priority_field(body))
-    return request, stream, _Usage(final=bool(options.get("include_usage")),
-                                   continuous=bool(options.get("continuous_usage_stats")))
-
-
-class _Usage:
-    """What a stream reports of usage: a final usage-only event (`include_usage`), and usage so far on
-    every event (vLLM's `continuous_usage_stats`)."""
-
-    def __init__(self, *, final: bool, continuous: bool) -> None:
-        self.final = final
-        self.continuous = continuous
-
-
-def _flatten_content(message: Any) -> Any:
-    """OpenAI allows content as a list of text parts; the chat template wants one string."""
-    if isinstance(message, dict) and isinstance(message.get("content"), list):
-        parts = message["content"]
-        if all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts):
-            return {**message, "content": "".join(p["text"] for p in parts)}
-        raise BadRequest("only text content parts are supported", param="messages")
-    return message
+def parse_openai_body(body: dict[str, Any], *, chat: bool) -> ChatBody | CompletionBody:
+    """The body checked: 400 for a parameter the route does not take, 422 for a bad value."""
+    return parse(ChatBody if chat else CompletionBody, body, unknown=BadRequest)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -126,25 +49,63 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def _serve(request: web.Request, *, chat: bool) -> web.StreamResponse:
     gateway = Gateway.of(request)
     body = parse_json_object(await request.read())
-    generate, stream, usage = parse_openai_body(body, chat=chat)
+    parsed = parse_openai_body(body, chat=chat)
+    generate = parsed.request()
     job = await gateway.submitter.prepare(generate, request_id=request[REQUEST_ID_KEY])
     caller = request.get(CALLER_KEY)
-    subscription = await gateway.submit_streaming(job, caller, idempotency_of(request, body))
-    request_id = request[REQUEST_ID_KEY] = subscription.request_id  # a replay's: the earlier request's
+    subscriptions = await _submit_choices(gateway, job, parsed.n, caller, idempotency_of(request, body))
+    request_id = request[REQUEST_ID_KEY] = subscriptions[0].request_id  # a replay's: the earlier request's
     # A client that leaves while its request waits (queued, or between chunks) cancels it; the cancel's
     # final chunk then ends the loops below.
     try:
-        async with gateway.disconnects.watching(request, lambda: gateway.cancel(request_id, caller)):
+        async with gateway.disconnects.watching(request, lambda: _cancel(gateway, subscriptions, caller)):
             shape = CompletionShape(chat, request_id, job.model, len(job.prompt_token_ids))
-            if stream:
-                return await _stream(request, subscription, shape, usage)
-            return await _complete(request, subscription, shape)
+            echo = isinstance(parsed, CompletionBody) and parsed.echo
+            if job.params.logprobs is not None or echo:
+                encoder = await gateway.registry.encoder(await gateway.registry.resolve(job.model))
+                shape.token_text = encoder.token_text
+                if echo:
+                    shape.echo = generate.prompt or await encoder.decode(job.prompt_token_ids)
+                    shape.prompt_ids = job.prompt_token_ids
+            if parsed.stream:
+                return await _stream(request, subscriptions, shape, parsed.usage_wanted())
+            return await _complete(request, subscriptions, shape)
     finally:
-        subscription.close()
+        for subscription in subscriptions:
+            subscription.close()
+
+
+async def _submit_choices(gateway: Gateway, job: Job, n: int, caller: Caller | None,
+                          idempotency: Idempotency | None) -> list[Subscription]:
+    """`n` choices are `n` jobs: choice i > 0 is request `{id}-{i}` (pollable as such), seeded `seed + i` when
+    a seed is given. Each gets every guarantee of a request; if one is refused (429), those queued go."""
+    subscriptions: list[Subscription] = []
+    try:
+        for index in range(n):
+            choice, key = job, idempotency
+            if index:
+                seed = job.sampling.get("seed")
+                choice = dataclasses.replace(job, request_id=f"{job.request_id}-{index}", sampling={
+                    **job.sampling, "seed": None if seed is None else (seed + index) % (MAX_SEED + 1)})
+                if idempotency is not None:
+                    key = dataclasses.replace(idempotency, key=f"{idempotency.key}-{index}")
+            subscriptions.append(await gateway.submit_streaming(choice, caller, key))
+    except BaseException:
+        with contextlib.suppress(FleetError, *REDIS_UNAVAILABLE):
+            await _cancel(gateway, subscriptions, caller)
+        for subscription in subscriptions:
+            subscription.close()
+        raise
+    return subscriptions
+
+
+async def _cancel(gateway: Gateway, subscriptions: list[Subscription], caller: Caller | None) -> None:
+    await asyncio.gather(*(gateway.cancel(s.request_id, caller) for s in subscriptions))
 
 
 class CompletionShape:
-    """OpenAI's response objects for one request."""
+    """OpenAI's response objects for one request. With logprobs asked, `token_text` names the tokens; with
+    completions' `echo`, the prompt's text comes first (and its logprobs, if asked)."""
 
     def __init__(self, chat: bool, request_id: str, model: str, prompt_tokens: int) -> None:
         self.chat = chat
@@ -152,6 +113,10 @@ class CompletionShape:
         self.model = model
         self.created = int(time.time())
         self.prompt_tokens = prompt_tokens
+        self.token_text: Callable[[int], str] | None = None
+        self.echo: str | None = None
+        self.prompt_ids: list[int] = []  # with echo: the prompt's tokens, named with its logprobs
+        self._text_offsets: dict[int, int] = {}  # choice -> its next token's offset in its text (completions)
 
     def _base(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -159,29 +124,72 @@ class CompletionShape:
     def _chunk_base(self) -> dict[str, Any]:
         return self._base("chat.completion.chunk" if self.chat else "text_completion")
 
-    def final(self, text: str, chunk: Chunk) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": _finish(chunk)}
-        if self.chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        return {**self._base("chat.completion" if self.chat else "text_completion"), "choices": [choice],
-                "usage": usage_of(chunk)}
+    def final(self, choices: list[list[Chunk]]) -> dict[str, Any]:
+        """The whole response, from all the chunks of each choice."""
+        finals = [Chunk.merged(chunks) if chunks else Chunk(seq=0, text="") for chunks in choices]
+        body = []
+        for index, merged in enumerate(finals):
+            choice: dict[str, Any] = {"index": index, "logprobs": self._logprobs(index, merged, first=True),
+                                      "finish_reason": _finish(merged)}
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": merged.text}
+            else:
+                choice["text"] = (self.echo or "") + merged.text
+            body.append(choice)
+        return {**self._base("chat.completion" if self.chat else "text_completion"), "choices": body,
+                "usage": _usage(finals)}
 
-    def delta(self, text: str, finish_reason: str | None, first: bool) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
+    def delta(self, index: int, chunk: Chunk | None, finish_reason: str | None, *, first: bool) -> dict[str, Any]:
+        text = "" if chunk is None else chunk.text
+        logprobs = None if chunk is None else self._logprobs(index, chunk, first=first)
+        choice: dict[str, Any] = {"index": index, "logprobs": logprobs, "finish_reason": finish_reason}
         if self.chat:
             choice["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
         else:
-            choice["text"] = text
+            choice["text"] = (self.echo or "") + text if first else text
         return {**self._chunk_base(), "choices": [choice]}
 
-    def usage_only(self, chunk: Chunk) -> dict[str, Any]:
-        return {**self._chunk_base(), "choices": [], "usage": usage_of(chunk)}
+    def usage_only(self, finals: list[Chunk]) -> dict[str, Any]:
+        return {**self._chunk_base(), "choices": [], "usage": _usage(finals)}
 
     def usage_so_far(self, completion_tokens: int) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": self.prompt_tokens + completion_tokens}
+
+    def _logprobs(self, index: int, chunk: Chunk, *, first: bool) -> dict[str, Any] | None:
+        if self.token_text is None or (chunk.logprobs is None and chunk.prompt_logprobs is None):
+            return None
+        name = self.token_text
+        pairs = list(zip(chunk.token_ids or [], chunk.logprobs or [], strict=False))
+        if self.chat:
+            return {"content": [{**_chat_token(name(token), logprob),
+                                 "top_logprobs": [_chat_token(name(i), lp) for i, lp in top]}
+                                for token, (logprob, top) in pairs]}
+        if first and self.echo is not None and chunk.prompt_logprobs is not None:
+            pairs = [*zip(self.prompt_ids, chunk.prompt_logprobs, strict=False), *pairs]
+        tokens = [name(token) for token, _ in pairs]
+        offsets = []
+        offset = self._text_offsets.get(index, 0)
+        for text in tokens:
+            offsets.append(offset)
+            offset += len(text)
+        self._text_offsets[index] = offset
+        return {"tokens": tokens,
+                "token_logprobs": [None if entry is None else finite(entry[0]) for _, entry in pairs],
+                "top_logprobs": [None if entry is None else {name(i): finite(lp) for i, lp in entry[1]}
+                                 for _, entry in pairs],
+                "text_offset": offsets}
+
+
+def _usage(finals: list[Chunk]) -> dict[str, Any]:
+    """The choices' usage together: the prompt counted once (as vLLM does), every choice's output."""
+    usage = usage_of(finals[0])
+    completion = sum(f.completion_tokens or 0 for f in finals)
+    return {**usage, "completion_tokens": completion, "total_tokens": usage["prompt_tokens"] + completion}
+
+
+def _chat_token(text: str, logprob: float) -> dict[str, Any]:
+    return {"token": text, "logprob": finite(logprob), "bytes": list(text.encode("utf-8", "surrogatepass"))}
 
 
 def _finish(chunk: Chunk) -> str:
@@ -195,53 +203,86 @@ def _failed(chunk: Chunk) -> FleetError:
     return error
 
 
-async def _complete(request: web.Request, subscription: Subscription, shape: CompletionShape) -> web.Response:
-    parts: list[str] = []
-    async for chunk in subscription.chunks():
+async def _choices(subscriptions: list[Subscription]) -> AsyncIterator[tuple[int, Chunk]]:
+    """Every choice's chunks as they come, with the choice's index; ends when all have ended."""
+    if len(subscriptions) == 1:  # the common case, without a task or a queue hop per chunk
+        async for chunk in subscriptions[0].chunks():
+            yield 0, chunk
+        return
+    queue: asyncio.Queue[tuple[int, Chunk | BaseException]] = asyncio.Queue()
+
+    async def pump(index: int, subscription: Subscription) -> None:
+        try:
+            async for chunk in subscription.chunks():
+                queue.put_nowait((index, chunk))
+        except Exception as exc:
+            queue.put_nowait((index, exc))
+
+    pumps = [asyncio.create_task(pump(i, s)) for i, s in enumerate(subscriptions)]
+    try:
+        running = len(pumps)
+        while running:
+            index, item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            running -= item.finish_reason is not None
+            yield index, item
+    finally:
+        for task in pumps:
+            task.cancel()
+
+
+async def _complete(request: web.Request, subscriptions: list[Subscription],
+                    shape: CompletionShape) -> web.Response:
+    chunks: list[list[Chunk]] = [[] for _ in subscriptions]
+    async for index, chunk in _choices(subscriptions):
         if request.transport is None or request.transport.is_closing():
             # The client gave up waiting (the disconnect watch cancels the request).
             return web.Response(status=499)  # nginx's "client closed request": nobody reads it
-        parts.append(chunk.text)
-        if chunk.finish_reason is not None:
-            if chunk.finish_reason == FinishReason.ERROR:
-                raise _failed(chunk)
-            return web.json_response(shape.final("".join(parts), chunk))
-    raise AssertionError("a request's chunks always end with a final one")
+        if chunk.finish_reason == FinishReason.ERROR:
+            raise _failed(chunk)
+        chunks[index].append(chunk)
+    return web.json_response(shape.final(chunks))
 
 
-async def _stream(request: web.Request, subscription: Subscription, shape: CompletionShape,
-                  usage: _Usage) -> web.StreamResponse:
+async def _stream(request: web.Request, subscriptions: list[Subscription], shape: CompletionShape,
+                  usage: StreamOptions) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                           "X-Request-Id": subscription.request_id})
+                                           "X-Request-Id": subscriptions[0].request_id})
     await response.prepare(request)
-    first = True
-    completion_tokens = 0
+    started: set[int] = set()
+    completion_tokens = [0] * len(subscriptions)
+    finals: list[Chunk] = []
     try:
-        async for chunk in subscription.chunks():
+        async for index, chunk in _choices(subscriptions):
             events = []
-            completion_tokens += len(chunk.token_ids or ())
-            if chunk.text or first:
-                events.append(shape.delta(chunk.text, None, first))
-                first = False
+            completion_tokens[index] += len(chunk.token_ids or ())
+            if chunk.text or chunk.logprobs or index not in started:
+                events.append(shape.delta(index, chunk, None, first=index not in started))
+                started.add(index)
             if chunk.finish_reason == FinishReason.ERROR:
                 events.append(_failed(chunk).to_dict())
             elif chunk.finish_reason is not None:
-                events.append(shape.delta("", _finish(chunk), False))
-                completion_tokens = chunk.completion_tokens or completion_tokens
-            if usage.continuous:
+                events.append(shape.delta(index, None, _finish(chunk), first=False))
+                completion_tokens[index] = chunk.completion_tokens or completion_tokens[index]
+                finals.append(chunk)
+            if usage.continuous_usage_stats:
                 for event in events:
                     if "choices" in event:
-                        event["usage"] = shape.usage_so_far(completion_tokens)
-            if chunk.finish_reason is not None and chunk.finish_reason != FinishReason.ERROR and usage.final:
-                events.append(shape.usage_only(chunk))
+                        event["usage"] = shape.usage_so_far(sum(completion_tokens))
+            done = len(finals) == len(subscriptions) or chunk.finish_reason == FinishReason.ERROR
+            if done and chunk.finish_reason != FinishReason.ERROR and usage.include_usage:
+                events.append(shape.usage_only(finals))
             payload = "".join(f"data: {json.dumps(e)}\n\n" for e in events)
-            if chunk.finish_reason is not None:
+            if done:
                 payload += "data: [DONE]\n\n"
             await response.write(payload.encode())
+            if done:
+                break
     except ConnectionError:
         return response  # the client dropped the stream (the disconnect watch cancels the request)
     except Exception as exc:  # after the headers: the error goes in the stream, which then ends
-        await _end_with_error(response, subscription.request_id, exc)
+        await _end_with_error(response, subscriptions[0].request_id, exc)
         return response
     await response.write_eof()
     return response

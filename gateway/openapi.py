@@ -1,7 +1,9 @@
-"""GET /openapi.json: the gateway's HTTP API as OpenAPI 3.0.
+"""GET /openapi.json: the gateway's HTTP API as OpenAPI 3.1.
 
-Written by hand next to the routes (app.py) and checked against the running gateway by the
-schemathesis fuzz test (tests/test_fuzz.py): every documented status, every response shape.
+The request bodies' schemas are those of their typed definitions (gateway/api_types.py, pydantic's JSON
+Schema); the paths and responses are written here, next to the routes (app.py). All of it is checked
+against the running gateway by the schemathesis fuzz test (tests/test_fuzz.py): every documented status,
+every response shape.
 The WebSocket protocol is described in gateway/ws.py and fuzzed with hypothesis.
 """
 
@@ -10,6 +12,19 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
+from pydantic.json_schema import models_json_schema
+
+from gateway.api_types import (
+    ApiKeyBody,
+    BatchBody,
+    ChatBody,
+    CompletionBody,
+    DetokenizeBody,
+    GenerateBody,
+    LoadBody,
+    TokenizeBody,
+    UnloadBody,
+)
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _INT_SCHEMA = {"type": "integer", "minimum": 0}
@@ -30,30 +45,6 @@ def _errors(*statuses: int) -> dict[str, Any]:
 
 _COMMON = (400, 401, 403, 413, 429, 503)
 _PAGE = {"description": "An HTML page", "content": {"text/html": {"schema": {"type": "string"}}}}
-_SAMPLING = {
-    "model": {"type": "string", "description": "served model name (GET /v1/models)"},
-    "max_tokens": {"type": "integer", "minimum": 1},
-    "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-    "top_p": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 1},
-    "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 8}]},
-    "seed": {"type": "integer", "minimum": 0},
-    "ignore_eos": {"type": "boolean"},
-    "min_tokens": {"type": "integer", "minimum": 0},
-    "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
-    "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
-    "repetition_penalty": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 2},
-    "top_k": {"type": "integer", "minimum": -1, "maximum": 1 << 20, "description": "0 or -1: off"},
-    "min_p": {"type": "number", "minimum": 0, "maximum": 1},
-    "stop_token_ids": {"type": "array", "maxItems": 64, "items": {"type": "integer", "minimum": 0}},
-    "logit_bias": {"type": "object", "maxProperties": 300, "description": "token id -> bias in [-100, 100]",
-                   "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
-    "priority": {"oneOf": [{"type": "string", "enum": ["interactive", "batch"]}, {"type": "integer"}],
-                 "description": "the request's class (default interactive); an integer as vLLM's: above 0 is batch"},
-}
-_MESSAGES = {"type": "array", "minItems": 1, "items": {
-    "type": "object", "required": ["role", "content"], "additionalProperties": False,
-    "properties": {"role": {"type": "string", "enum": ["system", "user", "assistant", "tool"]},
-                   "content": {"type": "string"}, "name": {"type": "string"}}}}
 _INT = {"type": "integer", "minimum": 0}
 _CACHED = {"type": "object", "required": ["cached_tokens"], "properties": {"cached_tokens": _INT},
            "description": "cached_tokens: prompt tokens the engine's prefix cache held"}
@@ -68,7 +59,7 @@ def _completion(obj: str, content: dict[str, Any]) -> dict[str, Any]:
     chunk, the last one `[DONE]`."""
     choice = {"type": "object", "required": ["index", "finish_reason", *content],
               "properties": {"index": {"type": "integer", "enum": [0]}, "finish_reason": _FINISH,
-                             "logprobs": {"nullable": True}, **content}}
+                             "logprobs": {"type": ["object", "null"]}, **content}}
     return {"description": "The completion", "content": {
         "application/json": {"schema": {
             "type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
@@ -104,7 +95,7 @@ _BATCH = {"type": "object", "required": ["id", "object", "endpoint", "input_file
     "input_file_id": {"type": "string"}, "completion_window": {"type": "string"},
     "status": {"type": "string", "enum": ["validating", "in_progress", "finalizing", "completed", "failed", "expired",
                                           "cancelling", "cancelled"]},
-    "output_file_id": {"type": "string", "nullable": True}, "error_file_id": {"type": "string", "nullable": True},
+    "output_file_id": {"type": ["string", "null"]}, "error_file_id": {"type": ["string", "null"]},
     "created_at": _INT_SCHEMA, "request_counts": {"type": "object", "required": ["total", "completed", "failed"]}}}
 
 
@@ -141,14 +132,7 @@ _BATCH_PATHS = {
         "post": {"summary": "Run an uploaded file's lines at the batch priority (OpenAI's Batch API)",
                  "operationId": "createBatch",
                  "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                     "type": "object", "required": ["input_file_id", "endpoint", "completion_window"],
-                     "additionalProperties": False, "properties": {
-                         "input_file_id": {"type": "string"},
-                         "endpoint": {"type": "string", "enum": ["/v1/chat/completions", "/v1/completions",
-                                                                 "/v1/generate"]},
-                         "completion_window": {"type": "string", "description": "\"24h\" (s, m or h; at most 7 days)"},
-                         "metadata": {"type": "object", "nullable": True, "maxProperties": 16,
-                                      "additionalProperties": {"type": "string"}}}}}}},
+                     "$ref": "#/components/schemas/BatchBody"}}}},
                  "responses": {"200": _json(_BATCH, "The batch"), **_errors(400, 401, 403, 404, 413, 422, 429, 503)}},
         "get": {"summary": "The caller's batches, newest first", "operationId": "listBatches", "parameters": _PAGING,
                 "responses": {"200": _json(_list_of(_BATCH), "Batches"), **_errors(400, 401, 403, 429, 503)}}},
@@ -163,7 +147,7 @@ _BATCH_PATHS = {
 }
 
 SPEC: dict[str, Any] = {
-    "openapi": "3.0.3",
+    "openapi": "3.1.0",
     "info": {"title": "llm-fleet gateway", "version": "0.1.0",
              "description": "Queue-based LLM serving: submit, stream (SSE, WebSocket /ws/generate), poll, cancel."},
     "components": {
@@ -173,10 +157,7 @@ SPEC: dict[str, Any] = {
             "Error": {"type": "object", "required": ["error"], "properties": {"error": {
                 "type": "object", "required": ["message", "type", "code"],
                 "properties": {"message": {"type": "string"}, "type": {"type": "string"},
-                               "param": {"type": "string", "nullable": True}, "code": {"type": "integer"}}}}},
-            "GenerateRequest": {"type": "object", "additionalProperties": False,
-                                "properties": {"prompt": {"type": "string", "minLength": 1},
-                                               "messages": _MESSAGES, **_SAMPLING}},
+                               "param": {"type": ["string", "null"]}, "code": {"type": "integer"}}}}},
             "Accepted": {"type": "object", "required": ["request_id", "status", "model"],
                          "properties": {"request_id": {"type": "string"}, "status": {"type": "string"},
                                         "model": {"type": "string"}}},
@@ -185,8 +166,8 @@ SPEC: dict[str, Any] = {
                                  "request_id": {"type": "string"},
                                  "status": _STATUS,
                                  "model": {"type": "string"}, "text": {"type": "string"},
-                                 "finish_reason": {"type": "string", "nullable": True},
-                                 "error": {"type": "string", "nullable": True},
+                                 "finish_reason": {"type": ["string", "null"]},
+                                 "error": {"type": ["string", "null"]},
                                  "last_seq": _INT,
                                  "usage": {"type": "object", "required": ["prompt_tokens", "completion_tokens",
                                                                           "prompt_tokens_details"],
@@ -194,7 +175,7 @@ SPEC: dict[str, Any] = {
                                                           "prompt_tokens_details": _CACHED}},
                                  "timings": {"type": "object", "required": ["created_at", "queue_s", "ttft_s",
                                                                             "total_s"],
-                                             "properties": {k: {"type": "number", "nullable": True} for k in
+                                             "properties": {k: {"type": ["number", "null"]} for k in
                                                             ("created_at", "queue_s", "ttft_s", "total_s")}}}},
             "ModelList": {"type": "object", "required": ["object", "data"], "properties": {
                 "object": {"type": "string", "enum": ["list"]},
@@ -202,43 +183,18 @@ SPEC: dict[str, Any] = {
                     "type": "object", "required": ["id", "object", "state", "workers", "max_model_len", "engine"],
                     "properties": {"id": {"type": "string"}, "object": {"type": "string", "enum": ["model"]},
                                    "state": _MODEL_STATE,
-                                   "max_model_len": {"type": "integer", "nullable": True},
-                                   "engine": {"type": "string", "nullable": True},
+                                   "max_model_len": {"type": ["integer", "null"]},
+                                   "engine": {"type": ["string", "null"]},
                                    "workers": {"type": "array", "items": {
                                        "type": "object", "required": ["worker_id", "state"],
                                        "properties": {"worker_id": {"type": "string"}, "state": _MODEL_STATE}}}}}}}},
-            "CompletionRequest": {"type": "object", "required": ["prompt"],
-                                  "properties": {"prompt": {"type": "string"}, "stream": {"type": "boolean"},
-                                                 **_SAMPLING}},
-            "ChatRequest": {"type": "object", "required": ["messages"],
-                            "properties": {"messages": _MESSAGES, "stream": {"type": "boolean"}, **_SAMPLING}},
-            "LoadRequest": {"type": "object", "additionalProperties": False, "properties": {
-                "workers": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
-                "replicas": {"type": "integer", "minimum": 1}, "wait": {"type": "boolean"}}},
-            "UnloadRequest": {"type": "object", "additionalProperties": False, "properties": {
-                "workers": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
-                "wait": {"type": "boolean"}}},
             "ControlReply": {"type": "object", "required": ["model", "action", "workers"], "properties": {
                 "model": {"type": "string"}, "action": {"type": "string"},
                 "workers": {"type": "array", "items": {"type": "object", "required": ["worker_id", "job_id"]}}}},
-            "TokenizeRequest": {"type": "object", "additionalProperties": False, "properties": {
-                "model": _SAMPLING["model"], "prompt": {"type": "string"}, "messages": _MESSAGES,
-                "add_special_tokens": {"type": "boolean", "description": "default: true for a prompt, false for "
-                                       "messages (the chat template writes them)"},
-                "add_generation_prompt": {"type": "boolean", "description": "messages only; default true"},
-                "return_token_strs": {"type": "boolean"}}},
             "Tokens": {"type": "object", "required": ["count", "max_model_len", "tokens", "token_strs"],
                        "properties": {"count": _INT, "max_model_len": _INT, "tokens": {"type": "array", "items": _INT},
-                                      "token_strs": {"type": "array", "nullable": True,
-                                                     "items": {"type": "string", "nullable": True}}}},
-            "DetokenizeRequest": {"type": "object", "required": ["tokens"], "additionalProperties": False,
-                                  "properties": {"model": _SAMPLING["model"],
-                                                 "tokens": {"type": "array", "items": _INT}}},
-            "ApiKeyRequest": {"type": "object", "required": ["name"], "additionalProperties": False,
-                              "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 64},
-                                             "admin": {"type": "boolean"},
-                                             "rps": {"type": "number", "minimum": 0},
-                                             "max_concurrent": {"type": "integer", "minimum": 0}}},
+                                      "token_strs": {"type": ["array", "null"],
+                                                     "items": {"type": ["string", "null"]}}}},
         },
     },
     "security": [{}, {"bearer": []}],
@@ -246,7 +202,7 @@ SPEC: dict[str, Any] = {
         "/v1/generate": {"post": {
             "summary": "Submit a generation; poll it at Location", "operationId": "generate",
             "requestBody": {"required": True, "content": {"application/json": {
-                "schema": {"$ref": "#/components/schemas/GenerateRequest"}}}},
+                "schema": {"$ref": "#/components/schemas/GenerateBody"}}}},
             "responses": {"202": _json({"$ref": "#/components/schemas/Accepted"}, "Queued"),
                           **_errors(*_COMMON, 404, 422)}}},
         "/v1/requests/{request_id}": {
@@ -264,26 +220,26 @@ SPEC: dict[str, Any] = {
         "/v1/completions": {"post": {
             "summary": "OpenAI completions (JSON, or SSE with stream=true)", "operationId": "completions",
             "requestBody": {"required": True, "content": {"application/json": {
-                "schema": {"$ref": "#/components/schemas/CompletionRequest"}}}},
+                "schema": {"$ref": "#/components/schemas/CompletionBody"}}}},
             "responses": {"200": _TEXT_COMPLETION,
                 **_errors(*_COMMON, 404, 422), "502": _json(_ERROR, "The generation failed")}}},
         "/v1/chat/completions": {"post": {
             "summary": "OpenAI chat completions (JSON, or SSE with stream=true)", "operationId": "chatCompletions",
             "requestBody": {"required": True, "content": {"application/json": {
-                "schema": {"$ref": "#/components/schemas/ChatRequest"}}}},
+                "schema": {"$ref": "#/components/schemas/ChatBody"}}}},
             "responses": {"200": _CHAT_COMPLETION,
                 **_errors(*_COMMON, 404, 422), "502": _json(_ERROR, "The generation failed")}}},
         "/tokenize": {"post": {
             "summary": "A prompt or chat as the model's token ids (what a generate counts), as `vllm serve` has it",
             "operationId": "tokenize",
             "requestBody": {"required": True, "content": {"application/json": {
-                "schema": {"$ref": "#/components/schemas/TokenizeRequest"}}}},
+                "schema": {"$ref": "#/components/schemas/TokenizeBody"}}}},
             "responses": {"200": _json({"$ref": "#/components/schemas/Tokens"}, "The tokens"),
                           **_errors(400, 401, 403, 404, 413, 422, 429, 503)}}},
         "/detokenize": {"post": {
             "summary": "Token ids back to text, as `vllm serve` has it", "operationId": "detokenize",
             "requestBody": {"required": True, "content": {"application/json": {
-                "schema": {"$ref": "#/components/schemas/DetokenizeRequest"}}}},
+                "schema": {"$ref": "#/components/schemas/DetokenizeBody"}}}},
             "responses": {"200": _json({"type": "object", "required": ["prompt"],
                                         "properties": {"prompt": {"type": "string"}}}, "The text"),
                           **_errors(400, 401, 403, 404, 413, 422, 429, 503)}}},
@@ -327,7 +283,7 @@ SPEC: dict[str, Any] = {
         "/admin/keys": {
             "post": {"summary": "Create an API key (admin); the key is returned once", "operationId": "createKey",
                      "requestBody": {"required": True, "content": {"application/json": {
-                         "schema": {"$ref": "#/components/schemas/ApiKeyRequest"}}}},
+                         "schema": {"$ref": "#/components/schemas/ApiKeyBody"}}}},
                      "responses": {"201": _json({"type": "object", "required": ["key", "name"]}, "Created"),
                                    **_errors(400, 401, 403, 413, 422, 429, 503)}},
             "get": {"summary": "List API keys (names and limits, never the keys)", "operationId": "listKeys",
@@ -341,7 +297,7 @@ SPEC: dict[str, Any] = {
         "/admin/models/{name}/load": {"post": {
             "summary": "Load a catalogue model on named workers or up to N replicas (admin)",
             "operationId": "loadModel", "parameters": [_MODEL_NAME],
-            "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/LoadRequest"}}}},
+            "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/LoadBody"}}}},
             "responses": {"200": _json(_CONTROL, "Done (wait) or nothing to do"),
                           "202": _json(_CONTROL, "Control jobs enqueued"),
                           **_errors(400, 401, 403, 404, 413, 422, 429, 503)}}},
@@ -349,7 +305,7 @@ SPEC: dict[str, Any] = {
             "summary": "Unload a model from named workers or all that have it (admin)",
             "operationId": "unloadModel", "parameters": [_MODEL_NAME],
             "requestBody": {"content": {"application/json": {
-                "schema": {"$ref": "#/components/schemas/UnloadRequest"}}}},
+                "schema": {"$ref": "#/components/schemas/UnloadBody"}}}},
             "responses": {"200": _json(_CONTROL, "Done (wait) or nothing to do"),
                           "202": _json(_CONTROL, "Control jobs enqueued"),
                           **_errors(400, 401, 403, 404, 413, 422, 429, 503)}}},
@@ -360,6 +316,13 @@ SPEC: dict[str, Any] = {
         **_BATCH_PATHS,
     },
 }
+
+
+_, _BODY_SCHEMAS = models_json_schema(
+    [(body, "validation") for body in (GenerateBody, CompletionBody, ChatBody, TokenizeBody, DetokenizeBody,
+                                       LoadBody, UnloadBody, ApiKeyBody, BatchBody)],
+    ref_template="#/components/schemas/{model}")
+SPEC["components"]["schemas"].update(_BODY_SCHEMAS["$defs"])
 
 
 async def openapi_json(request: web.Request) -> web.Response:

@@ -12,9 +12,9 @@ from common.errors import Overloaded, PayloadTooLarge, Unprocessable
 from common.protocol import Job, SamplingParams
 from common.request_store import Idempotency, Replay, RequestStore
 from common.settings import GatewaySettings
+from gateway.api_types import GenerateRequest
 from gateway.idempotency import check_replay
 from gateway.models import ModelRegistry
-from gateway.validation import GenerateRequest
 
 
 def new_request_id() -> str:
@@ -38,7 +38,9 @@ class Submitter:
         card = await self._registry.resolve(request.model)
         await self._registry.check_served(card)
         encoder = await self._registry.encoder(card)
-        if request.prompt is not None:
+        if request.prompt_token_ids is not None:
+            prompt_ids = request.prompt_token_ids
+        elif request.prompt is not None:
             prompt_ids = await encoder.encode_prompt(request.prompt)
         else:
             prompt_ids = await encoder.encode_messages(request.messages or [])

@@ -76,6 +76,7 @@ class PromptEncoder:
         # A rendered chat template already holds its special tokens.
         self._rendered = _BatchEncoder(tokenizer, add_special_tokens=False)
         self._bos, self._eos = bundle.bos_token, bundle.eos_token
+        self._texts: dict[int, str] = {}
         self._template = None
         if bundle.chat_template:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -103,6 +104,13 @@ class PromptEncoder:
                                          bos_token=self._bos or "", eos_token=self._eos or "")
         except TemplateError as exc:
             raise Unprocessable(f"chat template failed: {exc}", param="messages") from exc
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text, as logprobs name it (cached: a logprobs response names each token many times)."""
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self._texts[token_id] = self._tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
 
     def token_strs(self, token_ids: list[int]) -> list[str | None]:
         return [self._tokenizer.id_to_token(token_id) for token_id in token_ids]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from common.protocol import Chunk
+from common.protocol import Chunk, TokenLogprob
 
 
 def _float(state: dict[str, str], name: str) -> float | None:
@@ -20,6 +20,9 @@ def request_view(request_id: str, state: dict[str, str], chunks: list[Chunk]) ->
         "status": state.get("status"),
         "model": state.get("model"),
         "text": "".join(c.text for c in chunks),
+        **({"logprobs": native_logprobs([t for c in chunks for t in c.token_ids or ()],
+                                        [lp for c in chunks for lp in c.logprobs or ()])}
+           if any(c.logprobs for c in chunks) else {}),
         "finish_reason": state.get("finish_reason") or None,
         "usage": {
             "prompt_tokens": int(state.get("prompt_tokens", 0)),
@@ -35,6 +38,18 @@ def request_view(request_id: str, state: dict[str, str], chunks: list[Chunk]) ->
             "total_s": None if finished is None or created is None else round(finished - created, 4),
         },
     }
+
+
+def native_logprobs(token_ids: list[int], logprobs: list[TokenLogprob]) -> list[dict[str, Any]]:
+    """Each output token's logprob and its most likely alternatives', by token id."""
+    return [{"token_id": token, "logprob": finite(logprob),
+             "top_logprobs": [{"token_id": i, "logprob": finite(lp)} for i, lp in top]}
+            for token, (logprob, top) in zip(token_ids, logprobs, strict=False)]
+
+
+def finite(logprob: float) -> float:
+    """JSON has no -Infinity: a token the engine rules out gets vLLM's stand-in."""
+    return max(logprob, -9999.0)
 
 
 def usage_of(chunk: Chunk) -> dict[str, Any]:

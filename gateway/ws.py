@@ -27,16 +27,16 @@ from common.errors import BadRequest, FleetError, Forbidden, Overloaded, Unproce
 from common.protocol import TERMINAL_STATUSES, Chunk, FinishReason
 from common.redis_conn import REDIS_UNAVAILABLE, unavailable
 from common.request_store import Idempotency
+from gateway.api_types import GenerateBody, WsGenerate, parse, parse_json_object
 from gateway.auth import CALLER_KEY, WS_PROTOCOL, Caller
 from gateway.context import Gateway
 from gateway.idempotency import idempotency_for
 from gateway.relay import Subscription
-from gateway.validation import parse_generate, parse_json_object
-from gateway.views import usage_of
+from gateway.views import native_logprobs, usage_of
 
 log = logging.getLogger(__name__)
 
-_WS_FIELDS = frozenset({"type", "id", "outlive_socket", "idempotency_key"})
+_WS_FIELDS = frozenset(WsGenerate.model_fields) - frozenset(GenerateBody.model_fields)  # what the socket adds
 _OUTBOX_SIZE = 1024
 
 
@@ -152,30 +152,25 @@ class SocketSession:
                              "wait for one to finish or open another socket", retry_after_s=1)
 
     async def _generate(self, body: dict[str, Any], client_id: Any) -> str:
-        outlive = body.get("outlive_socket", False)
-        if not isinstance(outlive, bool):
-            raise Unprocessable("`outlive_socket` must be a boolean", param="outlive_socket")
+        message = parse(WsGenerate, body)
         self._check_stream_limit()
         if self.caller is not None:
             await self.gateway.auth.check_rate(self.caller)
-        job = await self.gateway.submitter.prepare(parse_generate(body, also_allowed=_WS_FIELDS))
-        subscription = await self.gateway.submit_streaming(job, self.caller, self._idempotency(body))
+        job = await self.gateway.submitter.prepare(message.request())
+        subscription = await self.gateway.submit_streaming(job, self.caller, self._idempotency(message, body))
         request_id = subscription.request_id  # a replay's: the earlier request's
-        if not outlive:
+        if not message.outlive_socket:
             self.cancel_on_close.add(request_id)
         await self._send({"type": "accepted", "request_id": request_id, "model": job.model}, client_id)
         self._start_stream(subscription, 0, client_id)
         return request_id
 
-    def _idempotency(self, body: dict[str, Any]) -> Idempotency | None:
+    def _idempotency(self, message: WsGenerate, body: dict[str, Any]) -> Idempotency | None:
         """`idempotency_key` in a generate message: what the Idempotency-Key header is to a POST."""
-        raw = body.get("idempotency_key")
-        if raw is None:
+        if message.idempotency_key is None:
             return None
-        if not isinstance(raw, str):
-            raise Unprocessable("`idempotency_key` must be a string", param="idempotency_key")
         request = {k: v for k, v in body.items() if k not in _WS_FIELDS}
-        return idempotency_for(raw, request, route="WS /ws/generate",
+        return idempotency_for(message.idempotency_key, request, route="WS /ws/generate",
                                owner=self.caller.digest if self.caller else "")
 
     def _start_stream(self, subscription: Subscription, last_seq: int, client_id: Any) -> None:
@@ -190,9 +185,11 @@ class SocketSession:
         request_id = subscription.request_id
         try:
             async for chunk in subscription.chunks(last_seq):
-                if chunk.text:
-                    await self._send({"type": "chunk", "request_id": request_id, "seq": chunk.seq,
-                                      "text": chunk.text}, client_id)
+                if chunk.text or chunk.logprobs:
+                    message = {"type": "chunk", "request_id": request_id, "seq": chunk.seq, "text": chunk.text}
+                    if chunk.logprobs:
+                        message["logprobs"] = native_logprobs(chunk.token_ids or [], chunk.logprobs)
+                    await self._send(message, client_id)
                 if chunk.finish_reason is None:
                     continue
                 self.cancel_on_close.discard(request_id)

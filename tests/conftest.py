@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import openai
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -205,3 +206,20 @@ async def ws_collect(ws: aiohttp.ClientWebSocketResponse, request_ids: set[str],
                 if message["type"] in ("done", "error"):
                     pending.discard(rid)
     return by_request
+
+
+@pytest.fixture
+async def sdk() -> AsyncIterator[Callable[[Fleet], tuple[openai.OpenAI, openai.AsyncOpenAI]]]:
+    """SDK clients (sync, async) for a fleet; closed after the test."""
+    made: list[tuple[openai.OpenAI, openai.AsyncOpenAI]] = []
+
+    def clients(fleet: Fleet) -> tuple[openai.OpenAI, openai.AsyncOpenAI]:
+        base = fleet.base_url + "/v1"
+        made.append((openai.OpenAI(base_url=base, api_key="none", max_retries=0),
+                     openai.AsyncOpenAI(base_url=base, api_key="none", max_retries=0)))
+        return made[-1]
+
+    yield clients
+    for sync, client in made:
+        sync.close()
+        await client.close()

@@ -4,6 +4,8 @@ the real model is checked end to end in tests/test_cpu_model.py. And stop_token_
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -81,8 +83,10 @@ async def test_stop_token_ids_end_the_output_after_min_tokens(start_fleet: Start
 
 
 def test_every_sampling_field_is_checked_and_reaches_the_job() -> None:
-    """One list of sampling fields (SamplingParams): the gateway checks each of them, no more, no fewer."""
-    from gateway.validation import SAMPLING_FIELDS, sampling_fields
+    """One list of sampling fields (SamplingParams): a request's typed body sets each of them, no more, no
+    fewer, and its defaults are SamplingParams' defaults."""
+    from gateway.api_types import CompletionBody
 
-    assert set(sampling_fields({})) == SAMPLING_FIELDS
-    assert SamplingParams(max_tokens=1, **sampling_fields({})) == SamplingParams(max_tokens=1)
+    sampling = CompletionBody.model_validate({"prompt": "x"}).request().sampling
+    assert set(sampling) == {f.name for f in dataclasses.fields(SamplingParams)} - {"max_tokens"}
+    assert SamplingParams(max_tokens=1, **sampling) == SamplingParams(max_tokens=1)

@@ -49,6 +49,8 @@ def resume(job: Job, delivered: list[Chunk], decode: Decode) -> Continuation:
     remaining = params.max_tokens - done
     if remaining <= 0:
         return Continuation(None, done, unsent)
-    params = dataclasses.replace(params, max_tokens=remaining, min_tokens=max(0, params.min_tokens - done))
+    # The prompt's logprobs went out with the first chunk; the earlier output's logprobs are in its chunks.
+    params = dataclasses.replace(params, max_tokens=remaining, min_tokens=max(0, params.min_tokens - done),
+                                 prompt_logprobs=None)
     request = EngineRequest(job.request_id, job.prompt_token_ids + emitted[:done], params, resumed_tokens=done)
     return Continuation(request, done, unsent)

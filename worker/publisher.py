@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
-from common.protocol import Chunk
+from common.protocol import Chunk, TokenLogprob
 from common.redis_conn import REDIS_REFUSALS, REDIS_UNAVAILABLE, describe
 from common.request_store import RequestStore, ScriptCall
 from worker.engines.base import EngineOutput
@@ -41,6 +41,8 @@ class OpenRequest:
     first_output_at: float | None = None  # wall clock of this run's first output (TTFT, ITL metrics)
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # of token_ids, when the request asked for them
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # until the first chunk carries them
     final: EngineOutput | None = None
     # Resolved with the store's reply (1, 0, -1) by the flush that carries what is buffered now.
     waiter: asyncio.Future[int] | None = None
@@ -56,7 +58,7 @@ class OpenRequest:
 
     @property
     def buffered(self) -> bool:
-        return bool(self.text or self.token_ids) or self.final is not None
+        return bool(self.text or self.token_ids or self.prompt_logprobs) or self.final is not None
 
 
 class ChunkPublisher:
@@ -107,6 +109,12 @@ class ChunkPublisher:
             state.cached_tokens = output.cached_tokens
         state.text.append(output.text)
         state.token_ids.extend(output.token_ids)
+        if output.logprobs is not None:
+            if state.logprobs is None:
+                state.logprobs = []
+            state.logprobs.extend(output.logprobs)
+        if output.prompt_logprobs is not None:
+            state.prompt_logprobs = output.prompt_logprobs
         state.completion_tokens += len(output.token_ids)
         self.tokens_out += len(output.token_ids)
         self._wakeup.set()
@@ -224,13 +232,16 @@ class ChunkPublisher:
         state.broken = f"its output could not be stored ({type(exc).__name__}: {exc})"
         state.unconfirmed = None
         state.text, state.token_ids, state.final = [], [], None
+        state.logprobs = state.prompt_logprobs = None
         _resolve(state, -1)
         self._on_lost(request_id)
 
     def _next_chunk(self, request_id: str, state: OpenRequest) -> tuple[ScriptCall, Chunk]:
         """Everything buffered for the request as its next chunk (the final one if it finished)."""
-        chunk = Chunk(seq=state.last_seq + 1, text="".join(state.text), token_ids=state.token_ids)
+        chunk = Chunk(seq=state.last_seq + 1, text="".join(state.text), token_ids=state.token_ids,
+                      logprobs=state.logprobs, prompt_logprobs=state.prompt_logprobs)
         state.text, state.token_ids = [], []
+        state.logprobs = state.prompt_logprobs = None
         final, state.final = state.final, None
         if final is None:
             return self._store.append(request_id, self._worker_id, chunk, state.completion_tokens,

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.protocol import ModelCard, SamplingParams, TokenizerBundle
+from common.protocol import ModelCard, SamplingParams, TokenizerBundle, TokenLogprob
 
 ProgressCallback = Callable[[float], None]
 
@@ -33,6 +33,10 @@ class EngineOutput:
     error: str | None = None
     # Prompt tokens served from the engine's prefix cache (said once, by engines that know; else 0).
     cached_tokens: int | None = None
+    # When the request asked (SamplingParams.logprobs / prompt_logprobs): one per token of token_ids, and the
+    # prompt's on the request's first output (common.protocol.TokenLogprob).
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass(slots=True)

@@ -106,14 +106,17 @@ class CpuEngine(QueuedEngine):
             if not waiting or len(self._decoder) >= self.max_num_seqs:
                 break
             seq = waiting.popleft()
-            outputs.append(seq.append(self._decoder.prefill(seq)))
+            (token, logprob), prompt_logprobs = self._decoder.prefill(seq)
+            output = seq.append(token, logprob)
+            output.prompt_logprobs = prompt_logprobs
+            outputs.append(output)
             if seq.finished:
                 finished.add(seq.request_id)
         self._decoder.remove(finished)
         if self._decoder.rows:
             rows = list(self._decoder.rows)
-            for row, token in zip(rows, self._decoder.step(), strict=True):
-                output = row.seq.append(token)
+            for row, (token, logprob) in zip(rows, self._decoder.step(), strict=True):
+                output = row.seq.append(token, logprob)
                 outputs.append(output)
                 if row.seq.finished:
                     finished.add(row.seq.request_id)

@@ -13,7 +13,10 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from common.protocol import TokenLogprob
 from worker.engines.sequence import Sequence
+
+Sampled = tuple[int, TokenLogprob | None]  # a token and, when its request asked, its logprob
 
 
 @dataclass
@@ -35,8 +38,9 @@ class BatchedDecoder:
         return len(self.rows)
 
     @torch.inference_mode()
-    def prefill(self, seq: Sequence) -> int:
-        """Run the prompt alone, splice its cache into the batch; returns the first token."""
+    def prefill(self, seq: Sequence) -> tuple[Sampled, list[TokenLogprob | None] | None]:
+        """Run the prompt alone, splice its cache into the batch; returns the first token, and the prompt's
+        logprobs when the request asked."""
         prompt = torch.tensor([seq.request.prompt_token_ids], dtype=torch.long)
         length = prompt.shape[1]
         cache = DynamicCache()
@@ -44,13 +48,19 @@ class BatchedDecoder:
             input_ids=prompt, position_ids=torch.arange(length)[None], past_key_values=cache, use_cache=True
         )
         row = _Row(seq, _generator(seq.request.params.seed))
-        token = int(self._sample(out.logits[:, -1, :], [row])[0])
+        last = out.logits[:, -1, :]
+        token = int(self._sample(last, [row])[0])
         self._splice(row, [(layer.keys, layer.values) for layer in cache.layers], length, token)
-        return token
+        params = seq.request.params
+        prompt_logprobs = None
+        if params.prompt_logprobs is not None:
+            prompt_logprobs = [None, *_logprobs(out.logits[0, :-1], prompt[0, 1:], params.prompt_logprobs)]
+        chosen = None if params.logprobs is None else _logprobs(last, torch.tensor([token]), params.logprobs)[0]
+        return (token, chosen), prompt_logprobs
 
     @torch.inference_mode()
-    def step(self) -> list[int]:
-        """One decoding step for every row; returns each row's new token, in row order."""
+    def step(self) -> list[Sampled]:
+        """One decoding step for every row; returns each row's new token (and logprob), in row order."""
         batch = len(self.rows)
         mask = torch.cat([self._mask, torch.ones(batch, 1, dtype=torch.long)], dim=1)
         cache = DynamicCache(ddp_cache_data=self._kv)
@@ -64,9 +74,14 @@ class BatchedDecoder:
         self._kv = [(layer.keys, layer.values) for layer in cache.layers]
         self._mask = mask
         self._positions = self._positions + 1
-        tokens = self._sample(out.logits[:, -1, :], self.rows)
+        logits = out.logits[:, -1, :]
+        tokens = self._sample(logits, self.rows)
         self._next_tokens = tokens
-        return tokens.tolist()
+        sampled: list[Sampled] = [(token, None) for token in tokens.tolist()]
+        for i, row in enumerate(self.rows):
+            if (k := row.seq.request.params.logprobs) is not None:
+                sampled[i] = (sampled[i][0], _logprobs(logits[i:i + 1], tokens[i:i + 1], k)[0])
+        return sampled
 
     def remove(self, request_ids: set[str]) -> None:
         """Cut finished or aborted rows out of the batch and drop padding no row needs."""
@@ -149,6 +164,18 @@ def _penalized(logits: torch.Tensor, seq: Sequence) -> torch.Tensor | None:
         ids, counts = torch.tensor(output, dtype=torch.long).unique(return_counts=True)
         logits[ids] -= params.frequency_penalty * counts + params.presence_penalty
     return logits
+
+
+def _logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> list[TokenLogprob]:
+    """Per row of raw logits: the chosen token's logprob and the k most likely tokens' (vLLM's default,
+    "raw_logprobs": the model's distribution before penalties, temperature and top-k/p)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    own = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
+    if not k:
+        return [[lp, []] for lp in own]
+    top = logprobs.topk(min(k, logprobs.shape[1]), dim=-1)
+    return [[lp, [[i, v] for i, v in zip(ids, values, strict=True)]]
+            for lp, ids, values in zip(own, top.indices.tolist(), top.values.tolist(), strict=True)]
 
 
 def _generator(seed: int | None) -> torch.Generator | None:

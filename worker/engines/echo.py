@@ -32,7 +32,7 @@ from typing import Any
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from common.prefix_blocks import PrefixCache
-from common.protocol import FinishReason, ModelCard, TokenizerBundle
+from common.protocol import FinishReason, ModelCard, TokenizerBundle, TokenLogprob
 from common.settings import ModelSpec
 from worker.engines.base import EngineOutput, EngineRequest, ProgressCallback
 from worker.engines.queued import QueuedEngine
@@ -123,7 +123,12 @@ class EchoEngine(QueuedEngine):
                 if seq.request_id in self._to_prefill:
                     continue  # arrived during this step
                 prompt, already_out = self._echo[seq.request_id]
-                output = seq.append(prompt[(already_out + len(seq.generated)) % len(prompt)])
+                params = seq.request.params
+                token = prompt[(already_out + len(seq.generated)) % len(prompt)]
+                output = seq.append(token, None if params.logprobs is None else _certain(token, params.logprobs))
+                if len(seq.generated) == 1 and params.prompt_logprobs is not None:  # the request's first output
+                    output.prompt_logprobs = [None, *(_certain(t, params.prompt_logprobs)
+                                                      for t in seq.request.prompt_token_ids[1:])]
                 output.cached_tokens = self._cached.pop(seq.request_id, None)
                 if output.finish_reason is not None:
                     del self._running[seq.request_id]
@@ -139,6 +144,12 @@ class EchoEngine(QueuedEngine):
         self._loop_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._loop_task
+
+
+def _certain(token: int, k: int) -> TokenLogprob:
+    """The echo "model" is sure of every token it echoes: logprob 0; its k - 1 next alternatives get vLLM's
+    stand-in for -inf in JSON."""
+    return [0.0, [[token, 0.0], *([(token + i) % 256, -9999.0] for i in range(1, k))][:k]]
 
 
 async def load_echo_engine(spec: ModelSpec, progress: ProgressCallback) -> EchoEngine:

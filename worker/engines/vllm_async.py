@@ -24,7 +24,7 @@ from vllm.usage.usage_lib import UsageContext
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from common.protocol import FinishReason, ModelCard
+from common.protocol import FinishReason, ModelCard, TokenLogprob
 from common.settings import ModelSpec
 from worker.engines.base import Engine, EngineOutput, EngineRequest, EngineStats, ProgressCallback
 from worker.engines.hf_tokenizer import tokenizer_bundle
@@ -39,6 +39,15 @@ _FINISH_REASONS = {
     "abort": FinishReason.CANCELLED,
     "error": FinishReason.ERROR,
 }
+
+
+def _logprobs(steps: Any, token_ids: list[int], k: int) -> list[TokenLogprob]:
+    """vLLM's per-token {token id: Logprob} maps as TokenLogprobs: the token's own and the k of rank 1..k."""
+    converted: list[TokenLogprob] = []
+    for token, step in zip(token_ids, steps, strict=True):
+        top = sorted(((rank, i, lp.logprob) for i, lp in step.items() if (rank := lp.rank) is not None and rank <= k))
+        converted.append([step[token].logprob, [[i, logprob] for _, i, logprob in top]])
+    return converted
 
 
 class _LatestSchedulerStats(StatLoggerBase):
@@ -82,6 +91,7 @@ class VllmEngine(Engine):
             frequency_penalty=p.frequency_penalty, repetition_penalty=p.repetition_penalty, top_k=p.top_k,
             min_p=p.min_p, stop_token_ids=p.stop_token_ids or None,
             logit_bias={int(token): bias for token, bias in p.logit_bias.items()} or None,
+            logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs,
             output_kind=RequestOutputKind.DELTA,  # only the new text and tokens of each step
         )
         prompt = {"prompt_token_ids": request.prompt_token_ids}
@@ -93,10 +103,15 @@ class VllmEngine(Engine):
                           if out.finished else None)
                 # vLLM's stream ends by itself after the finished output. Leaving it earlier would close
                 # it half-way, and vLLM answers that with an abort of the request through the engine core.
-                yield EngineOutput(request.request_id, completion.text, list(completion.token_ids),
+                token_ids = list(completion.token_ids)
+                yield EngineOutput(request.request_id, completion.text, token_ids,
                                    finish_reason=finish,
                                    error="vLLM reported an error" if finish == FinishReason.ERROR else None,
-                                   cached_tokens=out.num_cached_tokens)
+                                   cached_tokens=out.num_cached_tokens,
+                                   logprobs=None if p.logprobs is None else _logprobs(
+                                       completion.logprobs or [], token_ids, p.logprobs),
+                                   prompt_logprobs=None if not out.prompt_logprobs else [None, *_logprobs(
+                                       out.prompt_logprobs[1:], request.prompt_token_ids[1:], p.prompt_logprobs or 0)])
         finally:
             self._active.discard(request.request_id)
 

@@ -1,0 +1,339 @@
+"""Every request body the gateway takes, typed once (pydantic v2).
+
+The checks, the error that names the field (422; 400 for a parameter a route does not take), and the
+request schemas of /openapi.json (gateway/openapi.py) all come from these classes. The native API, the
+WebSocket's generate message and the OpenAI API share `Sampling`; each route's body says only what
+differs. Validation is strict (no "5" for 5, no true for 1) and refuses NaN and infinities.
+
+A checked body becomes a `GenerateRequest`, what the submitter (gateway/submit.py) turns into a job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from common.errors import BadRequest, FleetError, Unprocessable
+from common.protocol import Priority, SamplingParams
+
+MAX_SEED = 2**63 - 1
+MAX_TOP_K = 1 << 20
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs
+MAX_DETOKENIZE_TOKENS = 1 << 20
+MAX_CHOICES = 16
+
+ModelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$",
+                                 description="served model name (GET /v1/models)")]
+TokenId = Annotated[int, Field(ge=0)]
+NonEmpty = Annotated[str, Field(min_length=1)]
+LogprobCount = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class Message(Body):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+    name: str | None = None
+
+
+class Sampling(Body):
+    """What shapes the output, the same on every route. The fields named as SamplingParams' become the
+    job's sampling (max_tokens apart: the submitter checks it against the context)."""
+
+    model: ModelName | None = None
+    max_tokens: PositiveInt | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    stop: NonEmpty | Annotated[list[NonEmpty], Field(max_length=8)] | None = None
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
+    ignore_eos: bool = False
+    min_tokens: Annotated[int, Field(ge=0)] = 0
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0, le=2)] = 1.0
+    top_k: Annotated[int, Field(ge=-1, le=MAX_TOP_K, description="0 or -1: off")] = 0
+    min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] | None = None
+    logit_bias: Annotated[dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")],
+                               Annotated[float, Field(ge=-100, le=100)]],
+                          Field(max_length=300, description="token id -> bias in [-100, 100]")] | None = None
+    priority: Literal["interactive", "batch"] | int = Field(
+        "interactive", description="the request's class; an integer as vLLM's: above 0 is batch")
+
+    def sampling(self) -> dict[str, Any]:
+        """The SamplingParams fields this body sets (logprobs come from each route's own fields)."""
+        stop = self.stop if isinstance(self.stop, list) else [self.stop] if self.stop else []
+        values = {name: getattr(self, name) for name in _SAMPLED if name in type(self).model_fields}
+        return {**values, "stop": stop, "top_k": max(0, self.top_k), "stop_token_ids": self.stop_token_ids or [],
+                "logit_bias": {str(int(t)): b for t, b in (self.logit_bias or {}).items()}}
+
+    def priority_class(self) -> Priority:
+        if isinstance(self.priority, int):
+            return Priority.BATCH if self.priority > 0 else Priority.INTERACTIVE
+        return Priority(self.priority)
+
+
+_SAMPLED = frozenset(f.name for f in dataclasses.fields(SamplingParams)) - {"max_tokens", "logprobs",
+                                                                           "prompt_logprobs"}
+
+
+class PromptOrMessages(Body):
+    prompt: NonEmpty | None = None
+    messages: Annotated[list[Message], Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> PromptOrMessages:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send exactly one of `prompt` or `messages`")
+        return self
+
+
+class GenerateBody(PromptOrMessages, Sampling):
+    """POST /v1/generate: a prompt or chat messages, queued; poll it, or stream it over the WebSocket."""
+
+    logprobs: LogprobCount | None = Field(None, description="each output token's logprob and this many "
+                                                             "alternatives' (in the poll result and the chunks)")
+
+    def request(self) -> GenerateRequest:
+        return GenerateRequest(
+            model=self.model, prompt=self.prompt, messages=_dumped(self.messages), max_tokens=self.max_tokens,
+            sampling={**self.sampling(), "logprobs": self.logprobs}, priority=self.priority_class())
+
+
+class WsGenerate(GenerateBody):
+    """A WebSocket `generate` message: a generate body and what the socket adds."""
+
+    type: Literal["generate"] = "generate"
+    id: Any = Field(None, description="echoed in every reply to this message")
+    outlive_socket: bool = False
+    idempotency_key: str | None = None
+
+
+class StreamOptions(Body):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class TextPart(Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Message):
+    """OpenAI's message: content may also be a list of text parts (joined; the template wants one string)."""
+
+    content: str | list[TextPart]  # type: ignore[assignment]
+
+    def flat(self) -> dict[str, Any]:
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {**self.model_dump(exclude_none=True), "content": content}
+
+
+class OpenAIBody(Sampling):
+    """What OpenAI's completions and chat completions share. Fields that change nothing here are taken
+    with their no-op values only; another value of those (`unsupported_values`) is refused like an unknown
+    parameter."""
+
+    unsupported_values: ClassVar[frozenset[str]] = frozenset({"service_tier", "store", "best_of", "suffix",
+                                                              "tools", "tool_choice"})
+
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES, description="choices, each its own job")] = 1
+    max_completion_tokens: PositiveInt | None = None
+    user: str | None = None
+    service_tier: Literal["auto", "default"] | None = None
+    store: Literal[False] | None = None
+    metadata: dict[str, str] | None = None
+
+    def usage_wanted(self) -> StreamOptions:
+        return self.stream_options or StreamOptions()
+
+    def _request(self, *, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
+                 messages: list[dict[str, Any]] | None = None, logprobs: int | None = None,
+                 prompt_logprobs: int | None = None) -> GenerateRequest:
+        return GenerateRequest(
+            model=self.model, prompt=prompt, prompt_token_ids=prompt_token_ids, messages=messages,
+            max_tokens=self.max_completion_tokens or self.max_tokens, priority=self.priority_class(),
+            sampling={**self.sampling(), "logprobs": logprobs, "prompt_logprobs": prompt_logprobs})
+
+
+class CompletionBody(OpenAIBody):
+    """POST /v1/completions. The prompt is a string or token ids (a list of one of either, too)."""
+
+    prompt: (NonEmpty | Annotated[list[TokenId], Field(min_length=1)]
+             | Annotated[list[NonEmpty], Field(min_length=1, max_length=1)]
+             | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=1)])
+    logprobs: LogprobCount | None = Field(None, description="each token's logprob and this many alternatives'")
+    echo: bool = Field(False, description="the prompt before the completion (with its logprobs, if asked)")
+    best_of: Literal[1] | None = None
+    suffix: None = None
+
+    def request(self) -> GenerateRequest:
+        prompt = self.prompt[0] if isinstance(self.prompt, list) and isinstance(self.prompt[0], str | list) \
+            else self.prompt
+        text, ids = (prompt, None) if isinstance(prompt, str) else (None, prompt)
+        return self._request(prompt=text, prompt_token_ids=ids, logprobs=self.logprobs,  # type: ignore[arg-type]
+                             prompt_logprobs=self.logprobs if self.echo and self.logprobs is not None else None)
+
+
+class TextFormat(Body):
+    type: Literal["text"]
+
+
+class ChatBody(OpenAIBody):
+    """POST /v1/chat/completions."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    logprobs: bool = False
+    top_logprobs: LogprobCount | None = None
+    tools: Annotated[list[Any], Field(max_length=0)] | None = None
+    tool_choice: Literal["none"] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: TextFormat | None = None
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatBody:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("`top_logprobs` needs `logprobs: true`")
+        return self
+
+    def request(self) -> GenerateRequest:
+        return self._request(messages=[m.flat() for m in self.messages],
+                             logprobs=(self.top_logprobs or 0) if self.logprobs else None)
+
+
+class TokenizeBody(PromptOrMessages):
+    """POST /tokenize, as `vllm serve` has it."""
+
+    model: ModelName | None = None
+    add_special_tokens: bool | None = Field(None, description="default: true for a prompt, false for messages "
+                                                              "(the chat template writes them)")
+    add_generation_prompt: bool = Field(True, description="messages only")
+    return_token_strs: bool = False
+
+
+class DetokenizeBody(Body):
+    model: ModelName | None = None
+    tokens: Annotated[list[TokenId], Field(max_length=MAX_DETOKENIZE_TOKENS)]
+
+
+class ApiKeyBody(Body):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    admin: bool = False
+    rps: Annotated[float, Field(ge=0, le=1e6, description="0: no limit")] = 0.0
+    max_concurrent: Annotated[int, Field(ge=0, le=1_000_000, description="0: no limit")] = 0
+
+
+class UnloadBody(Body):
+    workers: Annotated[list[NonEmpty], Field(min_length=1)] | None = None
+    wait: bool = False
+
+
+class LoadBody(UnloadBody):
+    replicas: Annotated[int, Field(ge=1, le=10_000)] | None = None
+
+
+BatchEndpoint = Literal["/v1/chat/completions", "/v1/completions", "/v1/generate"]
+
+
+class BatchBody(Body):
+    input_file_id: Annotated[str, Field(min_length=1, description="an uploaded file's id")]
+    endpoint: BatchEndpoint
+    completion_window: str = Field(pattern=r"^[1-9][0-9]{0,5}[smh]$",
+                                   description='"24h" (s, m or h; at most 7 days)')
+    metadata: Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+                        Field(max_length=16)] | None = None
+
+
+@dataclass(slots=True)
+class GenerateRequest:
+    """A checked generation, whichever route it came by: what the submitter makes a job of."""
+
+    model: str | None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    prompt_token_ids: list[int] | None = None
+    max_tokens: int | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams' fields less max_tokens
+    priority: Priority = Priority.INTERACTIVE
+
+    def token_ids(self) -> list[tuple[str, int]]:
+        """(field, token id) of every token id the request names: the gateway checks them against the model."""
+        return [*(("prompt", t) for t in self.prompt_token_ids or ()),
+                *(("stop_token_ids", t) for t in self.sampling.get("stop_token_ids", ())),
+                *(("logit_bias", int(t)) for t in self.sampling.get("logit_bias", {}))]
+
+
+def _dumped(messages: list[Message] | None) -> list[dict[str, Any]] | None:
+    return None if messages is None else [m.model_dump(exclude_none=True) for m in messages]
+
+
+B = TypeVar("B", bound=BaseModel)
+
+
+def parse_json_object(raw: str | bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object")
+    return body
+
+
+def parse(model: type[B], body: Any, *, unknown: type[FleetError] = Unprocessable,
+          invalid: type[FleetError] = Unprocessable) -> B:
+    """`body` as a `model`, or the error that names the first bad field: an `invalid` (422), and for a field
+    the model does not have an `unknown` (the OpenAI routes answer 400, as OpenAI does, for a parameter they
+    do not take; the Batch API answers 400 for everything, as OpenAI's)."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc, unknown, invalid, getattr(model, "unsupported_values", frozenset())) from None
+
+
+def validation_error(exc: ValidationError, unknown: type[FleetError] = Unprocessable,
+                     invalid: type[FleetError] = Unprocessable,
+                     unsupported: frozenset[str] = frozenset()) -> FleetError:
+    errors = exc.errors(include_url=False, include_context=False, include_input=False)
+    unsupported_value = next((str(e["loc"][0]) for e in errors if e["loc"] and e["loc"][0] in unsupported), None)
+    if unsupported_value is not None:
+        return unknown(f"unsupported parameter: `{unsupported_value}` is taken only with its no-op value",
+                       param=unsupported_value)
+    extra = [str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden" and len(e["loc"]) == 1]
+    if extra:
+        what = "unsupported parameter(s)" if unknown is BadRequest else "unknown field(s)"
+        return unknown(f"{what}: {', '.join(sorted(extra))}", param=sorted(extra)[0])
+    if errors[0]["type"] in ("model_type", "dict_type") and not errors[0]["loc"]:
+        return BadRequest("body must be a JSON object")
+    first = errors[0]["loc"][:1]
+    if not first:  # a check of the whole body (e.g. exactly one of two fields)
+        return invalid(errors[0]["msg"].removeprefix("Value error, "))
+    # A union's members each report their own error: say them all, for the field they are about.
+    same = [e for e in errors if e["loc"][:1] == first]
+    path = _path(same[0]["loc"])
+    reasons = "; or ".join(dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in same))
+    return invalid(f"`{path}`: {reasons}", param=str(first[0]))
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    """("messages", 0, "role") -> "messages[0].role"; the tags pydantic adds for union members are left out."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part.lower() not in _TYPE_TAGS and not any(c in part for c in "[]'(),-"):
+            path += f".{part}" if path else part
+    return path
