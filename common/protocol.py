@@ -93,6 +93,9 @@ class SamplingParams(Packed):
     # alternatives (`logprobs`), for each prompt token the same (`prompt_logprobs`, completions' `echo`).
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    # OpenAI's response_format when it constrains the output ({"type": "json_object"}, or "json_schema" with its
+    # {"json_schema": {"name", "schema", ...}}): the engine's grammar keeps every token inside it.
+    response_format: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -170,6 +173,8 @@ class ModelCard(Packed):
     # Tokens per block of the engine's prefix cache (0: it caches no prefixes): the gateway hashes prompts
     # in blocks of this size to route them to where they are cached (common/affinity.py).
     prefix_block_size: int = 0
+    # SamplingParams fields this engine cannot honour: a request that sets one gets a 400 saying so.
+    unsupported: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)

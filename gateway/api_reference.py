@@ -69,19 +69,30 @@ def _fields(schema: dict[str, Any], spec: dict[str, Any]) -> list[str]:
 
 
 def _type(schema: dict[str, Any], spec: dict[str, Any]) -> str:
-    if "oneOf" in schema:
-        return " or ".join(_type(_resolve(s, spec), spec) for s in schema["oneOf"])
+    choices = schema.get("oneOf") or schema.get("anyOf")
+    if choices:  # a union; "or null" is left out: every optional field may be null
+        kinds = [_type(_resolve(s, spec), spec) for s in choices if s.get("type") != "null"]
+        described = f" ({schema['description']})" if schema.get("description") else ""
+        return " or ".join(kinds) + described
     kind = schema.get("type", "any")
+    if isinstance(kind, list):
+        kind = " or ".join(k for k in kind if k != "null")
     if kind == "array":
         kind = f"array of {_type(_resolve(schema.get('items', {}), spec), spec)}"
+    elif kind == "object" and isinstance(schema.get("additionalProperties"), dict):
+        kind = f"object of {_type(_resolve(schema['additionalProperties'], spec), spec)}"
+    elif kind == "object" and schema.get("title"):
+        kind = f"object ({schema['title']})"
     notes = []
     if "enum" in schema:
         notes.append("one of " + ", ".join(f"`{v}`" for v in schema["enum"]))
-    for bound, word in (("minimum", ">="), ("maximum", "<="), ("minItems", "items >="), ("maxItems", "items <="),
-                        ("minLength", "length >="), ("maxLength", "length <=")):
+    if "const" in schema:
+        notes.append(f"`{schema['const']}`")
+    for bound, word in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("minItems", "items >="),
+                        ("maxItems", "items <="), ("minLength", "length >="), ("maxLength", "length <="),
+                        ("maxProperties", "entries <=")):
         if bound in schema:
-            strict = schema.get("exclusiveMinimum") is True and bound == "minimum"
-            notes.append(f"{'>' if strict else word} {schema[bound]}")
+            notes.append(f"{word} {schema[bound]}")
     if schema.get("description"):
         notes.append(schema["description"])
     return kind + (f" ({'; '.join(notes)})" if notes else "")

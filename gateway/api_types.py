@@ -81,8 +81,8 @@ class Sampling(Body):
         return Priority(self.priority)
 
 
-_SAMPLED = frozenset(f.name for f in dataclasses.fields(SamplingParams)) - {"max_tokens", "logprobs",
-                                                                           "prompt_logprobs"}
+_SAMPLED = frozenset(f.name for f in dataclasses.fields(SamplingParams)) - {
+    "max_tokens", "logprobs", "prompt_logprobs", "response_format"}  # set by each route from its own fields
 
 
 class PromptOrMessages(Body):
@@ -137,6 +137,29 @@ class ChatMessage(Message):
         return {**self.model_dump(exclude_none=True), "content": content}
 
 
+class TextFormat(Body):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(Body):
+    type: Literal["json_object"]
+
+
+class JsonSchema(Body):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    schema_: dict[str, Any] = Field(alias="schema", description="a JSON Schema the output will validate against")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class JsonSchemaFormat(Body):
+    type: Literal["json_schema"]
+    json_schema: JsonSchema
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+
 class OpenAIBody(Sampling):
     """What OpenAI's completions and chat completions share. Fields that change nothing here are taken
     with their no-op values only; another value of those (`unsupported_values`) is refused like an unknown
@@ -153,6 +176,7 @@ class OpenAIBody(Sampling):
     service_tier: Literal["auto", "default"] | None = None
     store: Literal[False] | None = None
     metadata: dict[str, str] | None = None
+    response_format: ResponseFormat | None = None
 
     def usage_wanted(self) -> StreamOptions:
         return self.stream_options or StreamOptions()
@@ -163,7 +187,9 @@ class OpenAIBody(Sampling):
         return GenerateRequest(
             model=self.model, prompt=prompt, prompt_token_ids=prompt_token_ids, messages=messages,
             max_tokens=self.max_completion_tokens or self.max_tokens, priority=self.priority_class(),
-            sampling={**self.sampling(), "logprobs": logprobs, "prompt_logprobs": prompt_logprobs})
+            sampling={**self.sampling(), "logprobs": logprobs, "prompt_logprobs": prompt_logprobs,
+                      "response_format": None if self.response_format is None or self.response_format.type == "text"
+                      else self.response_format.model_dump(by_alias=True, exclude_none=True)})
 
 
 class CompletionBody(OpenAIBody):
@@ -185,10 +211,6 @@ class CompletionBody(OpenAIBody):
                              prompt_logprobs=self.logprobs if self.echo and self.logprobs is not None else None)
 
 
-class TextFormat(Body):
-    type: Literal["text"]
-
-
 class ChatBody(OpenAIBody):
     """POST /v1/chat/completions."""
 
@@ -198,7 +220,6 @@ class ChatBody(OpenAIBody):
     tools: Annotated[list[Any], Field(max_length=0)] | None = None
     tool_choice: Literal["none"] | None = None
     parallel_tool_calls: bool | None = None
-    response_format: TextFormat | None = None
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> ChatBody:

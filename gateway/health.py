@@ -58,6 +58,7 @@ async def models(request: web.Request) -> web.Response:
             "id": name, "object": "model", "created": 0, "owned_by": "llm-fleet",
             "max_model_len": card.max_model_len if card else None,
             "engine": card.engine if card else None,
+            "unsupported_parameters": card.unsupported if card else [],
             "state": state, "workers": serving,
         })
     return web.json_response({"object": "list", "data": data})

@@ -185,6 +185,7 @@ SPEC: dict[str, Any] = {
                                    "state": _MODEL_STATE,
                                    "max_model_len": {"type": ["integer", "null"]},
                                    "engine": {"type": ["string", "null"]},
+                                   "unsupported_parameters": {"type": "array", "items": {"type": "string"}},
                                    "workers": {"type": "array", "items": {
                                        "type": "object", "required": ["worker_id", "state"],
                                        "properties": {"worker_id": {"type": "string"}, "state": _MODEL_STATE}}}}}}}},

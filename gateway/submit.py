@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Callable
 
 from common.affinity import AffinityPolicy, route_arg
-from common.errors import Overloaded, PayloadTooLarge, Unprocessable
+from common.errors import BadRequest, Overloaded, PayloadTooLarge, Unprocessable
 from common.protocol import Job, SamplingParams
 from common.request_store import Idempotency, Replay, RequestStore
 from common.settings import GatewaySettings
@@ -45,6 +45,10 @@ class Submitter:
         else:
             prompt_ids = await encoder.encode_messages(request.messages or [])
 
+        refused = [name for name in card.unsupported if request.sampling.get(name) not in (None, [], {})]
+        if refused:
+            raise BadRequest(f"model {card.name!r} runs on the {card.engine} engine, which does not support "
+                             f"`{refused[0]}`", param=refused[0])
         for param, token in request.token_ids():
             if token >= (vocab := encoder.vocab_size):
                 raise Unprocessable(f"`{param}` names token {token}; model {card.name!r} has {vocab} (0..{vocab - 1})",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import subprocess
@@ -32,28 +33,38 @@ def smollm2() -> tuple[object, object]:
     return model, AutoTokenizer.from_pretrained(model_dir)
 
 
-def _decode_all(model, tokenizer, requests, join_every: int) -> dict[str, str]:
-    """Drive a BatchedDecoder like the engine does; a new request joins every `join_every` steps."""
+def _decode_all(model, tokenizer, requests, join_every: int, grammars=None, tokens=None) -> dict[str, str]:
+    """Drive a BatchedDecoder like the engine does; a new request joins every `join_every` steps. The
+    tokens each request generated go into `tokens`, if given."""
     from worker.engines.cpu_batch import BatchedDecoder
     from worker.engines.sequence import Sequence
 
     decoder, pending = BatchedDecoder(model), list(requests)
     texts = {r.request_id: "" for r in requests}
+    seqs = {}
     step = 0
     while pending or decoder.rows:
         if pending and step % join_every == 0:
             seq = Sequence(pending.pop(0), tokenizer.backend_tokenizer, frozenset({tokenizer.eos_token_id}))
-            texts[seq.request_id] += seq.append(decoder.prefill(seq)).text
+            request = seq.request
+            constraint = None if request.params.response_format is None else grammars.constraint(
+                request.params.response_format, request.prompt_token_ids[len(request.prompt_token_ids)
+                                                                         - request.resumed_tokens:])
+            (token, logprob), _ = decoder.prefill(seq, constraint)
+            texts[seq.request_id] += seq.append(token, logprob).text
+            seqs[seq.request_id] = seq
             if seq.finished:
                 decoder.remove({seq.request_id})
         if decoder.rows:
             finished = set()
-            for row, token in zip(list(decoder.rows), decoder.step(), strict=True):
-                texts[row.seq.request_id] += row.seq.append(token).text
+            for row, (token, logprob) in zip(list(decoder.rows), decoder.step(), strict=True):
+                texts[row.seq.request_id] += row.seq.append(token, logprob).text
                 if row.seq.finished:
                     finished.add(row.seq.request_id)
             decoder.remove(finished)
         step += 1
+    if tokens is not None:
+        tokens.update({request_id: seq.generated for request_id, seq in seqs.items()})
     return texts
 
 
@@ -155,3 +166,109 @@ async def test_real_model_answers_through_the_whole_fleet(start_fleet: StartFlee
         worker.terminate()
         await asyncio.to_thread(worker.wait, 30)
     assert worker.returncode == 0  # SIGTERM: drained and exited cleanly
+
+
+async def test_logprobs_n_and_seed_on_the_real_model(start_fleet: StartFleet, smollm2) -> None:
+    """The logprobs are the model's: at temperature 0 the chosen token is the most likely, the alternatives
+    come sorted, and prompt and output logprobs equal a plain forward pass of the model (1e-3)."""
+    import torch
+
+    fleet = await start_fleet(workers=0)
+    worker = smollm2_worker_process(fleet.redis_url)
+    client = openai.AsyncOpenAI(base_url=fleet.base_url + "/v1", api_key="none", max_retries=0)
+    try:
+        await fleet.wait_ready(timeout_s=120)
+        prompt = "The capital of France is"
+        completion = await client.completions.create(model=SMOLLM2, prompt=prompt, max_tokens=6, temperature=0,
+                                                     logprobs=5, echo=True)
+        logprobs = completion.choices[0].logprobs
+        model, tokenizer = smollm2
+        ids = tokenizer(completion.choices[0].text)["input_ids"]
+        prompt_len = len(tokenizer(prompt)["input_ids"])
+        assert len(logprobs.tokens) == len(ids) and logprobs.token_logprobs[0] is None
+        with torch.inference_mode():
+            expected = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        for position in range(1, len(ids)):
+            assert abs(logprobs.token_logprobs[position] - float(expected[position - 1, ids[position]])) < 1e-3
+            top = list(logprobs.top_logprobs[position].values())
+            assert top == sorted(top, reverse=True) and len(top) == 5
+            if position >= prompt_len:  # generated, greedy: the most likely token
+                assert logprobs.token_logprobs[position] == pytest.approx(top[0], abs=1e-6)
+
+        chat = await client.chat.completions.create(
+            model=SMOLLM2, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=5, temperature=0,
+            logprobs=True, top_logprobs=3)
+        content = chat.choices[0].logprobs.content
+        assert "".join(t.token for t in content) == chat.choices[0].message.content
+        assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob, abs=1e-6) for t in content)
+
+        # n samples: n choices; the same seed gives the same texts, another seed others.
+        sampled = [await client.completions.create(model=SMOLLM2, prompt="Once upon a time", max_tokens=12,
+                                                   temperature=1.0, n=3, seed=seed) for seed in (11, 11, 12)]
+        texts = [[c.text for c in s.choices] for s in sampled]
+        assert len(texts[0]) == 3 and len(set(texts[0])) > 1, texts
+        assert texts[0] == texts[1] and texts[0] != texts[2], texts
+    finally:
+        await client.close()
+        worker.terminate()
+        await asyncio.to_thread(worker.wait, 30)
+
+
+_PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+           "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}}}
+
+
+def test_a_continued_structured_output_stays_valid(smollm2) -> None:
+    """A job continued after its worker died: the grammar is walked through the earlier output first, so the
+    JSON the new worker finishes is the one the client has half of, and it validates."""
+    import jsonschema
+
+    from common.protocol import Chunk, Job
+    from worker.continuation import resume
+    from worker.engines.base import EngineRequest
+    from worker.engines.cpu_grammar import Grammars
+
+    model, tokenizer = smollm2
+    grammars = Grammars(tokenizer, int(model.config.vocab_size))
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": _PERSON}}
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Describe a person as JSON."}],
+                                        add_generation_prompt=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    sampling = SamplingParams(max_tokens=60, temperature=0.0, response_format=fmt)
+    job = Job("j", SMOLLM2, ids, dataclasses.asdict(sampling), 0.0)
+
+    generated: dict[str, list[int]] = {}
+    whole = _decode_all(model, tokenizer, [EngineRequest("j", ids, job.params)], 1, grammars, generated)["j"]
+    jsonschema.validate(json.loads(whole), _PERSON)
+    emitted = generated["j"][:5]  # the first worker got 5 tokens out before it died
+    delivered = [Chunk(seq=1, text=tokenizer.decode(emitted), token_ids=emitted)]
+    continuation = resume(job, delivered, tokenizer.decode)
+    rest = _decode_all(model, tokenizer, [continuation.request], 1, grammars)["j"]
+    jsonschema.validate(json.loads(delivered[0].text + continuation.unsent_text + rest), _PERSON)
+
+
+async def test_response_format_on_the_real_model(start_fleet: StartFleet) -> None:
+    """json_schema: 50 sampled answers (temperature 1), every one valid against the schema; json_object: JSON."""
+    import jsonschema
+
+    fleet = await start_fleet(workers=0)
+    worker = smollm2_worker_process(fleet.redis_url)
+    client = openai.AsyncOpenAI(base_url=fleet.base_url + "/v1", api_key="none", max_retries=0)
+    try:
+        await fleet.wait_ready(timeout_s=120)
+        messages = [{"role": "user", "content": "Describe a person as JSON with a name and an age."}]
+        fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": _PERSON, "strict": True}}
+        replies = await asyncio.gather(*(client.chat.completions.create(
+            model=SMOLLM2, messages=messages, max_tokens=80, temperature=1.0, n=10, seed=seed,
+            response_format=fmt) for seed in range(5)))
+        answers = [choice.message.content for reply in replies for choice in reply.choices]
+        assert len(answers) == 50
+        for answer in answers:
+            jsonschema.validate(json.loads(answer), _PERSON)
+        reply = await client.chat.completions.create(model=SMOLLM2, messages=messages, max_tokens=80,
+                                                     temperature=0, response_format={"type": "json_object"})
+        assert isinstance(json.loads(reply.choices[0].message.content), dict)
+    finally:
+        await client.close()
+        worker.terminate()
+        await asyncio.to_thread(worker.wait, 30)

@@ -112,3 +112,22 @@ async def test_n_over_capacity_is_a_429_and_leaves_nothing_queued(start_fleet: S
     assert (await fleet.get(f"/v1/requests/{request_id}-2"))[0] == 404
     status, _, _ = await fleet.post("/v1/generate", {"model": TEST_MODEL, "prompt": "x"})
     assert status == 202  # the cancelled choices no longer count against the cap
+
+
+async def test_a_parameter_the_engine_cannot_honour_is_a_400_naming_the_engine(start_fleet: StartFleet) -> None:
+    fleet = await start_fleet()
+    _, models = await fleet.get("/v1/models")
+    [card] = [m for m in models["data"] if m["id"] == TEST_MODEL]
+    assert card["unsupported_parameters"] == ["response_format"]
+    status, reply, _ = await fleet.post("/v1/chat/completions", {
+        "model": TEST_MODEL, "messages": [{"role": "user", "content": "x"}],
+        "response_format": {"type": "json_object"}})
+    assert status == 400 and reply["error"]["param"] == "response_format"
+    assert "test engine" in reply["error"]["message"]
+    status, reply, _ = await fleet.post("/v1/chat/completions", {  # "text" constrains nothing: taken
+        "model": TEST_MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
+        "response_format": {"type": "text"}})
+    assert status == 200
+    status, reply, _ = await fleet.post("/v1/completions", {
+        "model": TEST_MODEL, "prompt": "x", "response_format": {"type": "json_schema", "json_schema": {}}})
+    assert status == 422 and reply["error"]["param"] == "response_format"

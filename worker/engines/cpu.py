@@ -19,6 +19,7 @@ from common.protocol import FinishReason, ModelCard
 from common.settings import ModelSpec
 from worker.engines.base import EngineOutput, EngineRequest, ProgressCallback
 from worker.engines.cpu_batch import BatchedDecoder
+from worker.engines.cpu_grammar import GrammarConstraint, Grammars
 from worker.engines.gguf_cache import cached_model_dir, packaged_file
 from worker.engines.hf_tokenizer import tokenizer_bundle
 from worker.engines.queued import QueuedEngine
@@ -41,6 +42,9 @@ class CpuEngine(QueuedEngine):
         self.tokenizer = tokenizer_bundle(hf_tokenizer)
         self._tokenizer = hf_tokenizer.backend_tokenizer
         self._eos = frozenset(_eos_ids(model, hf_tokenizer))
+        self._grammars = Grammars(hf_tokenizer, int(model.config.vocab_size)) if Grammars.available() else None
+        if self._grammars is None:
+            self.card.unsupported = ["response_format"]
         self._decoder = BatchedDecoder(model)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._loop = asyncio.get_running_loop()
@@ -106,7 +110,13 @@ class CpuEngine(QueuedEngine):
             if not waiting or len(self._decoder) >= self.max_num_seqs:
                 break
             seq = waiting.popleft()
-            (token, logprob), prompt_logprobs = self._decoder.prefill(seq)
+            try:
+                constraint = self._constraint(seq.request)
+            except Exception as exc:  # this request's grammar alone: the others go on
+                outputs.append(EngineOutput(seq.request_id, "", finish_reason=FinishReason.ERROR,
+                                            error=f"response_format: {exc}"))
+                continue
+            (token, logprob), prompt_logprobs = self._decoder.prefill(seq, constraint)
             output = seq.append(token, logprob)
             output.prompt_logprobs = prompt_logprobs
             outputs.append(output)
@@ -122,6 +132,14 @@ class CpuEngine(QueuedEngine):
                     finished.add(row.seq.request_id)
             self._decoder.remove(finished)
         return outputs
+
+
+    def _constraint(self, request: EngineRequest) -> GrammarConstraint | None:
+        response_format = request.params.response_format
+        if response_format is None or self._grammars is None:
+            return None
+        said = request.prompt_token_ids[len(request.prompt_token_ids) - request.resumed_tokens:]
+        return self._grammars.constraint(response_format, said)
 
 
 def _eos_ids(model: Any, hf_tokenizer: Any) -> set[int]:

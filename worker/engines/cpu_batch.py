@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from common.protocol import TokenLogprob
+from common.protocol import SamplingParams, TokenLogprob
+from worker.engines.cpu_grammar import GrammarConstraint
 from worker.engines.sequence import Sequence
 
 Sampled = tuple[int, TokenLogprob | None]  # a token and, when its request asked, its logprob
@@ -23,6 +24,7 @@ Sampled = tuple[int, TokenLogprob | None]  # a token and, when its request asked
 class _Row:
     seq: Sequence
     generator: torch.Generator | None  # set when the request has a seed
+    constraint: GrammarConstraint | None = None  # set when the request has a response_format
 
 
 class BatchedDecoder:
@@ -38,16 +40,17 @@ class BatchedDecoder:
         return len(self.rows)
 
     @torch.inference_mode()
-    def prefill(self, seq: Sequence) -> tuple[Sampled, list[TokenLogprob | None] | None]:
+    def prefill(self, seq: Sequence, constraint: GrammarConstraint | None = None
+                ) -> tuple[Sampled, list[TokenLogprob | None] | None]:
         """Run the prompt alone, splice its cache into the batch; returns the first token, and the prompt's
-        logprobs when the request asked."""
+        logprobs when the request asked. `constraint` keeps the sequence's tokens inside its grammar."""
         prompt = torch.tensor([seq.request.prompt_token_ids], dtype=torch.long)
         length = prompt.shape[1]
         cache = DynamicCache()
         out = self.model(
             input_ids=prompt, position_ids=torch.arange(length)[None], past_key_values=cache, use_cache=True
         )
-        row = _Row(seq, _generator(seq.request.params.seed))
+        row = _Row(seq, _generator(seq.request.params.seed), constraint)
         last = out.logits[:, -1, :]
         token = int(self._sample(last, [row])[0])
         self._splice(row, [(layer.keys, layer.values) for layer in cache.layers], length, token)
@@ -124,23 +127,32 @@ class BatchedDecoder:
         tokens = logits.argmax(dim=-1)
         for i, row in enumerate(rows):
             params = row.seq.request.params
-            penalized = _penalized(logits[i], row.seq)
+            shaped = _penalized(logits[i], row.seq)
+            if row.constraint is not None:
+                shaped = row.constraint.mask(logits[i] if shaped is None else shaped)
             if params.temperature <= 1e-5:  # greedy
-                if penalized is not None:
-                    tokens[i] = penalized.argmax()
-                continue
-            probs = torch.softmax((logits[i] if penalized is None else penalized).float() / params.temperature, dim=-1)
-            if 0 < params.top_k < probs.shape[0]:
-                probs = probs.masked_fill(probs < probs.topk(params.top_k).values[-1], 0.0)
-            if params.min_p > 0:
-                probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
-            if params.top_p < 1.0:
-                probs = probs / probs.sum()
-                sorted_probs, order = probs.sort(descending=True)
-                outside = sorted_probs.cumsum(0) - sorted_probs > params.top_p
-                probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
-            tokens[i] = torch.multinomial(probs, 1, generator=row.generator)[0]
+                if shaped is not None:
+                    tokens[i] = shaped.argmax()
+            else:
+                tokens[i] = _sampled(logits[i] if shaped is None else shaped, params, row.generator)
+            if row.constraint is not None:
+                row.constraint.accept(int(tokens[i]))
         return tokens
+
+
+def _sampled(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """One token drawn from the row's (shaped) logits: temperature, then top_k, min_p and top_p."""
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if 0 < params.top_k < probs.shape[0]:
+        probs = probs.masked_fill(probs < probs.topk(params.top_k).values[-1], 0.0)
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+    if params.top_p < 1.0:
+        probs = probs / probs.sum()
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(0) - sorted_probs > params.top_p
+        probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1, generator=generator)[0]
 
 
 def _penalized(logits: torch.Tensor, seq: Sequence) -> torch.Tensor | None:

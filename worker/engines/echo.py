@@ -59,7 +59,7 @@ class EchoEngine(QueuedEngine):
         options = spec.options
         block_size = int(options.get("prefix_block_size", 16))
         self.card = ModelCard(name=spec.name, engine="test", max_model_len=int(options["max_model_len"]),
-                              prefix_block_size=block_size)
+                              prefix_block_size=block_size, unsupported=["response_format"])  # it only echoes
         self.kv_capacity_tokens = int(options["kv_cache_tokens"])
         self.max_num_seqs = int(options["max_num_seqs"])
         self._step_s = float(options.get("step_delay_ms", 2)) / 1000

@@ -19,7 +19,7 @@ from typing import Any
 
 from vllm import AsyncEngineArgs, SamplingParams, envs
 from vllm.config import KVEventsConfig
-from vllm.sampling_params import RequestOutputKind
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.usage.usage_lib import UsageContext
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.loggers import StatLoggerBase
@@ -39,6 +39,16 @@ _FINISH_REASONS = {
     "abort": FinishReason.CANCELLED,
     "error": FinishReason.ERROR,
 }
+
+
+def _structured(response_format: dict[str, Any] | None) -> StructuredOutputsParams | None:
+    """OpenAI's response_format as vLLM's structured outputs (xgrammar, as the CPU engine). A continuation's
+    grammar starts again at its prompt's end: vLLM 0.26 has no way to walk it through the earlier output."""
+    if response_format is None:
+        return None
+    if response_format["type"] == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    return StructuredOutputsParams(json=response_format["json_schema"].get("schema", {}))
 
 
 def _logprobs(steps: Any, token_ids: list[int], k: int) -> list[TokenLogprob]:
@@ -92,6 +102,7 @@ class VllmEngine(Engine):
             min_p=p.min_p, stop_token_ids=p.stop_token_ids or None,
             logit_bias={int(token): bias for token, bias in p.logit_bias.items()} or None,
             logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs,
+            structured_outputs=_structured(p.response_format),
             output_kind=RequestOutputKind.DELTA,  # only the new text and tokens of each step
         )
         prompt = {"prompt_token_ids": request.prompt_token_ids}
