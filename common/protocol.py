@@ -123,8 +123,9 @@ class Job(Packed):
         return len(self.prompt_token_ids) + int(self.sampling["max_tokens"])
 
 
-# One token's log-probability: [its logprob, [[token id, logprob], ... its k most likely alternatives, most
-# likely first]]. Lists, not objects: a chunk stays one flat msgpack map.
+# One token's log-probability: [its logprob, [[token id, logprob], ...]], the list as vLLM's: the token itself
+# first, then the k most likely others, most likely first (k entries if the token is among the k most likely,
+# else k + 1). Lists, not objects: a chunk stays one flat msgpack map.
 TokenLogprob = list[Any]
 
 

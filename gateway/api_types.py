@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
@@ -127,14 +128,63 @@ class TextPart(Body):
     text: str
 
 
-class ChatMessage(Message):
-    """OpenAI's message: content may also be a list of text parts (joined; the template wants one string)."""
+class FunctionCall(Body):
+    name: str
+    arguments: str
 
-    content: str | list[TextPart]  # type: ignore[assignment]
+
+class ToolCall(Body):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class ChatMessage(Message):
+    """OpenAI's message: content may also be a list of text parts (joined; the template wants one string),
+    or none in an assistant's turn that called tools (`tool_calls`); a tool's answer names its call."""
+
+    content: str | list[TextPart] | None  # type: ignore[assignment]
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
     def flat(self) -> dict[str, Any]:
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {**self.model_dump(exclude_none=True), "content": content}
+        """The message as a chat template takes it. A template without tools sees an assistant's calls as the
+        JSON they were written as."""
+        content = self.content if isinstance(self.content, str | None) else "".join(p.text for p in self.content)
+        message = self.model_dump(exclude_none=True)
+        if content is None:
+            calls = [{"name": c.function.name, "arguments": json.loads(c.function.arguments or "{}")}
+                     for c in self.tool_calls or ()]
+            content = json.dumps(calls[0] if len(calls) == 1 else calls) if calls else ""
+        return {**message, "content": content}
+
+    @model_validator(mode="after")
+    def _has_content(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("a message without `content` must be an assistant's with `tool_calls`")
+        return self
+
+
+class FunctionDef(Body):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}},
+                                       description="a JSON Schema of the arguments")
+    strict: bool | None = None
+
+
+class Tool(Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(Body):
+    name: str
+
+
+class NamedToolChoice(Body):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class TextFormat(Body):
@@ -165,8 +215,7 @@ class OpenAIBody(Sampling):
     with their no-op values only; another value of those (`unsupported_values`) is refused like an unknown
     parameter."""
 
-    unsupported_values: ClassVar[frozenset[str]] = frozenset({"service_tier", "store", "best_of", "suffix",
-                                                              "tools", "tool_choice"})
+    unsupported_values: ClassVar[frozenset[str]] = frozenset({"service_tier", "store", "best_of", "suffix"})
 
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -217,19 +266,58 @@ class ChatBody(OpenAIBody):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     logprobs: bool = False
     top_logprobs: LogprobCount | None = None
-    tools: Annotated[list[Any], Field(max_length=0)] | None = None
-    tool_choice: Literal["none"] | None = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="with tools: \"required\" or a named function (the output is then constrained to a "
+                          "call, as vLLM does); \"auto\" needs a tool-call parser, which no model here has yet")
     parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
-    def _top_needs_logprobs(self) -> ChatBody:
+    def _checked(self) -> ChatBody:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("`top_logprobs` needs `logprobs: true`")
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise ValueError("`tool_choice` needs `tools`")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in {
+                t.function.name for t in self.tools or ()}:
+            raise ValueError(f"`tool_choice` names {self.tool_choice.function.name!r}, not one of the `tools`")
         return self
 
+    def calls_tools(self) -> str | None:
+        """How the answer is a tool call: the one function's name (a named tool_choice), "required" (one call
+        of the model's choosing) or None (text)."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name
+        if self.tools and self.tool_choice in (None, "auto"):
+            raise BadRequest("tool_choice \"auto\" needs a tool-call parser for the model's output, which this "
+                             "fleet does not have yet: pass tool_choice \"required\" or a named function",
+                             param="tool_choice")
+        return "required" if self.tool_choice == "required" else None
+
     def request(self) -> GenerateRequest:
-        return self._request(messages=[m.flat() for m in self.messages],
-                             logprobs=(self.top_logprobs or 0) if self.logprobs else None)
+        request = self._request(messages=[m.flat() for m in self.messages],
+                                logprobs=(self.top_logprobs or 0) if self.logprobs else None)
+        calls = self.calls_tools()
+        if calls is not None:
+            if self.response_format is not None and self.response_format.type != "text":
+                raise BadRequest("send `response_format` or a tool call, not both", param="response_format")
+            request.sampling["response_format"] = _tool_call_format(self.tools or [], calls)
+        if self.tools and self.tool_choice != "none":
+            request.tools = [t.model_dump(exclude_none=True) for t in self.tools]
+        return request
+
+
+def _tool_call_format(tools: list[Tool], calls: str) -> dict[str, Any]:
+    """The JSON a forced tool call is written as (vLLM's way): a named function's arguments alone; for
+    "required", {"name", "arguments"} of any one of the tools."""
+    if calls != "required":
+        [tool] = [t for t in tools if t.function.name == calls]
+        schema = tool.function.parameters
+    else:
+        schema = {"anyOf": [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+                             "properties": {"name": {"const": t.function.name}, "arguments": t.function.parameters}}
+                            for t in tools]}
+    return {"type": "json_schema", "json_schema": {"name": "tool_call", "schema": schema}}
 
 
 class TokenizeBody(PromptOrMessages):
@@ -286,6 +374,7 @@ class GenerateRequest:
     max_tokens: int | None = None
     sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams' fields less max_tokens
     priority: Priority = Priority.INTERACTIVE
+    tools: list[dict[str, Any]] | None = None  # for the chat template
 
     def token_ids(self) -> list[tuple[str, int]]:
         """(field, token id) of every token id the request names: the gateway checks them against the model."""
@@ -337,8 +426,10 @@ def validation_error(exc: ValidationError, unknown: type[FleetError] = Unprocess
     if errors[0]["type"] in ("model_type", "dict_type") and not errors[0]["loc"]:
         return BadRequest("body must be a JSON object")
     first = errors[0]["loc"][:1]
-    if not first:  # a check of the whole body (e.g. exactly one of two fields)
-        return invalid(errors[0]["msg"].removeprefix("Value error, "))
+    if not first:  # a check of the whole body: its message names the field it is about first, in backticks
+        message = errors[0]["msg"].removeprefix("Value error, ")
+        named = re.search(r"`(\w+)`", message)
+        return invalid(message, param=named[1] if named else None)
     # A union's members each report their own error: say them all, for the field they are about.
     same = [e for e in errors if e["loc"][:1] == first]
     path = _path(same[0]["loc"])

@@ -60,10 +60,13 @@ async def _serve(request: web.Request, *, chat: bool) -> web.StreamResponse:
     try:
         async with gateway.disconnects.watching(request, lambda: _cancel(gateway, subscriptions, caller)):
             shape = CompletionShape(chat, request_id, job.model, len(job.prompt_token_ids))
+            if isinstance(parsed, ChatBody):
+                shape.tool_call = parsed.calls_tools()
             echo = isinstance(parsed, CompletionBody) and parsed.echo
             if job.params.logprobs is not None or echo:
                 encoder = await gateway.registry.encoder(await gateway.registry.resolve(job.model))
                 shape.token_text = encoder.token_text
+                shape.top_logprobs = job.params.logprobs or 0
                 if echo:
                     shape.echo = generate.prompt or await encoder.decode(job.prompt_token_ids)
                     shape.prompt_ids = job.prompt_token_ids
@@ -115,8 +118,12 @@ class CompletionShape:
         self.prompt_tokens = prompt_tokens
         self.token_text: Callable[[int], str] | None = None
         self.echo: str | None = None
+        self.top_logprobs = 0  # asked for, of each token (chat lists that many; completions the token too)
         self.prompt_ids: list[int] = []  # with echo: the prompt's tokens, named with its logprobs
         self._text_offsets: dict[int, int] = {}  # choice -> its next token's offset in its text (completions)
+        # The answer is a forced tool call (ChatBody.calls_tools): a function's name, or "required".
+        self.tool_call: str | None = None
+        self._call_text: dict[int, str] = {}  # choice -> its "required" call so far (sent whole, at its end)
 
     def _base(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -132,7 +139,11 @@ class CompletionShape:
             choice: dict[str, Any] = {"index": index, "logprobs": self._logprobs(index, merged, first=True),
                                       "finish_reason": _finish(merged)}
             if self.chat:
-                choice["message"] = {"role": "assistant", "content": merged.text}
+                calls = self._tool_calls(index, merged.text)
+                choice["message"] = ({"role": "assistant", "content": None, "tool_calls": calls} if calls
+                                     else {"role": "assistant", "content": merged.text})
+                if calls and choice["finish_reason"] == "stop":
+                    choice["finish_reason"] = "tool_calls"
             else:
                 choice["text"] = (self.echo or "") + merged.text
             body.append(choice)
@@ -143,11 +154,49 @@ class CompletionShape:
         text = "" if chunk is None else chunk.text
         logprobs = None if chunk is None else self._logprobs(index, chunk, first=first)
         choice: dict[str, Any] = {"index": index, "logprobs": logprobs, "finish_reason": finish_reason}
-        if self.chat:
+        if self.chat and self.tool_call is not None:
+            choice["delta"] = self._call_delta(index, text, first, finish_reason)
+            if finish_reason == "stop":
+                choice["finish_reason"] = "tool_calls"
+        elif self.chat:
             choice["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
         else:
             choice["text"] = (self.echo or "") + text if first else text
         return {**self._chunk_base(), "choices": [choice]}
+
+    def _tool_calls(self, index: int, text: str) -> list[dict[str, Any]] | None:
+        """A forced call's output as OpenAI's tool_calls (None: not a call, or one cut short before it parsed)."""
+        if self.tool_call is None:
+            return None
+        if self.tool_call != "required":
+            name, arguments = self.tool_call, text  # a named function: the output is its arguments
+        else:
+            try:
+                call = json.loads(text)
+                name, arguments = call["name"], json.dumps(call["arguments"])
+            except (ValueError, TypeError, KeyError):
+                return None
+        return [{"id": f"call_{self.id.rsplit('-', 1)[-1][:20]}_{index}", "type": "function",
+                 "function": {"name": name, "arguments": arguments}}]
+
+    def _call_delta(self, index: int, text: str, first: bool, finish_reason: str | None) -> dict[str, Any]:
+        """A streamed tool call: a named function's arguments as they come (its id and name first); a
+        "required" call whole at its end, once it parses."""
+        delta: dict[str, Any] = {"role": "assistant", "content": None} if first else {}
+        if self.tool_call != "required":
+            call: dict[str, Any] = {"index": 0, "function": {"arguments": text}}
+            if first:
+                [whole] = self._tool_calls(index, text) or []
+                call = {"index": 0, **whole}
+            return {**delta, "tool_calls": [call]}
+        self._call_text[index] = self._call_text.get(index, "") + text
+        if finish_reason is None:
+            return delta
+        written = self._call_text.pop(index)
+        calls = self._tool_calls(index, written)
+        if calls is None:  # cut short before it parsed: what was written, as text
+            return {**delta, "content": written}
+        return {**delta, "tool_calls": [{"index": 0, **calls[0]}]}
 
     def usage_only(self, finals: list[Chunk]) -> dict[str, Any]:
         return {**self._chunk_base(), "choices": [], "usage": _usage(finals)}
@@ -161,9 +210,9 @@ class CompletionShape:
             return None
         name = self.token_text
         pairs = list(zip(chunk.token_ids or [], chunk.logprobs or [], strict=False))
-        if self.chat:
+        if self.chat:  # the token itself is among its top_logprobs only if it is one of the k most likely
             return {"content": [{**_chat_token(name(token), logprob),
-                                 "top_logprobs": [_chat_token(name(i), lp) for i, lp in top]}
+                                 "top_logprobs": [_chat_token(name(i), lp) for i, lp in top[:self.top_logprobs]]}
                                 for token, (logprob, top) in pairs]}
         if first and self.echo is not None and chunk.prompt_logprobs is not None:
             pairs = [*zip(self.prompt_ids, chunk.prompt_logprobs, strict=False), *pairs]

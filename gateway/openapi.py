@@ -15,6 +15,7 @@ from aiohttp import web
 from pydantic.json_schema import models_json_schema
 
 from gateway.api_types import (
+    MAX_CHOICES,
     ApiKeyBody,
     BatchBody,
     ChatBody,
@@ -51,21 +52,21 @@ _CACHED = {"type": "object", "required": ["cached_tokens"], "properties": {"cach
 _USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
           "properties": {"prompt_tokens": _INT, "completion_tokens": _INT, "total_tokens": _INT,
                          "prompt_tokens_details": _CACHED}}
-_FINISH = {"type": "string", "enum": ["stop", "length", "abort"]}
+_FINISH = {"type": "string", "enum": ["stop", "length", "abort", "tool_calls"]}
 
 
 def _completion(obj: str, content: dict[str, Any]) -> dict[str, Any]:
     """OpenAI's (chat) completion object; a stream is Server-Sent Events, each `data:` line a JSON
     chunk, the last one `[DONE]`."""
     choice = {"type": "object", "required": ["index", "finish_reason", *content],
-              "properties": {"index": {"type": "integer", "enum": [0]}, "finish_reason": _FINISH,
+              "properties": {"index": _INT, "finish_reason": _FINISH,
                              "logprobs": {"type": ["object", "null"]}, **content}}
     return {"description": "The completion", "content": {
         "application/json": {"schema": {
             "type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
             "properties": {"id": {"type": "string"}, "object": {"type": "string", "enum": [obj]},
                            "created": _INT, "model": {"type": "string"},
-                           "choices": {"type": "array", "minItems": 1, "maxItems": 1, "items": choice},
+                           "choices": {"type": "array", "minItems": 1, "maxItems": MAX_CHOICES, "items": choice},
                            "usage": _USAGE}}},
         "text/event-stream": {"schema": {"type": "object", "required": ["data"],
                                          "properties": {"data": {"type": "string"}}}}}}
@@ -74,7 +75,9 @@ def _completion(obj: str, content: dict[str, Any]) -> dict[str, Any]:
 _TEXT_COMPLETION = _completion("text_completion", {"text": {"type": "string"}})
 _CHAT_COMPLETION = _completion("chat.completion", {"message": {
     "type": "object", "required": ["role", "content"],
-    "properties": {"role": {"type": "string", "enum": ["assistant"]}, "content": {"type": "string"}}}})
+    "properties": {"role": {"type": "string", "enum": ["assistant"]}, "content": {"type": ["string", "null"]},
+                   "tool_calls": {"type": "array", "items": {"type": "object",
+                                                             "required": ["id", "type", "function"]}}}}})
 _STATUS = {"type": "string", "enum": ["queued", "running", "completed", "failed", "cancelled"]}
 _MODEL_STATE = {"type": "string", "enum": ["loading", "ready", "failed", "unloading", "unavailable"]}
 _MODEL_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}

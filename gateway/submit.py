@@ -43,7 +43,7 @@ class Submitter:
         elif request.prompt is not None:
             prompt_ids = await encoder.encode_prompt(request.prompt)
         else:
-            prompt_ids = await encoder.encode_messages(request.messages or [])
+            prompt_ids = await encoder.encode_messages(request.messages or [], tools=request.tools)
 
         refused = [name for name in card.unsupported if request.sampling.get(name) not in (None, [], {})]
         if refused:

@@ -87,21 +87,24 @@ class PromptEncoder:
         return await (self._prompts if add_special_tokens else self._rendered).encode(prompt)
 
     async def encode_messages(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
-                              add_special_tokens: bool = False) -> list[int]:
+                              add_special_tokens: bool = False, tools: list[dict[str, Any]] | None = None) -> list[int]:
         size = sum(len(str(m.get("content", ""))) for m in messages)
         if size > _INLINE_RENDER_CHARS:
-            text = await asyncio.to_thread(self.render, messages, add_generation_prompt=add_generation_prompt)
+            text = await asyncio.to_thread(self.render, messages, add_generation_prompt=add_generation_prompt,
+                                           tools=tools)
         else:
-            text = self.render(messages, add_generation_prompt=add_generation_prompt)
+            text = self.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
         return await (self._prompts if add_special_tokens else self._rendered).encode(text)
 
-    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
-        """The chat as the model's template writes it (Python code: it holds the GIL wherever it runs)."""
+    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+               tools: list[dict[str, Any]] | None = None) -> str:
+        """The chat as the model's template writes it (Python code: it holds the GIL wherever it runs); the
+        tools for templates that describe them (Hugging Face's `tools` variable)."""
         if self._template is None:
             raise Unprocessable("this model has no chat template: send `prompt`", param="messages")
         try:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=self._bos or "", eos_token=self._eos or "")
+                                         bos_token=self._bos or "", eos_token=self._eos or "", tools=tools)
         except TemplateError as exc:
             raise Unprocessable(f"chat template failed: {exc}", param="messages") from exc
 

@@ -131,3 +131,23 @@ async def test_a_parameter_the_engine_cannot_honour_is_a_400_naming_the_engine(s
     status, reply, _ = await fleet.post("/v1/completions", {
         "model": TEST_MODEL, "prompt": "x", "response_format": {"type": "json_schema", "json_schema": {}}})
     assert status == 422 and reply["error"]["param"] == "response_format"
+
+
+async def test_tool_requests_are_checked(start_fleet: StartFleet) -> None:
+    fleet = await start_fleet()
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    ask = {"model": TEST_MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    status, reply, _ = await fleet.post("/v1/chat/completions", {**ask, "tools": tools})  # "auto", the default
+    assert status == 400 and reply["error"]["param"] == "tool_choice" and "parser" in reply["error"]["message"]
+    status, reply, _ = await fleet.post("/v1/chat/completions", {
+        **ask, "tools": tools, "tool_choice": {"type": "function", "function": {"name": "other"}}})
+    assert status == 422 and "other" in reply["error"]["message"]
+    status, reply, _ = await fleet.post("/v1/chat/completions", {**ask, "tool_choice": "required"})
+    assert status == 422 and "tools" in reply["error"]["message"]
+    status, reply, _ = await fleet.post("/v1/chat/completions", {**ask, "tools": tools, "tool_choice": "required"})
+    assert status == 400 and "test engine" in reply["error"]["message"]  # the call is a grammar it cannot follow
+    status, reply, _ = await fleet.post("/v1/chat/completions", {**ask, "tools": tools, "tool_choice": "none"})
+    assert status == 200 and reply["choices"][0]["message"]["content"]
+    status, reply, _ = await fleet.post("/v1/chat/completions", {**ask, "messages": [
+        {"role": "user", "content": "x"}, {"role": "assistant", "content": None}]})
+    assert status == 422 and "tool_calls" in reply["error"]["message"]

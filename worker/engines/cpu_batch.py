@@ -179,15 +179,15 @@ def _penalized(logits: torch.Tensor, seq: Sequence) -> torch.Tensor | None:
 
 
 def _logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> list[TokenLogprob]:
-    """Per row of raw logits: the chosen token's logprob and the k most likely tokens' (vLLM's default,
-    "raw_logprobs": the model's distribution before penalties, temperature and top-k/p)."""
+    """Per row of raw logits (vLLM's default, "raw_logprobs": the model's distribution before penalties,
+    temperature and top-k/p): the chosen token's logprob, and as vLLM lists them the token itself and the k
+    most likely others."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     own = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
-    if not k:
-        return [[lp, []] for lp in own]
     top = logprobs.topk(min(k, logprobs.shape[1]), dim=-1)
-    return [[lp, [[i, v] for i, v in zip(ids, values, strict=True)]]
-            for lp, ids, values in zip(own, top.indices.tolist(), top.values.tolist(), strict=True)]
+    return [[lp, [[token, lp], *([i, v] for i, v in zip(ids, values, strict=True) if i != token)]]
+            for token, lp, ids, values in zip(chosen.tolist(), own, top.indices.tolist(), top.values.tolist(),
+                                               strict=True)]
 
 
 def _generator(seed: int | None) -> torch.Generator | None:

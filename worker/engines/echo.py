@@ -147,9 +147,9 @@ class EchoEngine(QueuedEngine):
 
 
 def _certain(token: int, k: int) -> TokenLogprob:
-    """The echo "model" is sure of every token it echoes: logprob 0; its k - 1 next alternatives get vLLM's
-    stand-in for -inf in JSON."""
-    return [0.0, [[token, 0.0], *([(token + i) % 256, -9999.0] for i in range(1, k))][:k]]
+    """The echo "model" is sure of every token it echoes: logprob 0, the most likely; its k - 1 next
+    alternatives get vLLM's stand-in for -inf in JSON."""
+    return [0.0, [[token, 0.0], *([(token + i) % 256, -9999.0] for i in range(1, k))]]
 
 
 async def load_echo_engine(spec: ModelSpec, progress: ProgressCallback) -> EchoEngine:

@@ -51,13 +51,11 @@ def _structured(response_format: dict[str, Any] | None) -> StructuredOutputsPara
     return StructuredOutputsParams(json=response_format["json_schema"].get("schema", {}))
 
 
-def _logprobs(steps: Any, token_ids: list[int], k: int) -> list[TokenLogprob]:
-    """vLLM's per-token {token id: Logprob} maps as TokenLogprobs: the token's own and the k of rank 1..k."""
-    converted: list[TokenLogprob] = []
-    for token, step in zip(token_ids, steps, strict=True):
-        top = sorted(((rank, i, lp.logprob) for i, lp in step.items() if (rank := lp.rank) is not None and rank <= k))
-        converted.append([step[token].logprob, [[i, logprob] for _, i, logprob in top]])
-    return converted
+def _logprobs(steps: Any, token_ids: list[int]) -> list[TokenLogprob]:
+    """vLLM's per-token {token id: Logprob} maps (the token first, then the k most likely others) as
+    TokenLogprobs, in vLLM's order: ties come out as `vllm serve` lists them."""
+    return [[step[token].logprob, [[i, lp.logprob] for i, lp in step.items()]]
+            for token, step in zip(token_ids, steps, strict=True)]
 
 
 class _LatestSchedulerStats(StatLoggerBase):
@@ -120,9 +118,9 @@ class VllmEngine(Engine):
                                    error="vLLM reported an error" if finish == FinishReason.ERROR else None,
                                    cached_tokens=out.num_cached_tokens,
                                    logprobs=None if p.logprobs is None else _logprobs(
-                                       completion.logprobs or [], token_ids, p.logprobs),
+                                       completion.logprobs or [], token_ids),
                                    prompt_logprobs=None if not out.prompt_logprobs else [None, *_logprobs(
-                                       out.prompt_logprobs[1:], request.prompt_token_ids[1:], p.prompt_logprobs or 0)])
+                                       out.prompt_logprobs[1:], request.prompt_token_ids[1:])])
         finally:
             self._active.discard(request.request_id)
 
