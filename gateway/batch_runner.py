@@ -20,18 +20,18 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from redis.asyncio import Redis
 
 from common import keys
-from common.errors import FleetError, Overloaded, Unavailable
+from common.errors import BadRequest, FleetError, Overloaded, Unavailable
 from common.protocol import TERMINAL_STATUSES, Chunk, Priority, RequestStatus
 from common.redis_conn import REDIS_UNAVAILABLE, describe
 from common.request_store import RequestStore
 from common.settings import GatewaySettings
-from gateway.api_types import GenerateBody, parse
+from gateway.api_types import ChatBody, CompletionBody, GenerateBody, parse
 from gateway.batch_input import parse_line
 from gateway.batch_store import Batch, BatchStatus, BatchStore, InFlight
 from gateway.file_store import FileStore
@@ -121,13 +121,17 @@ class BatchRunner:
         if not ended:
             return inflight
         results = await self._store.read_many(ended)  # a round trip for all of them, and one to write them
+        token_text = None
+        if any((inflight[r].options or {}).get("logprobs") is not None for r in ended):
+            token_text = (await self._submitter.encoder(batch.model)).token_text
         await self._batches.record_ended(batch, [
-            (request_id, *self._result_line(batch, request_id, inflight.pop(request_id), found))
+            (request_id, *self._result_line(batch, request_id, inflight.pop(request_id), found, token_text))
             for request_id, found in zip(ended, results, strict=True)])
         return inflight
 
     def _result_line(self, batch: Batch, request_id: str, line: InFlight,
-                     found: tuple[dict[str, str], list[Chunk]] | None) -> tuple[bytes, bool]:
+                     found: tuple[dict[str, str], list[Chunk]] | None,
+                     token_text: Callable[[int], str] | None) -> tuple[bytes, bool]:
         """The output line (True) or error line (False) of a request that ended (`found`: its state and
         chunks; None: its result expired)."""
         record: dict[str, Any] = {"id": f"batch_req_{request_id}", "custom_id": line.custom_id}
@@ -151,6 +155,10 @@ class BatchRunner:
         else:
             shape = CompletionShape(batch.endpoint == "/v1/chat/completions", request_id, batch.model,
                                     int(state.get("prompt_tokens", 0)))
+            options = line.options or {}
+            shape.tool_call = options.get("tool_call")
+            if options.get("logprobs") is not None:
+                shape.token_text, shape.top_logprobs = token_text, options["logprobs"]
             body = shape.final([chunks])
         record.update(response={"status_code": 200, "request_id": request_id, "body": body}, error=None)
         return _jsonl(record), True
@@ -180,7 +188,7 @@ class BatchRunner:
                 break
             number = batch.fed + 1
             try:
-                request_id, custom_id = await self._submit(batch, raw, number)
+                request = await self._submit(batch, raw, number)
             except (Overloaded, Unavailable):
                 break  # the batch class is at its cap, or no worker serves the model now: the next tick goes on
             except FleetError as exc:
@@ -192,22 +200,32 @@ class BatchRunner:
                     break  # another runner carries it now
             else:
                 if not await self._batches.record_fed(batch, next_part=next_part, next_line=next_line,
-                                                      request=(request_id, InFlight(number, custom_id))):
+                                                      request=request):
                     break
                 fed += 1
         return fed
 
-    async def _submit(self, batch: Batch, raw: bytes, number: int) -> tuple[str, str]:
-        """Line `number` as a batch-class job in the queue: (its request id, its custom_id)."""
+    async def _submit(self, batch: Batch, raw: bytes, number: int) -> tuple[str, InFlight]:
+        """Line `number` as a batch-class job in the queue: its request id, and what the batch records of it."""
         line = parse_line(raw, number)
         body = {k: v for k, v in line.body.items() if k != "priority"}
         parsed = parse(GenerateBody, body) if batch.endpoint == "/v1/generate" else parse_openai_body(
             body, chat=batch.endpoint == "/v1/chat/completions")
+        options: dict[str, Any] = {}
+        if isinstance(parsed, ChatBody | CompletionBody):
+            if parsed.n > 1 or (isinstance(parsed, CompletionBody) and parsed.echo):
+                raise BadRequest("a batch line is one completion: `n` above 1 and `echo` are not taken in batches",
+                                 param="n" if parsed.n > 1 else "echo")
+            if isinstance(parsed, ChatBody) and parsed.calls_tools():
+                options["tool_call"] = parsed.calls_tools()
         request = parsed.request()
         request.priority = Priority.BATCH
         job = await self._submitter.prepare(request)
+        if job.params.logprobs is not None:
+            options["logprobs"] = job.params.logprobs
         idempotency = idempotency_for(f"{batch.id} line {number}", line.body, route="batch", owner=batch.owner)
-        return await self._submitter.enqueue(job, owner=batch.owner, idempotency=idempotency), line.custom_id
+        request_id = await self._submitter.enqueue(job, owner=batch.owner, idempotency=idempotency)
+        return request_id, InFlight(number, line.custom_id, options or None)
 
     async def _stop(self, batch: Batch, inflight: dict[str, InFlight]) -> None:
         """Cancel what is in flight (once per runner; what ends is collected as it ends); an expiring batch

@@ -126,9 +126,11 @@ class InFlight:
 
     line: int  # 1-based
     custom_id: str
+    # How its OpenAI response is written: {"logprobs": k} when asked, {"tool_call": ...} (ChatBody.calls_tools).
+    options: dict[str, Any] | None = None
 
     def pack(self) -> bytes:
-        return msgpack.packb([self.line, self.custom_id])
+        return msgpack.packb([self.line, self.custom_id, self.options])
 
     @classmethod
     def unpack(cls, data: bytes) -> InFlight:

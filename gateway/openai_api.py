@@ -24,6 +24,15 @@ from common.errors import BadRequest, FleetError, Unavailable
 from common.protocol import Chunk, FinishReason, Job
 from common.redis_conn import REDIS_UNAVAILABLE, describe
 from common.request_store import Idempotency
+from gateway.api_responses import (
+    ChatCompletion,
+    ChatLogprobs,
+    ChatTopLogprob,
+    Completion,
+    CompletionLogprobs,
+    ToolCallOut,
+    Usage,
+)
 from gateway.api_types import MAX_SEED, ChatBody, CompletionBody, StreamOptions, parse, parse_json_object
 from gateway.auth import CALLER_KEY, Caller
 from gateway.context import REQUEST_ID_KEY, Gateway
@@ -131,7 +140,7 @@ class CompletionShape:
     def _chunk_base(self) -> dict[str, Any]:
         return self._base("chat.completion.chunk" if self.chat else "text_completion")
 
-    def final(self, choices: list[list[Chunk]]) -> dict[str, Any]:
+    def final(self, choices: list[list[Chunk]]) -> Completion | ChatCompletion:
         """The whole response, from all the chunks of each choice."""
         finals = [Chunk.merged(chunks) if chunks else Chunk(seq=0, text="") for chunks in choices]
         body = []
@@ -147,7 +156,7 @@ class CompletionShape:
             else:
                 choice["text"] = (self.echo or "") + merged.text
             body.append(choice)
-        return {**self._base("chat.completion" if self.chat else "text_completion"), "choices": body,
+        return {**self._base("chat.completion" if self.chat else "text_completion"), "choices": body,  # type: ignore[return-value]
                 "usage": _usage(finals)}
 
     def delta(self, index: int, chunk: Chunk | None, finish_reason: str | None, *, first: bool) -> dict[str, Any]:
@@ -164,7 +173,7 @@ class CompletionShape:
             choice["text"] = (self.echo or "") + text if first else text
         return {**self._chunk_base(), "choices": [choice]}
 
-    def _tool_calls(self, index: int, text: str) -> list[dict[str, Any]] | None:
+    def _tool_calls(self, index: int, text: str) -> list[ToolCallOut] | None:
         """A forced call's output as OpenAI's tool_calls (None: not a call, or one cut short before it parsed)."""
         if self.tool_call is None:
             return None
@@ -205,7 +214,7 @@ class CompletionShape:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": self.prompt_tokens + completion_tokens}
 
-    def _logprobs(self, index: int, chunk: Chunk, *, first: bool) -> dict[str, Any] | None:
+    def _logprobs(self, index: int, chunk: Chunk, *, first: bool) -> ChatLogprobs | CompletionLogprobs | None:
         if self.token_text is None or (chunk.logprobs is None and chunk.prompt_logprobs is None):
             return None
         name = self.token_text
@@ -230,14 +239,14 @@ class CompletionShape:
                 "text_offset": offsets}
 
 
-def _usage(finals: list[Chunk]) -> dict[str, Any]:
+def _usage(finals: list[Chunk]) -> Usage:
     """The choices' usage together: the prompt counted once (as vLLM does), every choice's output."""
     usage = usage_of(finals[0])
     completion = sum(f.completion_tokens or 0 for f in finals)
     return {**usage, "completion_tokens": completion, "total_tokens": usage["prompt_tokens"] + completion}
 
 
-def _chat_token(text: str, logprob: float) -> dict[str, Any]:
+def _chat_token(text: str, logprob: float) -> ChatTopLogprob:
     return {"token": text, "logprob": finite(logprob), "bytes": list(text.encode("utf-8", "surrogatepass"))}
 
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
+from pydantic import TypeAdapter
 from pydantic.json_schema import models_json_schema
 
+from gateway.api_responses import ChatCompletion, Completion, RequestState
 from gateway.api_types import (
-    MAX_CHOICES,
     ApiKeyBody,
     BatchBody,
     ChatBody,
@@ -47,37 +48,28 @@ def _errors(*statuses: int) -> dict[str, Any]:
 _COMMON = (400, 401, 403, 413, 429, 503)
 _PAGE = {"description": "An HTML page", "content": {"text/html": {"schema": {"type": "string"}}}}
 _INT = {"type": "integer", "minimum": 0}
-_CACHED = {"type": "object", "required": ["cached_tokens"], "properties": {"cached_tokens": _INT},
-           "description": "cached_tokens: prompt tokens the engine's prefix cache held"}
-_USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
-          "properties": {"prompt_tokens": _INT, "completion_tokens": _INT, "total_tokens": _INT,
-                         "prompt_tokens_details": _CACHED}}
-_FINISH = {"type": "string", "enum": ["stop", "length", "abort", "tool_calls"]}
+_REF = "#/components/schemas/{model}"
+_TYPED: dict[str, Any] = {}  # the $defs of the typed responses' schemas, for components
 
 
-def _completion(obj: str, content: dict[str, Any]) -> dict[str, Any]:
+def _typed(kind: Any) -> dict[str, Any]:
+    """A typed response's JSON schema (gateway/api_responses.py); what it refers to goes to components."""
+    schema = TypeAdapter(kind).json_schema(ref_template=_REF)
+    _TYPED.update(schema.pop("$defs", {}))
+    return schema
+
+
+def _completion(kind: Any) -> dict[str, Any]:
     """OpenAI's (chat) completion object; a stream is Server-Sent Events, each `data:` line a JSON
     chunk, the last one `[DONE]`."""
-    choice = {"type": "object", "required": ["index", "finish_reason", *content],
-              "properties": {"index": _INT, "finish_reason": _FINISH,
-                             "logprobs": {"type": ["object", "null"]}, **content}}
     return {"description": "The completion", "content": {
-        "application/json": {"schema": {
-            "type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
-            "properties": {"id": {"type": "string"}, "object": {"type": "string", "enum": [obj]},
-                           "created": _INT, "model": {"type": "string"},
-                           "choices": {"type": "array", "minItems": 1, "maxItems": MAX_CHOICES, "items": choice},
-                           "usage": _USAGE}}},
+        "application/json": {"schema": _typed(kind)},
         "text/event-stream": {"schema": {"type": "object", "required": ["data"],
                                          "properties": {"data": {"type": "string"}}}}}}
 
 
-_TEXT_COMPLETION = _completion("text_completion", {"text": {"type": "string"}})
-_CHAT_COMPLETION = _completion("chat.completion", {"message": {
-    "type": "object", "required": ["role", "content"],
-    "properties": {"role": {"type": "string", "enum": ["assistant"]}, "content": {"type": ["string", "null"]},
-                   "tool_calls": {"type": "array", "items": {"type": "object",
-                                                             "required": ["id", "type", "function"]}}}}})
+_TEXT_COMPLETION = _completion(Completion)
+_CHAT_COMPLETION = _completion(ChatCompletion)
 _STATUS = {"type": "string", "enum": ["queued", "running", "completed", "failed", "cancelled"]}
 _MODEL_STATE = {"type": "string", "enum": ["loading", "ready", "failed", "unloading", "unavailable"]}
 _MODEL_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
@@ -164,22 +156,7 @@ SPEC: dict[str, Any] = {
             "Accepted": {"type": "object", "required": ["request_id", "status", "model"],
                          "properties": {"request_id": {"type": "string"}, "status": {"type": "string"},
                                         "model": {"type": "string"}}},
-            "RequestState": {"type": "object", "required": ["request_id", "status", "text", "usage", "last_seq"],
-                             "properties": {
-                                 "request_id": {"type": "string"},
-                                 "status": _STATUS,
-                                 "model": {"type": "string"}, "text": {"type": "string"},
-                                 "finish_reason": {"type": ["string", "null"]},
-                                 "error": {"type": ["string", "null"]},
-                                 "last_seq": _INT,
-                                 "usage": {"type": "object", "required": ["prompt_tokens", "completion_tokens",
-                                                                          "prompt_tokens_details"],
-                                           "properties": {"prompt_tokens": _INT, "completion_tokens": _INT,
-                                                          "prompt_tokens_details": _CACHED}},
-                                 "timings": {"type": "object", "required": ["created_at", "queue_s", "ttft_s",
-                                                                            "total_s"],
-                                             "properties": {k: {"type": ["number", "null"]} for k in
-                                                            ("created_at", "queue_s", "ttft_s", "total_s")}}}},
+            "RequestState": _typed(RequestState),
             "ModelList": {"type": "object", "required": ["object", "data"], "properties": {
                 "object": {"type": "string", "enum": ["list"]},
                 "data": {"type": "array", "items": {
@@ -325,8 +302,8 @@ SPEC: dict[str, Any] = {
 _, _BODY_SCHEMAS = models_json_schema(
     [(body, "validation") for body in (GenerateBody, CompletionBody, ChatBody, TokenizeBody, DetokenizeBody,
                                        LoadBody, UnloadBody, ApiKeyBody, BatchBody)],
-    ref_template="#/components/schemas/{model}")
-SPEC["components"]["schemas"].update(_BODY_SCHEMAS["$defs"])
+    ref_template=_REF)
+SPEC["components"]["schemas"].update({**_BODY_SCHEMAS["$defs"], **_TYPED})
 
 
 async def openapi_json(request: web.Request) -> web.Response:

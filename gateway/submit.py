@@ -15,6 +15,7 @@ from common.settings import GatewaySettings
 from gateway.api_types import GenerateRequest
 from gateway.idempotency import check_replay
 from gateway.models import ModelRegistry
+from gateway.tokenization import PromptEncoder
 
 
 def new_request_id() -> str:
@@ -81,6 +82,10 @@ class Submitter:
         params.min_tokens = min(params.min_tokens, max_tokens)
         return Job(request_id=request_id or new_request_id(), model=card.name, prompt_token_ids=prompt_ids,
                    sampling=dataclasses.asdict(params), enqueued_at=time.time(), priority=request.priority)
+
+    async def encoder(self, model: str) -> PromptEncoder:
+        """The model's tokenizer, as this gateway has it."""
+        return await self._registry.encoder(await self._registry.resolve(model))
 
     async def enqueue(self, job: Job, *, owner: str = "", idempotency: Idempotency | None = None) -> str:
         """The id of the request now queued for this submit: the job's, or with an idempotency key seen

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from common.protocol import Chunk, TokenLogprob
+from gateway.api_responses import NativeLogprob, RequestState, Usage
 
 
 def _float(state: dict[str, str], name: str) -> float | None:
@@ -12,17 +11,14 @@ def _float(state: dict[str, str], name: str) -> float | None:
     return float(value) if value else None
 
 
-def request_view(request_id: str, state: dict[str, str], chunks: list[Chunk]) -> dict[str, Any]:
+def request_view(request_id: str, state: dict[str, str], chunks: list[Chunk]) -> RequestState:
     created, started = _float(state, "created_at"), _float(state, "started_at")
     first, finished = _float(state, "first_token_at"), _float(state, "finished_at")
-    return {
+    view: RequestState = {
         "request_id": request_id,
-        "status": state.get("status"),
+        "status": state.get("status"),  # type: ignore[typeddict-item]  # a stored request always has one
         "model": state.get("model"),
         "text": "".join(c.text for c in chunks),
-        **({"logprobs": native_logprobs([t for c in chunks for t in c.token_ids or ()],
-                                        [lp for c in chunks for lp in c.logprobs or ()])}
-           if any(c.logprobs for c in chunks) else {}),
         "finish_reason": state.get("finish_reason") or None,
         "usage": {
             "prompt_tokens": int(state.get("prompt_tokens", 0)),
@@ -38,9 +34,13 @@ def request_view(request_id: str, state: dict[str, str], chunks: list[Chunk]) ->
             "total_s": None if finished is None or created is None else round(finished - created, 4),
         },
     }
+    if any(c.logprobs for c in chunks):
+        view["logprobs"] = native_logprobs([t for c in chunks for t in c.token_ids or ()],
+                                           [lp for c in chunks for lp in c.logprobs or ()])
+    return view
 
 
-def native_logprobs(token_ids: list[int], logprobs: list[TokenLogprob]) -> list[dict[str, Any]]:
+def native_logprobs(token_ids: list[int], logprobs: list[TokenLogprob]) -> list[NativeLogprob]:
     """Each output token's logprob and its most likely alternatives', by token id."""
     return [{"token_id": token, "logprob": finite(logprob),
              "top_logprobs": [{"token_id": i, "logprob": finite(lp)} for i, lp in top]}
@@ -52,7 +52,7 @@ def finite(logprob: float) -> float:
     return max(logprob, -9999.0)
 
 
-def usage_of(chunk: Chunk) -> dict[str, Any]:
+def usage_of(chunk: Chunk) -> Usage:
     """A final chunk's usage, OpenAI's shape (with `prompt_tokens_details.cached_tokens`)."""
     prompt, completion = chunk.prompt_tokens or 0, chunk.completion_tokens or 0
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,

@@ -84,12 +84,18 @@ async def test_the_openai_sdk_batch_flow_runs_every_line_and_reports_each_once(s
     lines = completion_lines(30)
     lines.append({"custom_id": "too-long", "method": "POST", "url": "/v1/completions",
                   "body": {"model": TEST_MODEL, "prompt": "x", "max_tokens": 100_000}})  # over the context
+    lines.append({"custom_id": "n-2", "method": "POST", "url": "/v1/completions",
+                  "body": {"model": TEST_MODEL, "prompt": "x", "n": 2}})  # a line is one completion
+    lines.append({"custom_id": "logprobs", "method": "POST", "url": "/v1/completions",
+                  "body": {"model": TEST_MODEL, "prompt": "ab", "max_tokens": 2, "logprobs": 1}})
     batch = await run_batch(client, lines)
 
-    assert batch.status == "completed" and batch.request_counts.total == 31
-    assert (batch.request_counts.completed, batch.request_counts.failed) == (30, 1)
+    assert batch.status == "completed" and batch.request_counts.total == 33
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (31, 2)
     outputs, errors = await results(client, batch.output_file_id), await results(client, batch.error_file_id)
-    assert set(outputs) == {f"req-{i}" for i in range(30)} and set(errors) == {"too-long"}
+    assert set(outputs) == {f"req-{i}" for i in range(30)} | {"logprobs"} and set(errors) == {"too-long", "n-2"}
+    assert outputs["logprobs"]["response"]["body"]["choices"][0]["logprobs"]["tokens"] == ["a", "b"]
+    assert errors["n-2"]["response"]["status_code"] == 400
     for i in range(30):
         response = outputs[f"req-{i}"]["response"]
         assert response["status_code"] == 200
