@@ -28,20 +28,23 @@ BODY = {"model": "smollm2-135m", "messages": [
 RAW = json.dumps(BODY).encode()
 
 
-def msgspec_decoder() -> Any:
+try:
     import msgspec
+except ImportError:
+    msgspec = None
 
-    class Message(msgspec.Struct, forbid_unknown_fields=True):
+if msgspec is not None:
+    class MsgMessage(msgspec.Struct, forbid_unknown_fields=True):
         role: Literal["system", "user", "assistant", "tool"]
         content: str
         name: str | None = None
 
-    class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
+    class MsgStreamOptions(msgspec.Struct, forbid_unknown_fields=True):
         include_usage: bool = False
         continuous_usage_stats: bool = False
 
-    class Chat(msgspec.Struct, forbid_unknown_fields=True):
-        messages: Annotated[list[Message], msgspec.Meta(min_length=1)]
+    class MsgChat(msgspec.Struct, forbid_unknown_fields=True):
+        messages: Annotated[list[MsgMessage], msgspec.Meta(min_length=1)]
         model: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")] | None = None
         max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
         temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] = 1.0
@@ -49,14 +52,11 @@ def msgspec_decoder() -> Any:
         stop: str | Annotated[list[str], msgspec.Meta(max_length=8)] | None = None
         seed: Annotated[int, msgspec.Meta(ge=0)] | None = None
         stream: bool = False
-        stream_options: StreamOptions | None = None
+        stream_options: MsgStreamOptions | None = None
         presence_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] = 0.0
         frequency_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] = 0.0
         logprobs: bool = False
         top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
-
-    decoder = msgspec.json.Decoder(Chat)
-    return decoder.decode
 
 
 def per_call_us(fn: Any, number: int = 20_000) -> float:
@@ -69,11 +69,11 @@ def main() -> None:
             ("ChatBody.model_validate_json", per_call_us(lambda: ChatBody.model_validate_json(RAW))),
             ("json.loads + ChatBody + .request() (the job's fields)",
              per_call_us(lambda: ChatBody.model_validate(json.loads(RAW)).request()))]
-    try:
-        decode = msgspec_decoder()
+    if msgspec is not None:
+        decode = msgspec.json.Decoder(MsgChat).decode
         rows.append(("msgspec.json.Decoder(Chat).decode (same fields, no validators)",
                      per_call_us(lambda: decode(RAW))))
-    except ImportError:
+    else:
         rows.append(("msgspec (not installed)", float("nan")))
     tokenizer = byte_tokenizer()
     text = "".join(m["content"] for m in BODY["messages"])

@@ -176,6 +176,9 @@ class ModelCard(Packed):
     prefix_block_size: int = 0
     # SamplingParams fields this engine cannot honour: a request that sets one gets a 400 saying so.
     unsupported: list[str] = field(default_factory=list)
+    # How the model writes tool calls in its own words (gateway/tool_parsers.py; "" for none): what chat
+    # requests with tools and tool_choice "auto" need. From the catalogue (options.tool_call_parser).
+    tool_call_parser: str = ""
 
 
 @dataclass(slots=True)

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from common.errors import BadRequest, FleetError, Unprocessable
 from common.protocol import Priority, SamplingParams
+from gateway.tool_parsers import PARSERS
 
 MAX_SEED = 2**63 - 1
 MAX_TOP_K = 1 << 20
@@ -43,6 +44,11 @@ class Message(Body):
     role: Literal["system", "user", "assistant", "tool"]
     content: str
     name: str | None = None
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as a chat template takes it (a plain dict: model_dump costs more per request)."""
+        return {"role": self.role, "content": self.content} if self.name is None else \
+            {"role": self.role, "content": self.content, "name": self.name}
 
 
 class Sampling(Body):
@@ -72,7 +78,8 @@ class Sampling(Body):
     def sampling(self) -> dict[str, Any]:
         """The SamplingParams fields this body sets (logprobs come from each route's own fields)."""
         stop = self.stop if isinstance(self.stop, list) else [self.stop] if self.stop else []
-        values = {name: getattr(self, name) for name in _SAMPLED if name in type(self).model_fields}
+        fields = self.__dict__
+        values = {name: fields[name] for name in _SAMPLED}
         return {**values, "stop": stop, "top_k": max(0, self.top_k), "stop_token_ids": self.stop_token_ids or [],
                 "logit_bias": {str(int(t)): b for t, b in (self.logit_bias or {}).items()}}
 
@@ -147,10 +154,13 @@ class ChatMessage(Message):
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
 
-    def flat(self) -> dict[str, Any]:
+    def for_template(self) -> dict[str, Any]:
         """The message as a chat template takes it. A template without tools sees an assistant's calls as the
         JSON they were written as."""
         content = self.content if isinstance(self.content, str | None) else "".join(p.text for p in self.content)
+        if self.tool_calls is None and self.tool_call_id is None and content is not None:
+            return {"role": self.role, "content": content} if self.name is None else \
+                {"role": self.role, "content": content, "name": self.name}
         message = self.model_dump(exclude_none=True)
         if content is None:
             calls = [{"name": c.function.name, "arguments": json.loads(c.function.arguments or "{}")}
@@ -269,7 +279,8 @@ class ChatBody(OpenAIBody):
     tools: Annotated[list[Tool], Field(max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None, description="with tools: \"required\" or a named function (the output is then constrained to a "
-                          "call, as vLLM does); \"auto\" needs a tool-call parser, which no model here has yet")
+                          "call, as vLLM does); \"auto\" (the default) where the model has a tool-call parser "
+                          "(GET /v1/models: tool_call_parser)")
     parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
@@ -283,21 +294,30 @@ class ChatBody(OpenAIBody):
             raise ValueError(f"`tool_choice` names {self.tool_choice.function.name!r}, not one of the `tools`")
         return self
 
-    def calls_tools(self) -> str | None:
-        """How the answer is a tool call: the one function's name (a named tool_choice), "required" (one call
-        of the model's choosing) or None (text)."""
+    def forced_call(self) -> str | None:
+        """A call the answer is constrained to: the one function's name (a named tool_choice), "required"
+        (one call of the model's choosing), or None."""
         if isinstance(self.tool_choice, NamedToolChoice):
             return self.tool_choice.function.name
-        if self.tools and self.tool_choice in (None, "auto"):
-            raise BadRequest("tool_choice \"auto\" needs a tool-call parser for the model's output, which this "
-                             "fleet does not have yet: pass tool_choice \"required\" or a named function",
-                             param="tool_choice")
         return "required" if self.tool_choice == "required" else None
 
+    def tool_mode(self, parser: str) -> str | None:
+        """How the answer is read: a forced call (forced_call), "auto" (text that may hold calls, read by the
+        model's tool-call parser), or None (text)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        if (forced := self.forced_call()) is not None:
+            return forced
+        if parser not in PARSERS:
+            raise BadRequest("tool_choice \"auto\" needs the model's tool-call parser, and this model has none "
+                             "(its catalogue entry sets options.tool_call_parser): pass tool_choice \"required\" "
+                             "or a named function", param="tool_choice")
+        return "auto"
+
     def request(self) -> GenerateRequest:
-        request = self._request(messages=[m.flat() for m in self.messages],
+        request = self._request(messages=[m.for_template() for m in self.messages],
                                 logprobs=(self.top_logprobs or 0) if self.logprobs else None)
-        calls = self.calls_tools()
+        calls = self.forced_call()
         if calls is not None:
             if self.response_format is not None and self.response_format.type != "text":
                 raise BadRequest("send `response_format` or a tool call, not both", param="response_format")
@@ -384,7 +404,7 @@ class GenerateRequest:
 
 
 def _dumped(messages: list[Message] | None) -> list[dict[str, Any]] | None:
-    return None if messages is None else [m.model_dump(exclude_none=True) for m in messages]
+    return None if messages is None else [m.for_template() for m in messages]
 
 
 B = TypeVar("B", bound=BaseModel)

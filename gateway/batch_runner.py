@@ -38,6 +38,8 @@ from gateway.file_store import FileStore
 from gateway.idempotency import idempotency_for
 from gateway.openai_api import CompletionShape, parse_openai_body
 from gateway.submit import Submitter
+from gateway.tool_calls import ToolCallShape
+from gateway.tool_parsers import PARSERS
 from gateway.views import request_view
 
 log = logging.getLogger(__name__)
@@ -156,7 +158,9 @@ class BatchRunner:
             shape = CompletionShape(batch.endpoint == "/v1/chat/completions", request_id, batch.model,
                                     int(state.get("prompt_tokens", 0)))
             options = line.options or {}
-            shape.tool_call = options.get("tool_call")
+            if (mode := options.get("tool_call")) is not None:
+                parser = PARSERS[options["tool_call_parser"]]() if mode == "auto" else None
+                shape.tools = ToolCallShape(request_id, mode, parser)
             if options.get("logprobs") is not None:
                 shape.token_text, shape.top_logprobs = token_text, options["logprobs"]
             body = shape.final([chunks])
@@ -216,11 +220,14 @@ class BatchRunner:
             if parsed.n > 1 or (isinstance(parsed, CompletionBody) and parsed.echo):
                 raise BadRequest("a batch line is one completion: `n` above 1 and `echo` are not taken in batches",
                                  param="n" if parsed.n > 1 else "echo")
-            if isinstance(parsed, ChatBody) and parsed.calls_tools():
-                options["tool_call"] = parsed.calls_tools()
         request = parsed.request()
         request.priority = Priority.BATCH
         job = await self._submitter.prepare(request)
+        if isinstance(parsed, ChatBody) and (mode := parsed.tool_mode(
+                (await self._submitter.card(job.model)).tool_call_parser)) is not None:
+            options["tool_call"] = mode
+            if mode == "auto":
+                options["tool_call_parser"] = (await self._submitter.card(job.model)).tool_call_parser
         if job.params.logprobs is not None:
             options["logprobs"] = job.params.logprobs
         idempotency = idempotency_for(f"{batch.id} line {number}", line.body, route="batch", owner=batch.owner)

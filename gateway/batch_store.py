@@ -126,7 +126,8 @@ class InFlight:
 
     line: int  # 1-based
     custom_id: str
-    # How its OpenAI response is written: {"logprobs": k} when asked, {"tool_call": ...} (ChatBody.calls_tools).
+    # How its OpenAI response is written: {"logprobs": k} when asked, {"tool_call": ...} (ChatBody.tool_mode,
+    # and the model's "tool_call_parser" for "auto").
     options: dict[str, Any] | None = None
 
     def pack(self) -> bytes:

@@ -59,6 +59,7 @@ async def models(request: web.Request) -> web.Response:
             "max_model_len": card.max_model_len if card else None,
             "engine": card.engine if card else None,
             "unsupported_parameters": card.unsupported if card else [],
+            "tool_call_parser": (card.tool_call_parser or None) if card else None,
             "state": state, "workers": serving,
         })
     return web.json_response({"object": "list", "data": data})

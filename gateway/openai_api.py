@@ -30,7 +30,6 @@ from gateway.api_responses import (
     ChatTopLogprob,
     Completion,
     CompletionLogprobs,
-    ToolCallOut,
     Usage,
 )
 from gateway.api_types import MAX_SEED, ChatBody, CompletionBody, StreamOptions, parse, parse_json_object
@@ -38,6 +37,8 @@ from gateway.auth import CALLER_KEY, Caller
 from gateway.context import REQUEST_ID_KEY, Gateway
 from gateway.idempotency import idempotency_of
 from gateway.relay import Subscription
+from gateway.tool_calls import ToolCallShape
+from gateway.tool_parsers import PARSERS
 from gateway.views import finite, usage_of
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ async def _serve(request: web.Request, *, chat: bool) -> web.StreamResponse:
     parsed = parse_openai_body(body, chat=chat)
     generate = parsed.request()
     job = await gateway.submitter.prepare(generate, request_id=request[REQUEST_ID_KEY])
+    card = await gateway.registry.resolve(job.model)
+    tool_mode = parsed.tool_mode(card.tool_call_parser) if isinstance(parsed, ChatBody) else None
     caller = request.get(CALLER_KEY)
     subscriptions = await _submit_choices(gateway, job, parsed.n, caller, idempotency_of(request, body))
     request_id = request[REQUEST_ID_KEY] = subscriptions[0].request_id  # a replay's: the earlier request's
@@ -69,8 +72,9 @@ async def _serve(request: web.Request, *, chat: bool) -> web.StreamResponse:
     try:
         async with gateway.disconnects.watching(request, lambda: _cancel(gateway, subscriptions, caller)):
             shape = CompletionShape(chat, request_id, job.model, len(job.prompt_token_ids))
-            if isinstance(parsed, ChatBody):
-                shape.tool_call = parsed.calls_tools()
+            if tool_mode is not None:
+                parser = PARSERS[card.tool_call_parser]() if tool_mode == "auto" else None
+                shape.tools = ToolCallShape(request_id, tool_mode, parser)
             echo = isinstance(parsed, CompletionBody) and parsed.echo
             if job.params.logprobs is not None or echo:
                 encoder = await gateway.registry.encoder(await gateway.registry.resolve(job.model))
@@ -130,9 +134,7 @@ class CompletionShape:
         self.top_logprobs = 0  # asked for, of each token (chat lists that many; completions the token too)
         self.prompt_ids: list[int] = []  # with echo: the prompt's tokens, named with its logprobs
         self._text_offsets: dict[int, int] = {}  # choice -> its next token's offset in its text (completions)
-        # The answer is a forced tool call (ChatBody.calls_tools): a function's name, or "required".
-        self.tool_call: str | None = None
-        self._call_text: dict[int, str] = {}  # choice -> its "required" call so far (sent whole, at its end)
+        self.tools: ToolCallShape | None = None  # when the answer may be tool calls (ChatBody.tool_mode)
 
     def _base(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -148,11 +150,12 @@ class CompletionShape:
             choice: dict[str, Any] = {"index": index, "logprobs": self._logprobs(index, merged, first=True),
                                       "finish_reason": _finish(merged)}
             if self.chat:
-                calls = self._tool_calls(index, merged.text)
-                choice["message"] = ({"role": "assistant", "content": None, "tool_calls": calls} if calls
-                                     else {"role": "assistant", "content": merged.text})
-                if calls and choice["finish_reason"] == "stop":
-                    choice["finish_reason"] = "tool_calls"
+                content, calls = (merged.text, None) if self.tools is None else self.tools.answer(index, merged.text)
+                choice["message"] = {"role": "assistant", "content": content}
+                if calls:
+                    choice["message"]["tool_calls"] = calls
+                    if choice["finish_reason"] == "stop":
+                        choice["finish_reason"] = "tool_calls"
             else:
                 choice["text"] = (self.echo or "") + merged.text
             body.append(choice)
@@ -163,49 +166,15 @@ class CompletionShape:
         text = "" if chunk is None else chunk.text
         logprobs = None if chunk is None else self._logprobs(index, chunk, first=first)
         choice: dict[str, Any] = {"index": index, "logprobs": logprobs, "finish_reason": finish_reason}
-        if self.chat and self.tool_call is not None:
-            choice["delta"] = self._call_delta(index, text, first, finish_reason)
-            if finish_reason == "stop":
+        if self.chat and self.tools is not None:
+            choice["delta"] = self.tools.delta(index, text, first, finish_reason is not None)
+            if finish_reason == "stop" and "tool_calls" in choice["delta"]:
                 choice["finish_reason"] = "tool_calls"
         elif self.chat:
             choice["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
         else:
             choice["text"] = (self.echo or "") + text if first else text
         return {**self._chunk_base(), "choices": [choice]}
-
-    def _tool_calls(self, index: int, text: str) -> list[ToolCallOut] | None:
-        """A forced call's output as OpenAI's tool_calls (None: not a call, or one cut short before it parsed)."""
-        if self.tool_call is None:
-            return None
-        if self.tool_call != "required":
-            name, arguments = self.tool_call, text  # a named function: the output is its arguments
-        else:
-            try:
-                call = json.loads(text)
-                name, arguments = call["name"], json.dumps(call["arguments"])
-            except (ValueError, TypeError, KeyError):
-                return None
-        return [{"id": f"call_{self.id.rsplit('-', 1)[-1][:20]}_{index}", "type": "function",
-                 "function": {"name": name, "arguments": arguments}}]
-
-    def _call_delta(self, index: int, text: str, first: bool, finish_reason: str | None) -> dict[str, Any]:
-        """A streamed tool call: a named function's arguments as they come (its id and name first); a
-        "required" call whole at its end, once it parses."""
-        delta: dict[str, Any] = {"role": "assistant", "content": None} if first else {}
-        if self.tool_call != "required":
-            call: dict[str, Any] = {"index": 0, "function": {"arguments": text}}
-            if first:
-                [whole] = self._tool_calls(index, text) or []
-                call = {"index": 0, **whole}
-            return {**delta, "tool_calls": [call]}
-        self._call_text[index] = self._call_text.get(index, "") + text
-        if finish_reason is None:
-            return delta
-        written = self._call_text.pop(index)
-        calls = self._tool_calls(index, written)
-        if calls is None:  # cut short before it parsed: what was written, as text
-            return {**delta, "content": written}
-        return {**delta, "tool_calls": [{"index": 0, **calls[0]}]}
 
     def usage_only(self, finals: list[Chunk]) -> dict[str, Any]:
         return {**self._chunk_base(), "choices": [], "usage": _usage(finals)}

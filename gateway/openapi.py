@@ -166,6 +166,7 @@ SPEC: dict[str, Any] = {
                                    "max_model_len": {"type": ["integer", "null"]},
                                    "engine": {"type": ["string", "null"]},
                                    "unsupported_parameters": {"type": "array", "items": {"type": "string"}},
+                                   "tool_call_parser": {"type": ["string", "null"]},
                                    "workers": {"type": "array", "items": {
                                        "type": "object", "required": ["worker_id", "state"],
                                        "properties": {"worker_id": {"type": "string"}, "state": _MODEL_STATE}}}}}}}},

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from common.affinity import AffinityPolicy, route_arg
 from common.errors import BadRequest, Overloaded, PayloadTooLarge, Unprocessable
-from common.protocol import Job, SamplingParams
+from common.protocol import Job, ModelCard, SamplingParams
 from common.request_store import Idempotency, Replay, RequestStore
 from common.settings import GatewaySettings
 from gateway.api_types import GenerateRequest
@@ -82,6 +82,9 @@ class Submitter:
         params.min_tokens = min(params.min_tokens, max_tokens)
         return Job(request_id=request_id or new_request_id(), model=card.name, prompt_token_ids=prompt_ids,
                    sampling=dataclasses.asdict(params), enqueued_at=time.time(), priority=request.priority)
+
+    async def card(self, model: str) -> ModelCard:
+        return await self._registry.resolve(model)
 
     async def encoder(self, model: str) -> PromptEncoder:
         """The model's tokenizer, as this gateway has it."""

@@ -26,7 +26,7 @@ async def tokenize(request: web.Request) -> web.Response:
         tokens = await encoder.encode_prompt(body.prompt, add_special_tokens=body.add_special_tokens is not False)
     else:
         tokens = await encoder.encode_messages(
-            [m.model_dump(exclude_none=True) for m in body.messages or ()],
+            [m.for_template() for m in body.messages or ()],
             add_generation_prompt=body.add_generation_prompt, add_special_tokens=bool(body.add_special_tokens))
     reply: dict[str, Any] = {"count": len(tokens), "max_model_len": card.max_model_len, "tokens": tokens,
                              "token_strs": encoder.token_strs(tokens) if body.return_token_strs else None}

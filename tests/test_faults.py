@@ -59,7 +59,7 @@ async def test_a_killed_workers_job_is_reclaimed_and_continued_with_no_gap_or_du
     await fleet.wait_ready()
     prompt = "The quick brown fox jumps over the lazy dog. "
     async with fleet.http.ws_connect(fleet.ws_url) as ws:
-        await ws.send_json({"model": TEST_MODEL, "prompt": prompt, "max_tokens": 300})
+        await ws.send_json({"model": TEST_MODEL, "prompt": prompt, "max_tokens": 300, "logprobs": 1})
         request_id = (await ws.receive_json())["request_id"]
         before = await chunk_messages(ws, 3)  # ~60 tokens in: generation is under way on `doomed`
         assert await worker_of(redis, request_id) == "doomed"
@@ -73,6 +73,10 @@ async def test_a_killed_workers_job_is_reclaimed_and_continued_with_no_gap_or_du
     assert await worker_of(redis, request_id) == "survivor"
     state = (await fleet.get(f"/v1/requests/{request_id}"))[1]
     assert state["status"] == "completed" and state["text"] == echo(prompt, 300)
+    # The logprobs too: every token's once, across both workers, in the poll result and the chunks.
+    expected = (await fleet.post("/tokenize", {"model": TEST_MODEL, "prompt": echo(prompt, 300)}))[1]["tokens"]
+    assert [t["token_id"] for t in state["logprobs"]] == expected
+    assert [t["token_id"] for m in before + after for t in m.get("logprobs", ())] == expected
     stream = keys.job_stream(TEST_MODEL)
     assert await redis.xlen(stream) == 0
     assert (await redis.xpending(stream, keys.CONSUMER_GROUP))["pending"] == 0

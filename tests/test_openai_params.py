@@ -151,3 +151,35 @@ async def test_tool_requests_are_checked(start_fleet: StartFleet) -> None:
     status, reply, _ = await fleet.post("/v1/chat/completions", {**ask, "messages": [
         {"role": "user", "content": "x"}, {"role": "assistant", "content": None}]})
     assert status == 422 and "tool_calls" in reply["error"]["message"]
+
+
+async def test_auto_tool_calls_are_read_by_the_models_parser(start_fleet: StartFleet) -> None:
+    """tool_choice "auto" on a model whose catalogue names its parser (hermes): the calls the model writes
+    come back as tool_calls, the text before them as content; streamed, the text first, the calls at the
+    end. The test engine echoes its rendered prompt, so the prompt holds what "the model" writes."""
+    fleet = await start_fleet(engine={"tool_call_parser": "hermes"})
+    _, models = await fleet.get("/v1/models")
+    assert [m["tool_call_parser"] for m in models["data"] if m["id"] == TEST_MODEL] == ["hermes"]
+    said = 'Let me look. <tool_call>{"name": "lookup", "arguments": {"q": "tea"}}</tool_call>'
+    body = {"model": TEST_MODEL, "messages": [{"role": "user", "content": said}], "stop": ["\nassistant"],
+            "tools": [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]}
+    status, reply, _ = await fleet.post("/v1/chat/completions", body)
+    assert status == 200, reply
+    [choice] = reply["choices"]
+    assert choice["message"]["content"] == "user: Let me look."
+    [call] = choice["message"]["tool_calls"]
+    assert call["function"] == {"name": "lookup", "arguments": '{"q": "tea"}'} and call["type"] == "function"
+    assert choice["finish_reason"] == "tool_calls"
+
+    async with fleet.http.post(fleet.base_url + "/v1/chat/completions", json={**body, "stream": True}) as response:
+        events = [json.loads(line[6:]) for line in (await response.text()).splitlines()
+                  if line.startswith("data: {")]
+    deltas = [e["choices"][0]["delta"] for e in events]
+    content = "".join(d.get("content") or "" for d in deltas)
+    calls = [c for d in deltas for c in d.get("tool_calls", ())]
+    assert content == "user: Let me look. " and [c["function"] for c in calls] == [call["function"]]
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+    status, reply, _ = await fleet.post("/v1/chat/completions", {  # no call written: plain text
+        **body, "messages": [{"role": "user", "content": "no call here"}], "max_tokens": 8})
+    assert status == 200 and "tool_calls" not in reply["choices"][0]["message"]

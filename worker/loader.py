@@ -31,6 +31,12 @@ def frontend_share(engine: Engine, spec: ModelSpec) -> tuple[int, int]:
 
 
 async def build_engine(spec: ModelSpec, cache_dir: str, status: WorkerModelStatus, role: FrontendRole) -> Engine:
+    engine = await _engine_of(spec, cache_dir, status, role)
+    engine.card.tool_call_parser = str(spec.options.get("tool_call_parser", ""))
+    return engine
+
+
+async def _engine_of(spec: ModelSpec, cache_dir: str, status: WorkerModelStatus, role: FrontendRole) -> Engine:
     def progress(fraction: float) -> None:
         status.progress = round(fraction, 3)
 
