@@ -168,6 +168,14 @@ MAX_FRONTENDS = 16
 MAX_KV_OVERSUBSCRIPTION = 4.0
 
 
+# Catalogue options the fleet reads whatever the engine (the rest are the engine's own): how the model writes
+# tool calls (gateway/tool_parsers.py), published on its card; whether a vLLM engine can continue a
+# structured output after a worker died (worker/engines/vllm_grammar.py).
+TOOL_CALL_PARSER_OPTION = "tool_call_parser"
+CONTINUE_STRUCTURED_OPTION = "continue_structured_outputs"
+FLEET_OPTIONS = frozenset({TOOL_CALL_PARSER_OPTION, CONTINUE_STRUCTURED_OPTION})
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """One entry of a worker's model catalogue. Requests name models; only this names files."""

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from common.protocol import ModelState, WorkerModelStatus
-from common.settings import ModelSpec, WorkerSettings
+from common.settings import TOOL_CALL_PARSER_OPTION, ModelSpec, WorkerSettings
 from worker.engines.base import Engine
 from worker.frontends import FrontendGroup, FrontendRole
 
@@ -32,7 +32,7 @@ def frontend_share(engine: Engine, spec: ModelSpec) -> tuple[int, int]:
 
 async def build_engine(spec: ModelSpec, cache_dir: str, status: WorkerModelStatus, role: FrontendRole) -> Engine:
     engine = await _engine_of(spec, cache_dir, status, role)
-    engine.card.tool_call_parser = str(spec.options.get("tool_call_parser", ""))
+    engine.card.tool_call_parser = str(spec.options.get(TOOL_CALL_PARSER_OPTION, ""))
     return engine
 
 

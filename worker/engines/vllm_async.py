@@ -25,9 +25,10 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from common.protocol import FinishReason, ModelCard, TokenLogprob
-from common.settings import ModelSpec
+from common.settings import CONTINUE_STRUCTURED_OPTION, FLEET_OPTIONS, ModelSpec
 from worker.engines.base import Engine, EngineOutput, EngineRequest, EngineStats, ProgressCallback
 from worker.engines.hf_tokenizer import tokenizer_bundle
+from worker.engines.vllm_grammar import ContinuedGrammar, continued_grammar
 from worker.engines.vllm_shared import SharedEngineCore, attach_client, start_engine_core
 from worker.frontends import FrontendRole
 
@@ -41,14 +42,22 @@ _FINISH_REASONS = {
 }
 
 
-def _structured(response_format: dict[str, Any] | None) -> StructuredOutputsParams | None:
-    """OpenAI's response_format as vLLM's structured outputs (xgrammar, as the CPU engine). A continuation's
-    grammar starts again at its prompt's end: vLLM 0.26 has no way to walk it through the earlier output."""
+def _structured(response_format: dict[str, Any] | None, request: EngineRequest,
+                continues_grammar: bool) -> dict[str, Any]:
+    """OpenAI's response_format as vLLM's structured outputs (xgrammar, as the CPU engine); for a continuation,
+    as the fleet's own logits processor's argument, which first walks the grammar through the earlier output
+    (worker/engines/vllm_grammar.py: vLLM's would start a new document at the prompt's end)."""
     if response_format is None:
-        return None
+        return {}
+    if request.resumed_tokens:
+        if not continues_grammar:
+            raise ValueError("this response_format answer was cut off by a worker's death, and this vLLM engine "
+                             "cannot continue it (its catalogue entry would need continue_structured_outputs)")
+        said = request.prompt_token_ids[len(request.prompt_token_ids) - request.resumed_tokens:]
+        return {"extra_args": continued_grammar(response_format, said)}
     if response_format["type"] == "json_object":
-        return StructuredOutputsParams(json_object=True)
-    return StructuredOutputsParams(json=response_format["json_schema"].get("schema", {}))
+        return {"structured_outputs": StructuredOutputsParams(json_object=True)}
+    return {"structured_outputs": StructuredOutputsParams(json=response_format["json_schema"].get("schema", {}))}
 
 
 def _logprobs(steps: Any, token_ids: list[int]) -> list[TokenLogprob]:
@@ -90,6 +99,7 @@ class VllmEngine(Engine):
         self._stats = stats
         self._aborts: set[asyncio.Task[None]] = set()
         self._active: set[str] = set()
+        self._continues_grammar = bool(spec.options.get(CONTINUE_STRUCTURED_OPTION))
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         p = request.params
@@ -100,7 +110,7 @@ class VllmEngine(Engine):
             min_p=p.min_p, stop_token_ids=p.stop_token_ids or None,
             logit_bias={int(token): bias for token, bias in p.logit_bias.items()} or None,
             logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs,
-            structured_outputs=_structured(p.response_format),
+            **_structured(p.response_format, request, self._continues_grammar),
             output_kind=RequestOutputKind.DELTA,  # only the new text and tokens of each step
         )
         prompt = {"prompt_token_ids": request.prompt_token_ids}
@@ -159,12 +169,15 @@ def engine_args(spec: ModelSpec) -> AsyncEngineArgs:
     """The catalogue entry as vLLM engine arguments: `source` is the model directory, every
     option an `AsyncEngineArgs` field (dtype, max_model_len, gpu_memory_utilization, load_format, ...)."""
     known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
-    unknown = sorted(set(spec.options) - known)
+    unknown = sorted(set(spec.options) - known - FLEET_OPTIONS)
     if unknown:
         raise ValueError(f"model {spec.name!r}: not vLLM engine arguments: {', '.join(unknown)}")
     if not spec.source:
         raise ValueError(f"model {spec.name!r}: `source` (the model directory) is required for vllm")
-    return AsyncEngineArgs(model=spec.source, served_model_name=spec.name, disable_log_stats=True, **spec.options)
+    options = {k: v for k, v in spec.options.items() if k not in FLEET_OPTIONS}
+    if spec.options.get(CONTINUE_STRUCTURED_OPTION):  # the fleet's processor, beside any the catalogue names
+        options["logits_processors"] = [*(options.get("logits_processors") or ()), ContinuedGrammar]
+    return AsyncEngineArgs(model=spec.source, served_model_name=spec.name, disable_log_stats=True, **options)
 
 
 async def load_vllm_engine(spec: ModelSpec, progress: ProgressCallback, role: FrontendRole) -> VllmEngine:
