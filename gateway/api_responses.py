@@ -5,7 +5,7 @@ the hot path). The builders (gateway/openai_api.py, gateway/views.py) are typed 
 
 from __future__ import annotations
 
-from typing import Literal, NotRequired
+from typing import Any, Literal, NotRequired
 
 # pydantic reads TypedDicts of typing_extensions only, before Python 3.12.
 from typing_extensions import TypedDict
@@ -132,3 +132,120 @@ class RequestState(TypedDict):
     error: str | None
     last_seq: int
     timings: Timings
+
+
+class Accepted(TypedDict):
+    """POST /v1/generate: queued; poll it at Location."""
+
+    request_id: str
+    status: Literal["queued"]
+    model: str
+
+
+class Tokens(TypedDict):
+    """POST /tokenize."""
+
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str | None] | None
+
+
+class FileObject(TypedDict):
+    """OpenAI's file object (the Files API)."""
+
+    id: str
+    object: Literal["file"]
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: Literal["batch", "batch_output"]
+    status: Literal["processed"]
+    expires_at: int | None
+    status_details: str | None
+
+
+class RequestCounts(TypedDict):
+    total: int
+    completed: int
+    failed: int
+
+
+class BatchObject(TypedDict):
+    """OpenAI's batch object (the Batch API)."""
+
+    id: str
+    object: Literal["batch"]
+    endpoint: str
+    model: str
+    errors: dict[str, Any] | None  # OpenAI's list of what failed the batch
+    input_file_id: str
+    completion_window: str
+    status: Literal["validating", "in_progress", "finalizing", "completed", "failed", "expired", "cancelling",
+                    "cancelled"]
+    output_file_id: str | None
+    error_file_id: str | None
+    created_at: int
+    in_progress_at: int | None
+    expires_at: int | None
+    finalizing_at: int | None
+    completed_at: int | None
+    failed_at: int | None
+    expired_at: int | None
+    cancelling_at: int | None
+    cancelled_at: int | None
+    request_counts: RequestCounts
+    metadata: dict[str, str] | None
+
+
+class FileList(TypedDict):
+    object: Literal["list"]
+    data: list[FileObject]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+
+
+class BatchList(TypedDict):
+    object: Literal["list"]
+    data: list[BatchObject]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+
+
+ModelStateOut = Literal["loading", "ready", "failed", "unloading", "unavailable"]
+
+
+class ModelOnWorker(TypedDict):
+    """A model's state on one worker (its WorkerModelStatus, with the worker's id)."""
+
+    worker_id: str
+    state: ModelStateOut
+
+
+class ModelObject(TypedDict):
+    """A served model in GET /v1/models: OpenAI's model object, and the fleet's view of it."""
+
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int | None
+    engine: str | None
+    unsupported_parameters: list[str]  # sampling fields its engine cannot honour (a request with one: 400)
+    tool_call_parser: str | None  # how tool_choice "auto" reads its tool calls; None: it cannot
+    state: ModelStateOut
+    workers: list[ModelOnWorker]
+
+
+class ModelList(TypedDict):
+    object: Literal["list"]
+    data: list[ModelObject]
+
+
+class Cancelled(TypedDict):
+    """DELETE /v1/requests/{id}: the status the request ends in (a finished one keeps its own)."""
+
+    request_id: str
+    status: Literal["queued", "running", "completed", "failed", "cancelled"]

@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 
 from common import keys
 from common.redis_conn import as_text
+from gateway.api_responses import BatchObject
 from gateway.file_store import StoredFile, new_file_id, page_of
 
 
@@ -71,7 +72,7 @@ class Batch:
     cancelled_at: int | None = None
     errors: dict[str, Any] | None = None  # OpenAI's list of what failed the batch
 
-    def to_openai(self) -> dict[str, Any]:
+    def to_openai(self) -> BatchObject:
         return {"id": self.id, "object": "batch", "endpoint": self.endpoint, "errors": self.errors,
                 "input_file_id": self.input_file_id, "completion_window": self.completion_window,
                 "status": self.status, "output_file_id": self.output_file_id, "error_file_id": self.error_file_id,

@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 
 from common import keys
 from common.redis_conn import as_text
+from gateway.api_responses import FileObject
 
 _PARTS_PER_READ = 16
 T = TypeVar("T")
@@ -32,7 +33,7 @@ class StoredFile:
     endpoint: str = ""
     model: str = ""
 
-    def to_openai(self) -> dict[str, object]:
+    def to_openai(self) -> FileObject:
         return {"id": self.id, "object": "file", "bytes": self.bytes, "created_at": self.created_at,
                 "filename": self.filename, "purpose": self.purpose, "status": "processed", "expires_at": None,
                 "status_details": None}

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from common.protocol import ModelState
 from common.redis_conn import REDIS_UNAVAILABLE, describe
+from gateway.api_responses import ModelList, ModelObject, ModelOnWorker
 from gateway.context import Gateway
 
 
@@ -47,10 +48,11 @@ async def models(request: web.Request) -> web.Response:
     gateway = Gateway.of(request)
     workers = await gateway.registry.live_workers()
     cards = await gateway.registry.cards(fresh=True)
-    data: list[dict[str, Any]] = []
+    data: list[ModelObject] = []
     for name in sorted(set(cards) | {n for w in workers for n in w.models}):
         card = cards.get(name)
-        serving = [{"worker_id": w.worker_id, **w.models[name]} for w in workers if name in w.models]
+        serving: list[ModelOnWorker] = [{"worker_id": w.worker_id, **w.models[name]}  # type: ignore[typeddict-item]
+                                        for w in workers if name in w.models]
         states = {s["state"] for s in serving}
         state = next((s for s in (ModelState.READY, ModelState.LOADING, ModelState.FAILED) if s in states),
                      "unavailable")
@@ -62,4 +64,5 @@ async def models(request: web.Request) -> web.Response:
             "tool_call_parser": (card.tool_call_parser or None) if card else None,
             "state": state, "workers": serving,
         })
-    return web.json_response({"object": "list", "data": data})
+    reply: ModelList = {"object": "list", "data": data}
+    return web.json_response(reply)

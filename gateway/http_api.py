@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway.api_responses import Accepted, Cancelled
 from gateway.api_types import GenerateBody, parse, parse_json_object
 from gateway.auth import CALLER_KEY
 from gateway.context import REQUEST_ID_KEY, Gateway, may_access, not_found
@@ -17,7 +18,8 @@ async def generate(request: web.Request) -> web.Response:
     job = await gateway.submitter.prepare(parse(GenerateBody, body).request(), request_id=request[REQUEST_ID_KEY])
     request_id = request[REQUEST_ID_KEY] = await gateway.submit(job, request.get(CALLER_KEY),
                                                                 idempotency_of(request, body))
-    return web.json_response({"request_id": request_id, "status": "queued", "model": job.model}, status=202,
+    accepted: Accepted = {"request_id": request_id, "status": "queued", "model": job.model}
+    return web.json_response(accepted, status=202,
                              headers={"Location": f"/v1/requests/{request_id}"})
 
 
@@ -32,4 +34,5 @@ async def get_request(request: web.Request) -> web.Response:
 async def cancel_request(request: web.Request) -> web.Response:
     request_id = request.match_info["request_id"]
     status = await Gateway.of(request).cancel(request_id, request.get(CALLER_KEY))
-    return web.json_response({"request_id": request_id, "status": status})
+    reply: Cancelled = {"request_id": request_id, "status": status}  # type: ignore[typeddict-item]
+    return web.json_response(reply)

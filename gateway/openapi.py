@@ -1,7 +1,9 @@
 """GET /openapi.json: the gateway's HTTP API as OpenAPI 3.1.
 
 The request bodies' schemas are those of their typed definitions (gateway/api_types.py, pydantic's JSON
-Schema); the paths and responses are written here, next to the routes (app.py). All of it is checked
+Schema), and so are the generation, poll, tokenize, model list, file and batch responses
+(gateway/api_responses.py: the TypedDicts their builders return). The paths, and the small admin and
+health replies, are written here, next to the routes (app.py). All of it is checked
 against the running gateway by the schemathesis fuzz test (tests/test_fuzz.py): every documented status,
 every response shape.
 The WebSocket protocol is described in gateway/ws.py and fuzzed with hypothesis.
@@ -15,7 +17,19 @@ from aiohttp import web
 from pydantic import TypeAdapter
 from pydantic.json_schema import models_json_schema
 
-from gateway.api_responses import ChatCompletion, Completion, RequestState
+from gateway.api_responses import (
+    Accepted,
+    BatchList,
+    BatchObject,
+    Cancelled,
+    ChatCompletion,
+    Completion,
+    FileList,
+    FileObject,
+    ModelList,
+    RequestState,
+    Tokens,
+)
 from gateway.api_types import (
     ApiKeyBody,
     BatchBody,
@@ -29,7 +43,6 @@ from gateway.api_types import (
 )
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
-_INT_SCHEMA = {"type": "integer", "minimum": 0}
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -70,8 +83,6 @@ def _completion(kind: Any) -> dict[str, Any]:
 
 _TEXT_COMPLETION = _completion(Completion)
 _CHAT_COMPLETION = _completion(ChatCompletion)
-_STATUS = {"type": "string", "enum": ["queued", "running", "completed", "failed", "cancelled"]}
-_MODEL_STATE = {"type": "string", "enum": ["loading", "ready", "failed", "unloading", "unavailable"]}
 _MODEL_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
 _CONTROL = {"$ref": "#/components/schemas/ControlReply"}
 _REQUEST_ID = {"name": "request_id", "in": "path", "required": True, "schema": {"type": "string"}}
@@ -80,25 +91,7 @@ _BATCH_ID = {"name": "batch_id", "in": "path", "required": True, "schema": {"typ
 _PAGING = [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
            {"name": "after", "in": "query", "schema": {"type": "string"},
             "description": "the last id of the page before"}]
-_FILE = {"type": "object", "required": ["id", "object", "bytes", "created_at", "filename", "purpose"], "properties": {
-    "id": {"type": "string"}, "object": {"type": "string", "enum": ["file"]}, "bytes": _INT_SCHEMA,
-    "created_at": _INT_SCHEMA, "filename": {"type": "string"},
-    "purpose": {"type": "string", "enum": ["batch", "batch_output"]}}}
-_BATCH = {"type": "object", "required": ["id", "object", "endpoint", "input_file_id", "completion_window", "status",
-                                         "created_at", "request_counts"], "properties": {
-    "id": {"type": "string"}, "object": {"type": "string", "enum": ["batch"]}, "endpoint": {"type": "string"},
-    "input_file_id": {"type": "string"}, "completion_window": {"type": "string"},
-    "status": {"type": "string", "enum": ["validating", "in_progress", "finalizing", "completed", "failed", "expired",
-                                          "cancelling", "cancelled"]},
-    "output_file_id": {"type": ["string", "null"]}, "error_file_id": {"type": ["string", "null"]},
-    "created_at": _INT_SCHEMA, "request_counts": {"type": "object", "required": ["total", "completed", "failed"]}}}
-
-
-def _list_of(item: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "object", "required": ["object", "data", "has_more"],
-            "properties": {"object": {"type": "string", "enum": ["list"]}, "data": {"type": "array", "items": item},
-                           "has_more": {"type": "boolean"}}}
-
+_FILE, _BATCH = _typed(FileObject), _typed(BatchObject)
 
 _BATCH_PATHS = {
     "/v1/files": {
@@ -111,7 +104,7 @@ _BATCH_PATHS = {
                  "responses": {"200": _json(_FILE, "The stored file"), **_errors(400, 401, 403, 413, 429, 503)}},
         "get": {"summary": "The caller's files, newest first", "operationId": "listFiles",
                 "parameters": [*_PAGING, {"name": "purpose", "in": "query", "schema": {"type": "string"}}],
-                "responses": {"200": _json(_list_of(_FILE), "Files"), **_errors(400, 401, 403, 429, 503)}}},
+                "responses": {"200": _json(_typed(FileList), "Files"), **_errors(400, 401, 403, 429, 503)}}},
     "/v1/files/{file_id}": {
         "get": {"summary": "A file's fields", "operationId": "getFile", "parameters": [_FILE_ID],
                 "responses": {"200": _json(_FILE, "The file"), **_errors(401, 403, 404, 429, 503)}},
@@ -130,7 +123,7 @@ _BATCH_PATHS = {
                      "$ref": "#/components/schemas/BatchBody"}}}},
                  "responses": {"200": _json(_BATCH, "The batch"), **_errors(400, 401, 403, 404, 413, 422, 429, 503)}},
         "get": {"summary": "The caller's batches, newest first", "operationId": "listBatches", "parameters": _PAGING,
-                "responses": {"200": _json(_list_of(_BATCH), "Batches"), **_errors(400, 401, 403, 429, 503)}}},
+                "responses": {"200": _json(_typed(BatchList), "Batches"), **_errors(400, 401, 403, 429, 503)}}},
     "/v1/batches/{batch_id}": {"get": {
         "summary": "A batch: status, request counts, output and error files", "operationId": "getBatch",
         "parameters": [_BATCH_ID],
@@ -153,30 +146,13 @@ SPEC: dict[str, Any] = {
                 "type": "object", "required": ["message", "type", "code"],
                 "properties": {"message": {"type": "string"}, "type": {"type": "string"},
                                "param": {"type": ["string", "null"]}, "code": {"type": "integer"}}}}},
-            "Accepted": {"type": "object", "required": ["request_id", "status", "model"],
-                         "properties": {"request_id": {"type": "string"}, "status": {"type": "string"},
-                                        "model": {"type": "string"}}},
+            "Accepted": _typed(Accepted),
             "RequestState": _typed(RequestState),
-            "ModelList": {"type": "object", "required": ["object", "data"], "properties": {
-                "object": {"type": "string", "enum": ["list"]},
-                "data": {"type": "array", "items": {
-                    "type": "object", "required": ["id", "object", "state", "workers", "max_model_len", "engine"],
-                    "properties": {"id": {"type": "string"}, "object": {"type": "string", "enum": ["model"]},
-                                   "state": _MODEL_STATE,
-                                   "max_model_len": {"type": ["integer", "null"]},
-                                   "engine": {"type": ["string", "null"]},
-                                   "unsupported_parameters": {"type": "array", "items": {"type": "string"}},
-                                   "tool_call_parser": {"type": ["string", "null"]},
-                                   "workers": {"type": "array", "items": {
-                                       "type": "object", "required": ["worker_id", "state"],
-                                       "properties": {"worker_id": {"type": "string"}, "state": _MODEL_STATE}}}}}}}},
+            "ModelList": _typed(ModelList),
             "ControlReply": {"type": "object", "required": ["model", "action", "workers"], "properties": {
                 "model": {"type": "string"}, "action": {"type": "string"},
                 "workers": {"type": "array", "items": {"type": "object", "required": ["worker_id", "job_id"]}}}},
-            "Tokens": {"type": "object", "required": ["count", "max_model_len", "tokens", "token_strs"],
-                       "properties": {"count": _INT, "max_model_len": _INT, "tokens": {"type": "array", "items": _INT},
-                                      "token_strs": {"type": ["array", "null"],
-                                                     "items": {"type": ["string", "null"]}}}},
+            "Tokens": _typed(Tokens),
         },
     },
     "security": [{}, {"bearer": []}],
@@ -194,10 +170,7 @@ SPEC: dict[str, Any] = {
                                   **_errors(401, 403, 404, 429, 503)}},
             "delete": {"summary": "Cancel a queued or running request", "operationId": "cancelRequest",
                        "parameters": [_REQUEST_ID],
-                       "responses": {"200": _json({"type": "object", "required": ["request_id", "status"],
-                                                   "properties": {"request_id": {"type": "string"},
-                                                                  "status": _STATUS}},
-                                                  "The status it ends in"),
+                       "responses": {"200": _json(_typed(Cancelled), "The status it ends in"),
                                      **_errors(401, 403, 404, 429, 503)}}},
         "/v1/completions": {"post": {
             "summary": "OpenAI completions (JSON, or SSE with stream=true)", "operationId": "completions",

@@ -8,11 +8,10 @@ with return_token_strs the tokens' strings. /detokenize: `tokens` -> `prompt`.
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp import web
 
 from common.errors import Unprocessable
+from gateway.api_responses import Tokens
 from gateway.api_types import DetokenizeBody, TokenizeBody, parse, parse_json_object
 from gateway.context import Gateway
 
@@ -28,7 +27,7 @@ async def tokenize(request: web.Request) -> web.Response:
         tokens = await encoder.encode_messages(
             [m.for_template() for m in body.messages or ()],
             add_generation_prompt=body.add_generation_prompt, add_special_tokens=bool(body.add_special_tokens))
-    reply: dict[str, Any] = {"count": len(tokens), "max_model_len": card.max_model_len, "tokens": tokens,
+    reply: Tokens = {"count": len(tokens), "max_model_len": card.max_model_len, "tokens": tokens,
                              "token_strs": encoder.token_strs(tokens) if body.return_token_strs else None}
     return web.json_response(reply)
 
