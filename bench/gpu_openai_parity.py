@@ -119,9 +119,8 @@ def fleet_only() -> dict[str, Any]:
         call["arguments"])), "n3_same_seed_same_texts": texts[0] == texts[1], "n3_distinct": len(set(texts[0]))}
 
 
-def main() -> None:
-    out = Path(os.environ.get("OUT", "bench/out"))
-    out.mkdir(parents=True, exist_ok=True)
+def measure(out: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Start both servers, compare them, stop them: (a row per request, what only the fleet was asked)."""
     valkey = EmbeddedValkey()
     valkey.start()
     catalogue = Path(tempfile.mkdtemp()) / "catalogue.json"
@@ -155,6 +154,13 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, 9)
         valkey.stop()
+    return rows, extra
+
+
+def main() -> None:
+    out = Path(os.environ.get("OUT", "bench/out"))
+    out.mkdir(parents=True, exist_ok=True)
+    rows, extra = measure(out)
     print("| route | prompt | echo | same text | same tokens | tokens fleet/vllm | max |logprob diff| | same top-5 |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -222,10 +222,15 @@ ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Fie
 
 class OpenAIBody(Sampling):
     """What OpenAI's completions and chat completions share. Fields that change nothing here are taken
-    with their no-op values only; another value of those (`unsupported_values`) is refused like an unknown
-    parameter."""
+    with their no-op values only; another value of those (`unsupported_values`, with why) is refused like an
+    unknown parameter."""
 
-    unsupported_values: ClassVar[frozenset[str]] = frozenset({"service_tier", "store", "best_of", "suffix"})
+    unsupported_values: ClassVar[dict[str, str]] = {
+        "best_of": "no engine here samples several candidates per choice (vLLM's v1 engine has no best_of): use n",
+        "suffix": "no engine here fills in the middle",
+        "service_tier": "OpenAI's processing tiers do not exist here",
+        "store": "completions are not stored for distillation here (poll a request by its id instead)",
+    }
 
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -428,17 +433,18 @@ def parse(model: type[B], body: Any, *, unknown: type[FleetError] = Unprocessabl
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        raise validation_error(exc, unknown, invalid, getattr(model, "unsupported_values", frozenset())) from None
+        raise validation_error(exc, unknown, invalid, getattr(model, "unsupported_values", {})) from None
 
 
 def validation_error(exc: ValidationError, unknown: type[FleetError] = Unprocessable,
                      invalid: type[FleetError] = Unprocessable,
-                     unsupported: frozenset[str] = frozenset()) -> FleetError:
+                     unsupported: dict[str, str] | None = None) -> FleetError:
     errors = exc.errors(include_url=False, include_context=False, include_input=False)
-    unsupported_value = next((str(e["loc"][0]) for e in errors if e["loc"] and e["loc"][0] in unsupported), None)
-    if unsupported_value is not None:
-        return unknown(f"unsupported parameter: `{unsupported_value}` is taken only with its no-op value",
-                       param=unsupported_value)
+    unsupported = unsupported or {}
+    refused = next((str(e["loc"][0]) for e in errors if e["loc"] and e["loc"][0] in unsupported), None)
+    if refused is not None:
+        return unknown(f"unsupported parameter: `{refused}` is taken only with its no-op value: {unsupported[refused]}",
+                       param=refused)
     extra = [str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden" and len(e["loc"]) == 1]
     if extra:
         what = "unsupported parameter(s)" if unknown is BadRequest else "unknown field(s)"
