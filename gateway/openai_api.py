@@ -43,6 +43,7 @@ from gateway.views import finite, usage_of
 
 log = logging.getLogger(__name__)
 
+
 def parse_openai_body(body: dict[str, Any], *, chat: bool) -> ChatBody | CompletionBody:
     """The body checked: 400 for a parameter the route does not take, 422 for a bad value."""
     return parse(ChatBody if chat else CompletionBody, body, unknown=BadRequest)
@@ -77,7 +78,7 @@ async def _serve(request: web.Request, *, chat: bool) -> web.StreamResponse:
                 shape.tools = ToolCallShape(request_id, tool_mode, parser)
             echo = isinstance(parsed, CompletionBody) and parsed.echo
             if job.params.logprobs is not None or echo:
-                encoder = await gateway.registry.encoder(await gateway.registry.resolve(job.model))
+                encoder = await gateway.registry.encoder(card)
                 shape.token_text = encoder.token_text
                 shape.top_logprobs = job.params.logprobs or 0
                 if echo:
