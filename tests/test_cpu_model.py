@@ -228,7 +228,7 @@ def test_a_continued_structured_output_stays_valid(smollm2) -> None:
     from common.protocol import Chunk, Job
     from worker.continuation import resume
     from worker.engines.base import EngineRequest
-    from worker.engines.cpu_grammar import Grammars
+    from worker.engines.grammar import Grammars
 
     model, tokenizer = smollm2
     grammars = Grammars(tokenizer, int(model.config.vocab_size))

@@ -19,8 +19,8 @@ from common.protocol import FinishReason, ModelCard
 from common.settings import ModelSpec
 from worker.engines.base import EngineOutput, EngineRequest, ProgressCallback
 from worker.engines.cpu_batch import BatchedDecoder
-from worker.engines.cpu_grammar import GrammarConstraint, Grammars
 from worker.engines.gguf_cache import cached_model_dir, packaged_file
+from worker.engines.grammar import GrammarConstraint, Grammars
 from worker.engines.hf_tokenizer import tokenizer_bundle
 from worker.engines.queued import QueuedEngine
 from worker.engines.sequence import Sequence
@@ -132,7 +132,6 @@ class CpuEngine(QueuedEngine):
                     finished.add(row.seq.request_id)
             self._decoder.remove(finished)
         return outputs
-
 
     def _constraint(self, request: EngineRequest) -> GrammarConstraint | None:
         response_format = request.params.response_format

@@ -14,7 +14,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from common.protocol import SamplingParams, TokenLogprob
-from worker.engines.cpu_grammar import GrammarConstraint
+from worker.engines.grammar import GrammarConstraint
 from worker.engines.sequence import Sequence
 
 Sampled = tuple[int, TokenLogprob | None]  # a token and, when its request asked, its logprob

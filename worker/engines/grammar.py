@@ -1,5 +1,7 @@
-"""Structured output on the CPU engine: OpenAI's response_format as an xgrammar grammar (the library vLLM
-uses for the same on the GPU), one matcher per sequence, applied to its logits as a token mask each step.
+"""OpenAI's response_format as an xgrammar grammar, the library vLLM's structured outputs use, compiled as
+vLLM's backend compiles it (json_object: any JSON object; json_schema: the schema, xgrammar's defaults), for
+both engines: the CPU engine masks every step with it (`GrammarConstraint`), and a vLLM continuation goes
+through the fleet's logits processor with it (worker/engines/vllm_grammar.py).
 
 A continuation (the job's earlier output is now the tail of its prompt) first walks the matcher through
 that output, so the JSON it finishes is the one the client has been reading, and stays valid.
@@ -50,20 +52,20 @@ class Grammars:
             return False
         return True
 
-    def constraint(self, response_format: dict[str, Any], already_said: list[int]) -> GrammarConstraint:
+    def matcher(self, response_format: dict[str, Any], already_said: list[int]) -> Any:
+        """An xgrammar matcher of the format, walked through what the sequence already said."""
         import xgrammar
 
         if self._compiler is None:
             info = xgrammar.TokenizerInfo.from_huggingface(self._hf_tokenizer, vocab_size=self._vocab_size)
             self._compiler = xgrammar.GrammarCompiler(info)
-        if response_format["type"] == "json_object":
-            compiled = self._compiler.compile_builtin_json_grammar()
-        else:
-            spec = response_format["json_schema"]
-            compiled = self._compiler.compile_json_schema(json.dumps(spec.get("schema", {})),
-                                                          strict_mode=bool(spec.get("strict", True)))
-        matcher = xgrammar.GrammarMatcher(compiled)
+        schema = ({"type": "object"} if response_format["type"] == "json_object"
+                  else response_format["json_schema"].get("schema", {}))
+        matcher = xgrammar.GrammarMatcher(self._compiler.compile_json_schema(json.dumps(schema)))
         for token in already_said:
             if not matcher.accept_token(token):
                 raise ValueError("the output so far does not fit the response format")
-        return GrammarConstraint(matcher, self._vocab_size)
+        return matcher
+
+    def constraint(self, response_format: dict[str, Any], already_said: list[int]) -> GrammarConstraint:
+        return GrammarConstraint(self.matcher(response_format, already_said), self._vocab_size)
