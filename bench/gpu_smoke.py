@@ -22,6 +22,7 @@ from typing import Any
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.gpu_openai_parity import post as post_json
 from common import keys
 from common.embedded_redis import EmbeddedValkey
 
@@ -30,13 +31,7 @@ BASE = "http://127.0.0.1:8500"
 
 
 def post(path: str, body: dict[str, Any]) -> tuple[int, Any]:
-    request = urllib.request.Request(BASE + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.load(exc)
+    return post_json(BASE, path, body)
 
 
 def wait_for_workers(count: int, timeout_s: float) -> float:

@@ -223,11 +223,12 @@ class BatchRunner:
         request = parsed.request()
         request.priority = Priority.BATCH
         job = await self._submitter.prepare(request)
-        if isinstance(parsed, ChatBody) and (mode := parsed.tool_mode(
-                (await self._submitter.card(job.model)).tool_call_parser)) is not None:
-            options["tool_call"] = mode
-            if mode == "auto":
-                options["tool_call_parser"] = (await self._submitter.card(job.model)).tool_call_parser
+        if isinstance(parsed, ChatBody) and parsed.tools:
+            parser = (await self._submitter.card(job.model)).tool_call_parser
+            if (mode := parsed.tool_mode(parser)) is not None:
+                options["tool_call"] = mode
+                if mode == "auto":
+                    options["tool_call_parser"] = parser
         if job.params.logprobs is not None:
             options["logprobs"] = job.params.logprobs
         idempotency = idempotency_for(f"{batch.id} line {number}", line.body, route="batch", owner=batch.owner)
