@@ -46,9 +46,12 @@ class Message(Body):
     name: str | None = None
 
     def for_template(self) -> dict[str, Any]:
-        """The message as a chat template takes it (a plain dict: model_dump costs more per request)."""
-        return {"role": self.role, "content": self.content} if self.name is None else \
-            {"role": self.role, "content": self.content, "name": self.name}
+        return _for_template(self.role, self.content, self.name)
+
+
+def _for_template(role: str, content: str, name: str | None) -> dict[str, Any]:
+    """A message as a chat template takes it (a plain dict: model_dump costs more per request)."""
+    return {"role": role, "content": content} if name is None else {"role": role, "content": content, "name": name}
 
 
 class Sampling(Body):
@@ -159,11 +162,10 @@ class ChatMessage(Message):
         JSON they were written as."""
         content = self.content if isinstance(self.content, str | None) else "".join(p.text for p in self.content)
         if self.tool_calls is None and self.tool_call_id is None and content is not None:
-            return {"role": self.role, "content": content} if self.name is None else \
-                {"role": self.role, "content": content, "name": self.name}
+            return _for_template(self.role, content, self.name)
         message = self.model_dump(exclude_none=True)
         if content is None:
-            calls = [{"name": c.function.name, "arguments": json.loads(c.function.arguments or "{}")}
+            calls = [{"name": c.function.name, "arguments": _json_or_text(c.function.arguments)}
                      for c in self.tool_calls or ()]
             content = json.dumps(calls[0] if len(calls) == 1 else calls) if calls else ""
         return {**message, "content": content}
@@ -173,6 +175,14 @@ class ChatMessage(Message):
         if self.content is None and not (self.role == "assistant" and self.tool_calls):
             raise ValueError("a message without `content` must be an assistant's with `tool_calls`")
         return self
+
+
+def _json_or_text(arguments: str) -> Any:
+    """A call's arguments as the JSON they should be; a client's text that is not JSON stays text."""
+    try:
+        return json.loads(arguments or "{}")
+    except ValueError:
+        return arguments
 
 
 class FunctionDef(Body):

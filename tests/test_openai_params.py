@@ -151,6 +151,11 @@ async def test_tool_requests_are_checked(start_fleet: StartFleet) -> None:
     status, reply, _ = await fleet.post("/v1/chat/completions", {**ask, "messages": [
         {"role": "user", "content": "x"}, {"role": "assistant", "content": None}]})
     assert status == 422 and "tool_calls" in reply["error"]["message"]
+    status, reply, _ = await fleet.post("/v1/chat/completions", {**ask, "messages": [  # arguments not JSON: as text
+        {"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{broken"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "y"}]})
+    assert status == 200, reply
 
 
 async def test_auto_tool_calls_are_read_by_the_models_parser(start_fleet: StartFleet) -> None:
