@@ -10,6 +10,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
+from typing_extensions import TypedDict
 
 from common import keys
 from common.protocol import WorkerStatus
@@ -77,13 +78,27 @@ async def model_streams(redis: Redis, models: list[str]) -> dict[str, list[str]]
             for name, engines in zip(models, members, strict=True)}
 
 
-async def queues(redis: Redis) -> dict[str, dict[str, Any]]:
-    """Per registered model, over all its streams (the shared one, the batch one and each engine's own):
-    outstanding jobs (XLEN less the skipped: cancelled or expired while queued), of which held by workers
-    (pending) and waiting (unread), how many of those wait in engines' own streams, the batch class's
-    share (`batch_outstanding`, `batch_waiting`), the age of the oldest unread entry, dead letters, and
-    `lag` (XINFO GROUPS; skipped entries count until a worker reads them)."""
-    streams = await model_streams(redis, await model_names(redis))
+class QueueState(TypedDict):
+    """A model's queue over all its streams (see `queues`); also the body of the gateway's GET /queue/{model}."""
+
+    outstanding: int
+    held_by_workers: int
+    waiting: int
+    waiting_in_engine_streams: int
+    batch_outstanding: int
+    batch_waiting: int
+    dead_letters: int
+    lag: int | None
+    oldest_waiting_s: float
+
+
+async def queues(redis: Redis, models: list[str] | None = None) -> dict[str, QueueState]:
+    """Per registered model (or per one of `models`), over all its streams (the shared one, the batch one
+    and each engine's own): outstanding jobs (XLEN less the skipped: cancelled or expired while queued), of
+    which held by workers (pending) and waiting (unread), how many of those wait in engines' own streams, the
+    batch class's share (`batch_outstanding`, `batch_waiting`), the age of the oldest unread entry, dead
+    letters, and `lag` (XINFO GROUPS; skipped entries count until a worker reads them)."""
+    streams = await model_streams(redis, await model_names(redis) if models is None else models)
     async with redis.pipeline(transaction=False) as pipe:
         for name, stream_names in streams.items():
             pipe.xlen(keys.dead_letters(name))
@@ -118,12 +133,12 @@ async def queues(redis: Redis) -> dict[str, dict[str, Any]]:
                     oldest_ms = added_ms if oldest_ms is None else min(oldest_ms, added_ms)
         outstanding = max(0, length - int(skipped) - int(batch_skipped))
         batch_outstanding = max(0, batch_length - int(batch_skipped))
-        result[name] = {"outstanding": outstanding, "held_by_workers": held,
-                        "waiting": max(0, outstanding - held), "waiting_in_engine_streams": engine_waiting,
-                        "batch_outstanding": batch_outstanding,
-                        "batch_waiting": max(0, batch_outstanding - batch_held),
-                        "dead_letters": int(dead), "lag": lag if lag_known else None,
-                        "oldest_waiting_s": 0.0 if oldest_ms is None else round(max(0.0, now_ms - oldest_ms) / 1000, 3)}
+        result[name] = QueueState(
+            outstanding=outstanding, held_by_workers=held, waiting=max(0, outstanding - held),
+            waiting_in_engine_streams=engine_waiting, batch_outstanding=batch_outstanding,
+            batch_waiting=max(0, batch_outstanding - batch_held), dead_letters=int(dead),
+            lag=lag if lag_known else None,
+            oldest_waiting_s=0.0 if oldest_ms is None else round(max(0.0, now_ms - oldest_ms) / 1000, 3))
     return result
 
 

@@ -118,6 +118,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
         web.get("/models", health.models),
         web.get("/openapi.json", openapi.openapi_json),
         web.get("/metrics", metrics.metrics_endpoint),
+        web.get("/queue/{model}", metrics.queue_endpoint),
         web.get("/v1/fleet", console_api.fleet),
         web.post("/v1/files", files_api.create_file),
         web.get("/v1/files", files_api.list_files),

@@ -34,6 +34,7 @@ _CACHE_S = 5.0
 _CACHE_ENTRIES = 10_000
 V = TypeVar("V")
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/openapi.json", "/metrics"})
+PUBLIC_PREFIXES = ("/queue/",)  # queue depth per model, as /metrics has it: for autoscalers inside the cluster
 WS_PROTOCOL = "llm-fleet"
 _WS_BEARER_PREFIX = "bearer."
 
@@ -137,7 +138,7 @@ async def guard(request: web.Request, auth: Authenticator, enabled: bool) -> Non
         if admin_route:
             raise Forbidden("the admin API needs API keys: set LLM_FLEET_AUTH=true and use an admin key")
         return
-    if request.path in PUBLIC_PATHS or pages.is_public(request.path):
+    if request.path in PUBLIC_PATHS or request.path.startswith(PUBLIC_PREFIXES) or pages.is_public(request.path):
         return
     caller = await auth.authenticate(request.headers.get("Authorization") or _websocket_bearer(request))
     if admin_route and not caller.key.admin:

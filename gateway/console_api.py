@@ -18,10 +18,9 @@ from gateway.context import Gateway
 async def fleet(request: web.Request) -> web.Response:
     gateway = Gateway.of(request)
     workers = await gateway.registry.live_workers()
-    queues = await fleet_state.queues(gateway.redis)
     rejected = await gateway.rejections.totals()
-    for model, queue in queues.items():
-        queue["rejected"] = rejected.get(model, 0)
+    queues = {model: {**queue, "rejected": rejected.get(model, 0)}
+              for model, queue in (await fleet_state.queues(gateway.redis)).items()}
     return web.json_response({
         "at": time.time(),
         "workers": fleet_state.worker_rows(workers, gateway.heartbeats.earlier(workers)),

@@ -1,4 +1,5 @@
-"""The gateway's Prometheus metrics, at /metrics (public, like /health: scraped from inside the cluster).
+"""The gateway's Prometheus metrics, at /metrics (public, like /health: scraped from inside the cluster),
+and one model's queue as JSON at /queue/{model} (what KEDA scales workers on).
 
 Requests are counted by route template (never the raw path: request ids would explode the series);
 queue depth, lag and age per model, dead letters and live workers are read from Redis at scrape time,
@@ -108,3 +109,10 @@ async def count_requests(request: web.Request, handler: Handler) -> web.StreamRe
 async def metrics_endpoint(request: web.Request) -> web.Response:
     body = await request.app[METRICS_KEY].render(Gateway.of(request))
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def queue_endpoint(request: web.Request) -> web.Response:
+    """One model's queue as JSON, for KEDA's metrics-api trigger (public, like /metrics). A model no worker
+    has registered yet has an empty queue, not a 404: the autoscaler of a group scaled to zero must read 0."""
+    model = request.match_info["model"]
+    return web.json_response((await fleet_state.queues(Gateway.of(request).redis, [model]))[model])

@@ -17,6 +17,7 @@ from aiohttp import web
 from pydantic import TypeAdapter
 from pydantic.json_schema import models_json_schema
 
+from common.fleet_state import QueueState
 from gateway.api_responses import (
     Accepted,
     BatchList,
@@ -231,6 +232,11 @@ SPEC: dict[str, Any] = {
         "/metrics": {"get": {"summary": "Prometheus metrics (text exposition format)", "operationId": "metrics",
                              "security": [], "responses": {"200": {"description": "Metrics", "content": {
                                  "text/plain": {"schema": {"type": "string"}}}}, **_errors(503)}}},
+        "/queue/{model}": {"get": {
+            "summary": "One model's queue over all its streams (what KEDA's metrics-api trigger scales workers on: "
+                       "`waiting`); an unknown model's queue is empty", "operationId": "queue", "security": [],
+            "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": _json(_typed(QueueState), "The queue"), **_errors(503)}}},
         "/ws/generate": {"get": {"summary": "WebSocket: generate, cancel, attach (see gateway/ws.py)",
                                  "operationId": "websocket",
                                  "responses": {"101": {"description": "Switching protocols"},

@@ -121,6 +121,33 @@ async def test_admission_and_queue_views_count_every_stream(redis: aioredis.Redi
     assert queue["lag"] == 3  # the engine stream's group (the shared stream has none: no worker ever read it)
 
 
+async def test_the_queue_autoscalers_read_counts_jobs_waiting_in_every_stream(start_fleet: StartFleet,
+                                                                              redis: aioredis.Redis) -> None:
+    """KEDA's metrics-api trigger (helm chart) reads GET /queue/<model> `waiting`: jobs routed to engines'
+    own streams and batch jobs count there too, which the redis-streams triggers (shared and batch stream
+    only) would miss. Public like /metrics; a model nobody registered yet reads 0 (a group scaled to zero)."""
+    fleet = await start_fleet(workers=0, auth=True)
+    store = RequestStore(redis)
+    await redis.hset(keys.MODELS, TEST_MODEL, b"")
+    await _holds(redis, "a", PROMPT)
+    engines = [EngineLoad("a", 0, 8), EngineLoad("b", 0, 8)]
+    for i in range(3):
+        assert _engine_of(await _enqueue(store, f"r{i}", engines)) == "a"
+    assert _engine_of(await _enqueue(store, "r3", engines, prompt=[1] * 40)) is None
+    batch = Job(request_id="b0", model=TEST_MODEL, prompt_token_ids=[1, 2], sampling={"max_tokens": 4},
+                enqueued_at=time.time(), priority="batch")
+    assert await store.enqueue(batch, max_outstanding=100, ttl_s=60) is not None
+
+    async with fleet.http.get(f"{fleet.base_url}/queue/{TEST_MODEL}") as response:  # no API key: public
+        assert response.status == 200, await response.text()
+        queue = await response.json()
+    assert queue["waiting"] == 5 and queue["waiting_in_engine_streams"] == 3 and queue["batch_waiting"] == 1
+    same = (await fleet_state.queues(redis))[TEST_MODEL]
+    assert {**queue, "oldest_waiting_s": 0} == {**same, "oldest_waiting_s": 0} and queue["oldest_waiting_s"] > 0
+    async with fleet.http.get(f"{fleet.base_url}/queue/never-registered") as response:
+        assert response.status == 200 and (await response.json())["waiting"] == 0
+
+
 async def _engines_seen(fleet: Fleet, count: int) -> None:
     async with asyncio.timeout(10):
         while len(await fleet.gateway.registry.engines(TEST_MODEL)) < count:

@@ -87,13 +87,17 @@ def test_chart_renders_and_every_manifest_validates(values_file: str) -> None:
     assert_catalogue_loads(json.loads(config["data"]["catalogue.json"]))
 
 
-def test_keda_scales_each_worker_group_on_its_model_streams_lag() -> None:
+def test_keda_scales_each_worker_group_on_its_models_waiting_jobs() -> None:
     docs = render("gpu-keda-external-redis.yaml")
     scaled = {d["metadata"]["name"]: d for d in by_kind(docs, "ScaledObject")}
     assert set(scaled) == {"fleet-llm-fleet-worker-small", "fleet-llm-fleet-worker-large"}
     small = scaled["fleet-llm-fleet-worker-small"]["spec"]
     assert small["minReplicaCount"] == 0 and small["scaleTargetRef"]["name"] == "fleet-llm-fleet-worker-small"
-    shared, batch = small["triggers"]  # interactive and batch work both scale the group
+    waiting, shared, batch = small["triggers"]  # interactive and batch work both scale the group
+    # Every waiting job, read from a gateway (tests/test_affinity.py reads this path from a real one).
+    assert waiting == {"type": "metrics-api", "metadata": {
+        "url": "http://fleet-llm-fleet-gateway.llm.svc:80/queue/smollm2-135m", "valueLocation": "waiting",
+        "targetValue": "32", "activationTargetValue": "1"}}
     for trigger, stream in ((shared, keys.job_stream("smollm2-135m")), (batch, keys.batch_stream("smollm2-135m"))):
         assert trigger["type"] == "redis-streams"
         assert trigger["authenticationRef"]["name"] == "fleet-llm-fleet-redis"
@@ -149,6 +153,8 @@ def test_ha_values_run_valkey_with_replicas_and_sentinels_and_every_part_goes_th
         assert parsed is not None and len(parsed.sentinels) == 3 and parsed.service == "fleet"
     for scaled in by_kind(docs, "ScaledObject"):
         for trigger in scaled["spec"]["triggers"]:
+            if trigger["type"] == "metrics-api":  # read from a gateway, which finds the primary itself
+                continue
             assert trigger["type"] == "redis-sentinel-streams"
             assert trigger["metadata"]["addresses"] == ",".join(sentinels)
             assert trigger["metadata"]["sentinelMaster"] == "fleet"
