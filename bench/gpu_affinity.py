@@ -31,9 +31,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.vllm_vs_fleet import BENCH_CLIENT, FLEET_CLI, log, server
+from bench.vllm_vs_fleet import BENCH_CLIENT, FLEET_CLI, CpuSampler, log, process_tree, server
 from common.embedded_redis import EmbeddedValkey
 
 METRICS = [("output_throughput", "output tok/s", 0), ("request_throughput", "req/s", 1),
@@ -51,9 +52,9 @@ def models_ready(count: int) -> object:
 
 @contextlib.contextmanager
 def fleet(args: argparse.Namespace, redis_url: str, label: str, gpus: str, workers: int, entry: dict,
-          gateways: int = 1) -> Iterator[str]:
-    """`llm-fleet up` on `gpus` with the model's catalogue `entry`; yields the gateway's base URL once every
-    worker process (each worker's front-ends count) has the model ready."""
+          gateways: int = 1) -> Iterator[tuple[str, int]]:
+    """`llm-fleet up` on `gpus` with the model's catalogue `entry`; yields the gateway's base URL and the
+    fleet's pid once every worker process (each worker's front-ends count) has the model ready."""
     catalogue = Path(tempfile.mkdtemp()) / "catalogue.json"
     catalogue.write_text(json.dumps({args.model: entry}))
     port = 8400
@@ -62,8 +63,8 @@ def fleet(args: argparse.Namespace, redis_url: str, label: str, gpus: str, worke
             "--catalogue", str(catalogue)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "LLM_FLEET_MAX_OUTSTANDING": "100000"}
     with server(argv, f"http://127.0.0.1:{port}/v1/models", args.out / f"{label}.log", env, 900,
-                ready=models_ready(workers * entry["frontends"])):
-        yield f"http://127.0.0.1:{port}"
+                ready=models_ready(workers * entry["frontends"])) as pid:
+        yield f"http://127.0.0.1:{port}", pid
 
 
 def bench(args: argparse.Namespace, base_url: str, label: str, dataset: list[str], concurrency: int,
@@ -151,7 +152,7 @@ def affinity(args: argparse.Namespace, redis_url: str) -> list[dict]:
                str(args.num_prefixes), "--prefix-repetition-output-len", str(args.output_len)]
     metrics = [f"http://127.0.0.1:{args.worker_port + i}/metrics" for i in range(2)]
     rows = []
-    with fleet(args, redis_url, "affinity-fleet", "0,1", 2, entry) as on_url:
+    with fleet(args, redis_url, "affinity-fleet", "0,1", 2, entry) as (on_url, _):
         off_argv = [*FLEET_CLI, "gateway", "--redis-url", redis_url, "--port", "8401"]
         off_env = {**os.environ, "LLM_FLEET_PREFIX_AFFINITY": "0", "LLM_FLEET_MAX_OUTSTANDING": "100000"}
         with server(off_argv, "http://127.0.0.1:8401/v1/models", args.out / "affinity-off-gateway.log", off_env,
@@ -186,20 +187,32 @@ def random_dataset(args: argparse.Namespace) -> list[str]:
             str(args.random_output_len)]
 
 
+def valkey_processes() -> dict[str, psutil.Process]:
+    """This script's Valkey (started beside the fleet, not by it)."""
+    mine = [p for p in psutil.Process().children(recursive=True) if "valkey" in " ".join(p.cmdline())]
+    return {"valkey": mine[0]} if mine else {}
+
+
 def scale(args: argparse.Namespace, redis_url: str) -> list[dict]:
     rows = []
     for workers in args.gpu_counts:
         gpus = ",".join(str(i) for i in range(workers))
         label = f"{workers}-gpu-gw{args.gateways}"
-        with fleet(args, redis_url, f"scale-{label}", gpus, workers, random_entry(args), gateways=args.gateways) as url:
+        with fleet(args, redis_url, f"scale-{label}", gpus, workers, random_entry(args),
+                   gateways=args.gateways) as (url, pid):
             for clients in args.clients:
-                rows.append(bench(args, url, f"random-{label}-clients{clients}", random_dataset(args),
-                                  args.random_concurrency, args.random_prompts, 0, clients))
+                # Where the CPU goes (% of a core per process): is a fleet part (Valkey is one thread) the cap?
+                cpu = CpuSampler({**process_tree(pid), **valkey_processes()})
+                row = bench(args, url, f"random-{label}-clients{clients}", random_dataset(args),
+                            args.random_concurrency, args.random_prompts, 0, clients)
+                rows.append({**row, "cpu_percent": cpu.percent(row["duration_s"])})
+                log(f"CPU % of a core: {rows[-1]['cpu_percent']}")
     return rows
 
 
 def tensor_parallel(args: argparse.Namespace, redis_url: str) -> list[dict]:
-    with fleet(args, redis_url, "tp2", "0,1", 1, random_entry(args, tensor_parallel=2), gateways=args.gateways) as url:
+    with fleet(args, redis_url, "tp2", "0,1", 1, random_entry(args, tensor_parallel=2),
+               gateways=args.gateways) as (url, _):
         return [bench(args, url, "random-tp2", random_dataset(args), args.random_concurrency, args.random_prompts, 0,
                       args.clients[0])]
 

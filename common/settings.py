@@ -139,6 +139,11 @@ class WorkerSettings(_RequestLifetimes):
     # A batch-class job's output is written at most this often (and when it ends): it is read when the
     # batch collects it, not streamed. Its progress since the last write is redone if its worker dies.
     batch_flush_interval_ms: float = 500.0
+    # While interactive work is on an engine (or was, less than a second ago), batch jobs are admitted
+    # only up to this share of its sequences (running ones finish; none is preempted for it): fewer
+    # sequences beside an interactive one make the engine's steps, and its tokens, come sooner. 1.0: batch
+    # jobs fill whatever interactive ones leave.
+    batch_share_with_interactive: float = 1.0
     read_block_ms: int = 1000
     # A job routed to another engine's own stream (prefix affinity) that waited this long may be taken
     # by this worker when it has room and nothing else to do (worker/job_reader.py).
@@ -162,6 +167,10 @@ class WorkerSettings(_RequestLifetimes):
     http_host: str = "127.0.0.1"
     http_port: int | None = None
     cache_dir: str = str(Path.home() / ".cache" / "llm-fleet")
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.batch_share_with_interactive <= 1.0:
+            raise ValueError("batch_share_with_interactive must be above 0 and at most 1")
 
 
 MAX_FRONTENDS = 16

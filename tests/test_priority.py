@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from common import keys
 from tests.conftest import TEST_MODEL, StartFleet
 from tests.test_faults import wait_until
@@ -81,3 +83,64 @@ async def test_each_class_has_its_own_cap_so_a_batch_backlog_never_refuses_inter
 
 def _counter(worker, name: str) -> float:
     return worker.metrics.registry.get_sample_value(name, {"model": TEST_MODEL}) or 0.0
+
+
+async def test_while_interactive_work_runs_batch_jobs_are_kept_to_their_share_then_fill_again(
+    start_fleet: StartFleet,
+) -> None:
+    """`batch_share_with_interactive`: with interactive work on the engine no batch job is admitted above
+    the share (the running ones finish, none is preempted for it); once it is served and the linger has
+    passed, batch jobs fill every slot again."""
+    fleet = await start_fleet(workers=0)
+    worker = await fleet.start_worker({"batch_share_with_interactive": 0.25}, max_num_seqs=8, step_delay_ms=5)
+    await fleet.wait_ready()
+    budget = worker.budgets[TEST_MODEL]
+    short = [await fleet.submit(prompt="s" * 20, max_tokens=20, priority="batch") for _ in range(4)]
+    chat = await fleet.submit(prompt="c" * 100, max_tokens=100)  # 0.5 s of steps, in a free slot
+    batch = [await fleet.submit(prompt=LONG * 2, max_tokens=200, priority="batch") for _ in range(16)]
+
+    async def chat_running() -> bool:
+        return (await fleet.get(f"/v1/requests/{chat}"))[1]["status"] == "running"
+
+    await wait_until(chat_running)
+    # Four slots are free, yet the long batch jobs get at most 2 of the 8 while the chat runs, and the short
+    # ones (0.1 s) end meanwhile.
+    held_during_chat = []
+    while (await fleet.get(f"/v1/requests/{chat}"))[1]["status"] == "running":
+        held_during_chat.append(len(budget.batch_jobs))
+        await asyncio.sleep(0.02)
+    for request_id in short:
+        assert (await fleet.wait_done(request_id))["status"] == "completed"
+    assert max(held_during_chat) <= 4 and held_during_chat[-1] <= 2, held_during_chat
+    assert _counter(worker, "llm_fleet_jobs_preempted_total") == 0  # it found free slots: nothing preempted
+
+    async def batch_fills_every_slot() -> bool:
+        return len(budget.batch_jobs) == 8
+
+    await wait_until(batch_fills_every_slot)  # the chat is served: after the linger (1 s) batch takes all
+    for request_id in batch:
+        assert (await fleet.wait_done(request_id, timeout_s=60))["text"] == (LONG * 2)[:200]
+
+
+async def test_batch_jobs_taken_in_one_read_are_preempted_as_soon_as_they_run(start_fleet: StartFleet) -> None:
+    """The batch jobs a worker takes in one read are all admitted before any runs, and only running jobs
+    can be preempted: their start must wake the preempting loop, or an interactive request waits for a
+    batch job to end (2 s here) instead of taking a slot at once."""
+    fleet = await start_fleet(workers=0)
+    await fleet.start_worker(max_num_seqs=4, step_delay_ms=20)  # registers the model
+    await fleet.wait_ready()
+    await fleet.stop_workers()
+    batch = [await fleet.submit(prompt=LONG, max_tokens=100, priority="batch") for _ in range(4)]
+    await fleet.start_worker(max_num_seqs=4, step_delay_ms=20)  # takes all four in its first read
+
+    async def four_batch_jobs_running() -> bool:
+        running = [(await fleet.get(f"/v1/requests/{r}"))[1]["status"] for r in batch]
+        return running.count("running") == 4
+
+    await wait_until(four_batch_jobs_running)
+    interactive = await fleet.submit(prompt="quick", max_tokens=5)
+    assert (await fleet.wait_done(interactive, timeout_s=10))["text"] == "quick"
+    states = [(await fleet.get(f"/v1/requests/{request_id}"))[1]["status"] for request_id in batch]
+    assert "completed" not in states, states
+    for request_id in batch:
+        assert (await fleet.wait_done(request_id, timeout_s=30))["text"] == LONG

@@ -342,8 +342,11 @@ class Worker:
                     self.metrics.reclaimed.labels(spec.name).inc(len(claimed))
                     await self._start_jobs(engine, budget, claimed)
                     continue
+                batch_room = budget.batch_room(self.settings.batch_share_with_interactive)
+                # Kept from batch jobs for now: look again once interactive work is served.
+                quiet_ms = int(budget.interactive_quiet_in() * 1000) + 1 if batch_room < free else None
                 with self._redis_call(spec.name):
-                    entries = await reader.read(free)
+                    entries = await reader.read(free, batch=batch_room, block_ms=quiet_ms)
             except REDIS_UNAVAILABLE as exc:
                 log.warning("taking jobs of %s failed: %s", spec.name, describe(exc))
                 await asyncio.sleep(1.0)
@@ -527,6 +530,8 @@ class Worker:
         job = taken.job
         request_id = job.request_id
         self._running[request_id] = engine
+        if job.is_batch:
+            budget.wake()  # it may be preempted from now on: _yield_to_interactive waits for that
         started_at, finish_reason = time.time(), FinishReason.ERROR
         published = self.publisher.open(
             request_id, last_seq, len(job.prompt_token_ids), completion_tokens=plan.tokens_done,

@@ -124,19 +124,21 @@ class JobReader:
         self._block_ms = block_ms
         self._take = redis.register_script(_TAKE)
 
-    async def read(self, count: int, *, batch: bool = True) -> list[tuple[str, bytes, dict[bytes, bytes]]]:
-        """Up to `count` entries (stream, id, fields), interactive ones first, then (with `batch`) batch ones;
-        waits up to `block_ms` for one when there are none."""
+    async def read(self, count: int, *, batch: int | None = None,
+                   block_ms: int | None = None) -> list[tuple[str, bytes, dict[bytes, bytes]]]:
+        """Up to `count` entries (stream, id, fields), interactive ones first, then up to `batch` (default:
+        `count`) batch ones; waits up to `block_ms` (default: the reader's) for one when there are none."""
+        batch = count if batch is None else min(count, batch)
         try:
             taken, due = await self._take(keys=[self.own_stream, self.shared_stream, self._engine_streams,
                                                 self._waiting, self.batch_stream],
-                                          args=[keys.CONSUMER_GROUP, self._worker_id, count, self._wait_ms,
-                                                count if batch else 0])
+                                          args=[keys.CONSUMER_GROUP, self._worker_id, count, self._wait_ms, batch])
             if taken:
                 return [(as_text(stream), entry_id, _fields(flat)) for stream, entry_id, flat in taken]
-            block_ms = self._block_ms if due < 0 else max(1, min(self._block_ms, int(due)))
+            block_ms = min(self._block_ms, block_ms or self._block_ms)
+            block_ms = block_ms if due < 0 else max(1, min(block_ms, int(due)))
             streams = {self.own_stream: ">", self.shared_stream: ">", self._nudges: ">"}
-            if batch:
+            if batch > 0:
                 streams[self.batch_stream] = ">"
             reply = await self._redis.xreadgroup(keys.CONSUMER_GROUP, self._worker_id, streams, count=count,
                                                  block=block_ms)

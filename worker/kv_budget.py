@@ -4,6 +4,7 @@ capacity times the model's `kv_oversubscription`, for engines that preempt)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 
@@ -13,9 +14,12 @@ class KvBudget:
 
     Priority classes (worker/consumer.py): it knows which held jobs are batch jobs, and slots can be
     reserved for interactive jobs taken while batch jobs fill the engine (they are admitted, with
-    `reserved`, once the batch jobs preempted for them release their slots; nothing else gets those)."""
+    `reserved`, once the batch jobs preempted for them release their slots; nothing else gets those).
+    While interactive work is here (held, or done less than `interactive_linger_s` ago), `batch_room`
+    keeps batch jobs to a share of the slots."""
 
-    def __init__(self, capacity_tokens: int, max_seqs: int, block_size: int = 1, oversubscription: float = 1.0) -> None:
+    def __init__(self, capacity_tokens: int, max_seqs: int, block_size: int = 1, oversubscription: float = 1.0,
+                 interactive_linger_s: float = 1.0) -> None:
         self.capacity_tokens = capacity_tokens
         self.admit_tokens = int(capacity_tokens * oversubscription)  # the worst cases admitted add up to this
         self.max_seqs = max_seqs
@@ -25,6 +29,8 @@ class KvBudget:
         self._reserved = 0
         self._used = 0
         self._changed = asyncio.Event()
+        self.interactive_linger_s = interactive_linger_s
+        self._interactive_at = float("-inf")  # monotonic: when interactive work was last admitted or released
 
     @property
     def used_tokens(self) -> int:
@@ -59,6 +65,8 @@ class KvBudget:
         self._used += self._held[request_id]
         if batch:
             self._batch[request_id] = None
+        else:
+            self._interactive_at = time.monotonic()
         if reserved:
             self._reserved -= 1
         self._changed.set()
@@ -99,5 +107,22 @@ class KvBudget:
         held = self._held.pop(request_id, None)
         if held is not None:
             self._used -= held
-            self._batch.pop(request_id, None)
+            if request_id in self._batch:
+                del self._batch[request_id]
+            else:
+                self._interactive_at = time.monotonic()
             self._changed.set()
+
+    def interactive_quiet_in(self) -> float:
+        """Seconds until interactive work counts as served (0: it does): none held, none for the linger."""
+        if len(self._held) > len(self._batch):
+            return self.interactive_linger_s
+        return max(0.0, self._interactive_at + self.interactive_linger_s - time.monotonic())
+
+    def batch_room(self, share_with_interactive: float) -> int:
+        """How many more batch jobs may be admitted: any while no interactive work is here; else only up to
+        `share_with_interactive` of the slots (the fewer sequences beside it, the shorter the engine's step,
+        the sooner an interactive token comes). Running batch jobs are not preempted for this."""
+        if share_with_interactive >= 1.0 or self.interactive_quiet_in() == 0.0:
+            return self.max_seqs
+        return max(0, int(share_with_interactive * self.max_seqs) - len(self._batch))
