@@ -141,9 +141,10 @@ class WorkerSettings(_RequestLifetimes):
     batch_flush_interval_ms: float = 500.0
     # While interactive work is on an engine (or was, less than a second ago), batch jobs are admitted
     # only up to this share of its sequences (running ones finish; none is preempted for it): fewer
-    # sequences beside an interactive one make the engine's steps, and its tokens, come sooner. 1.0: batch
-    # jobs fill whatever interactive ones leave.
-    batch_share_with_interactive: float = 1.0
+    # sequences beside an interactive one make the engine's steps, and its tokens, come sooner (H200,
+    # SmolLM2, 256 slots: a token every 3.5 ms beside 64 batch sequences, 12 ms beside 256; bench/RESULTS.md).
+    # 1.0: batch jobs fill whatever interactive ones leave. Without interactive work a batch takes every slot.
+    batch_share_with_interactive: float = 0.25
     read_block_ms: int = 1000
     # A job routed to another engine's own stream (prefix affinity) that waited this long may be taken
     # by this worker when it has room and nothing else to do (worker/job_reader.py).
