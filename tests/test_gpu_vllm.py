@@ -129,6 +129,25 @@ async def test_real_weights_give_a_coherent_greedy_answer(gpu_fleet: GpuFleet) -
     assert done["usage"]["prompt_tokens"] > 5 and 0 < done["usage"]["completion_tokens"] <= 32
 
 
+async def test_a_batch_jobs_tokens_handed_over_in_pieces_make_the_same_answer(gpu_fleet: GpuFleet) -> None:
+    """A batch job's output comes from vLLM 16 tokens at a time (worker/engines/base.py BATCH_OUTPUT_EVERY,
+    vLLM's stream interval set on that request alone): the pieces add up to the interactive answer, token
+    for token, with the text and usage that go with it."""
+    base_url = gpu_fleet.base_url
+    body = {"model": MODEL, "prompt": "List the planets of the solar system:", "max_tokens": 50,
+            "temperature": 0, "ignore_eos": True}
+    async with aiohttp.ClientSession() as http:
+        done = {}
+        for priority in ("interactive", "batch"):
+            async with http.post(f"{base_url}/v1/generate", json={**body, "priority": priority}) as response:
+                assert response.status == 202, await response.text()
+                request_id = (await response.json())["request_id"]
+            done[priority] = await _poll(http, base_url, request_id, {"completed", "failed"})
+    assert done["batch"]["status"] == "completed"
+    assert done["batch"]["usage"]["completion_tokens"] == 50 == done["interactive"]["usage"]["completion_tokens"]
+    assert done["batch"]["text"] == done["interactive"]["text"] and done["batch"]["text"]
+
+
 async def test_native_websocket_and_openai_requests_are_served(gpu_fleet: GpuFleet) -> None:
     base_url = gpu_fleet.base_url
     from openai import AsyncOpenAI

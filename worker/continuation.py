@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from common.protocol import Chunk, Job
-from worker.engines.base import EngineRequest
+from worker.engines.base import BATCH_OUTPUT_EVERY, EngineRequest
 
 Decode = Callable[[list[int]], str]
 
@@ -32,7 +32,8 @@ class Continuation:
 
 
 def fresh(job: Job) -> Continuation:
-    return Continuation(EngineRequest(job.request_id, job.prompt_token_ids, job.params), 0, "")
+    return Continuation(EngineRequest(job.request_id, job.prompt_token_ids, job.params,
+                                      output_every=_output_every(job)), 0, "")
 
 
 def resume(job: Job, delivered: list[Chunk], decode: Decode) -> Continuation:
@@ -52,5 +53,10 @@ def resume(job: Job, delivered: list[Chunk], decode: Decode) -> Continuation:
     # The prompt's logprobs went out with the first chunk; the earlier output's logprobs are in its chunks.
     params = dataclasses.replace(params, max_tokens=remaining, min_tokens=max(0, params.min_tokens - done),
                                  prompt_logprobs=None)
-    request = EngineRequest(job.request_id, job.prompt_token_ids + emitted[:done], params, resumed_tokens=done)
+    request = EngineRequest(job.request_id, job.prompt_token_ids + emitted[:done], params, resumed_tokens=done,
+                            output_every=_output_every(job))
     return Continuation(request, done, unsent)
+
+
+def _output_every(job: Job) -> int:
+    return BATCH_OUTPUT_EVERY if job.is_batch else 1

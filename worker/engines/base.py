@@ -20,6 +20,14 @@ class EngineRequest:
     # A continuation: the last `resumed_tokens` prompt tokens are this request's own earlier
     # output (see worker/continuation.py). Engines may use them as detokenization context.
     resumed_tokens: int = 0
+    # After the first output (always at once), at least this many tokens per output where the engine can
+    # hand them over in pieces (vLLM: one output object per request per step is its front-end's main
+    # per-step cost). 1: every token as made, for requests somebody may be streaming.
+    output_every: int = 1
+
+
+# Nobody streams a batch job (its output is written every batch_flush_interval_ms): its tokens in pieces.
+BATCH_OUTPUT_EVERY = 16
 
 
 @dataclass(slots=True)

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from vllm import AsyncEngineArgs, SamplingParams, envs
+from vllm import AsyncEngineArgs, RequestOutput, SamplingParams, envs
 from vllm.config import KVEventsConfig
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.usage.usage_lib import UsageContext
@@ -116,7 +116,7 @@ class VllmEngine(Engine):
         prompt = {"prompt_token_ids": request.prompt_token_ids}
         self._active.add(request.request_id)
         try:
-            async for out in self._llm.generate(prompt, params, request.request_id):  # type: ignore[arg-type]
+            async for out in self._outputs(prompt, params, request):
                 completion = out.outputs[0]
                 finish = (_FINISH_REASONS.get(completion.finish_reason or "", FinishReason.ERROR)
                           if out.finished else None)
@@ -133,6 +133,33 @@ class VllmEngine(Engine):
                                        out.prompt_logprobs[1:], request.prompt_token_ids[1:])])
         finally:
             self._active.discard(request.request_id)
+
+    async def _outputs(self, prompt: dict[str, Any], params: SamplingParams,
+                       request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        """vLLM's outputs of the request: its own `generate`, or for a request wanted in pieces
+        (`output_every`), the same loop over the request's collector with vLLM's stream interval set on the
+        request alone (vLLM has it per server, `--stream-interval`; its output processor keeps it per
+        request): the first token at once, then one output per `output_every` tokens, and a finished or
+        aborted request's output carries every token not yet handed over."""
+        if request.output_every <= 1:
+            async for out in self._llm.generate(prompt, params, request.request_id):  # type: ignore[arg-type]
+                yield out
+            return
+        collector = await self._llm.add_request(request.request_id, prompt, params)  # type: ignore[arg-type]
+        state = self._llm.output_processor.request_states.get(collector.request_id)
+        # Set before the request's first output is processed (this task has not yielded since the add: no
+        # engine step can have come back); after it, vLLM would hand over the first token twice.
+        if state is not None and state.detokenizer is not None and state.detokenizer.num_output_tokens() == 0:
+            state.stream_interval = request.output_every
+        try:
+            finished = False
+            while not finished:
+                out = collector.get_nowait() or await collector.get()
+                finished = out.finished
+                yield out
+        except (asyncio.CancelledError, GeneratorExit):  # as vLLM's generate: a request left is aborted
+            await self._llm.abort(collector.request_id, internal=True)
+            raise
 
     def abort(self, request_id: str) -> None:
         # vLLM's abort is a coroutine; the request's stream then ends with finish_reason "abort".
