@@ -7,6 +7,10 @@ import asyncio
 import time
 from collections.abc import Callable
 
+# Interactive work counts as served this long after its last job ended: requests of a conversation or a
+# client come a pause apart, and a batch refilled between them would make the next one wait on long steps.
+_INTERACTIVE_LINGER_S = 1.0
+
 
 class KvBudget:
     """Token budget (prompt + max new tokens per job, rounded up to whole KV blocks, as the
@@ -15,11 +19,10 @@ class KvBudget:
     Priority classes (worker/consumer.py): it knows which held jobs are batch jobs, and slots can be
     reserved for interactive jobs taken while batch jobs fill the engine (they are admitted, with
     `reserved`, once the batch jobs preempted for them release their slots; nothing else gets those).
-    While interactive work is here (held, or done less than `interactive_linger_s` ago), `batch_room`
+    While interactive work is here (held, or done less than _INTERACTIVE_LINGER_S ago), `batch_room`
     keeps batch jobs to a share of the slots."""
 
-    def __init__(self, capacity_tokens: int, max_seqs: int, block_size: int = 1, oversubscription: float = 1.0,
-                 interactive_linger_s: float = 1.0) -> None:
+    def __init__(self, capacity_tokens: int, max_seqs: int, block_size: int = 1, oversubscription: float = 1.0) -> None:
         self.capacity_tokens = capacity_tokens
         self.admit_tokens = int(capacity_tokens * oversubscription)  # the worst cases admitted add up to this
         self.max_seqs = max_seqs
@@ -29,7 +32,6 @@ class KvBudget:
         self._reserved = 0
         self._used = 0
         self._changed = asyncio.Event()
-        self.interactive_linger_s = interactive_linger_s
         self._interactive_at = float("-inf")  # monotonic: when interactive work was last admitted or released
 
     @property
@@ -116,8 +118,8 @@ class KvBudget:
     def interactive_quiet_in(self) -> float:
         """Seconds until interactive work counts as served (0: it does): none held, none for the linger."""
         if len(self._held) > len(self._batch):
-            return self.interactive_linger_s
-        return max(0.0, self._interactive_at + self.interactive_linger_s - time.monotonic())
+            return _INTERACTIVE_LINGER_S
+        return max(0.0, self._interactive_at + _INTERACTIVE_LINGER_S - time.monotonic())
 
     def batch_room(self, share_with_interactive: float) -> int:
         """How many more batch jobs may be admitted: any while no interactive work is here; else only up to
