@@ -39,7 +39,6 @@ from gateway.idempotency import idempotency_for
 from gateway.openai_api import CompletionShape, parse_openai_body
 from gateway.submit import Submitter
 from gateway.tool_calls import ToolCallShape
-from gateway.tool_parsers import PARSERS
 from gateway.views import request_view
 
 log = logging.getLogger(__name__)
@@ -159,8 +158,7 @@ class BatchRunner:
                                     int(state.get("prompt_tokens", 0)))
             options = line.options or {}
             if (mode := options.get("tool_call")) is not None:
-                parser = PARSERS[options["tool_call_parser"]]() if mode == "auto" else None
-                shape.tools = ToolCallShape(request_id, mode, parser)
+                shape.tools = ToolCallShape(request_id, mode, options.get("tool_call_parser", ""))
             if options.get("logprobs") is not None:
                 shape.token_text, shape.top_logprobs = token_text, options["logprobs"]
             body = shape.final([chunks])

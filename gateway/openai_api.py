@@ -38,7 +38,6 @@ from gateway.context import REQUEST_ID_KEY, Gateway
 from gateway.idempotency import idempotency_of
 from gateway.relay import Subscription
 from gateway.tool_calls import ToolCallShape
-from gateway.tool_parsers import PARSERS
 from gateway.views import finite, usage_of
 
 log = logging.getLogger(__name__)
@@ -74,8 +73,7 @@ async def _serve(request: web.Request, *, chat: bool) -> web.StreamResponse:
         async with gateway.disconnects.watching(request, lambda: _cancel(gateway, subscriptions, caller)):
             shape = CompletionShape(chat, request_id, job.model, len(job.prompt_token_ids))
             if tool_mode is not None:
-                parser = PARSERS[card.tool_call_parser]() if tool_mode == "auto" else None
-                shape.tools = ToolCallShape(request_id, tool_mode, parser)
+                shape.tools = ToolCallShape(request_id, tool_mode, card.tool_call_parser)
             echo = isinstance(parsed, CompletionBody) and parsed.echo
             if job.params.logprobs is not None or echo:
                 encoder = await gateway.registry.encoder(card)

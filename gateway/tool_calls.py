@@ -13,14 +13,16 @@ import json
 from typing import Any
 
 from gateway.api_responses import ToolCallOut
-from gateway.tool_parsers import HermesParser
+from gateway.tool_parsers import PARSERS, HermesParser
 
 
 class ToolCallShape:
-    def __init__(self, request_id: str, mode: str, parser: HermesParser | None = None) -> None:
+    def __init__(self, request_id: str, mode: str, parser: str = "") -> None:
+        """`mode`: a function's name, "required" or "auto"; `parser`: for "auto", the model's tool-call parser
+        (its card's tool_call_parser, one of gateway/tool_parsers.PARSERS)."""
         self._request_id = request_id
-        self.mode = mode  # a function's name, "required" or "auto"
-        self._parser = parser  # for "auto"
+        self.mode = mode
+        self._parser: HermesParser | None = PARSERS[parser]() if mode == "auto" else None
         self._text: dict[int, str] = {}  # choice -> its answer so far (required, auto)
         self._sent: dict[int, int] = {}  # choice -> how much of it went out as content (auto)
 

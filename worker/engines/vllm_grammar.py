@@ -4,7 +4,7 @@ the one the client has half of.
 vLLM 0.26's structured outputs start their grammar where the prompt ends, and a continuation's prompt ends
 with the earlier output: the grammar would ask for a second document. So a continuation does not use them;
 it carries its response_format and the output so far in `extra_args` instead, and this logits processor
-(registered on every vLLM engine the worker starts, idle for every other request) walks an xgrammar matcher,
+(registered on the engines whose catalogue entry asks for it, idle for every other request) walks an xgrammar matcher,
 the library vLLM's own backend uses, through that output first, then masks each step's logits as vLLM
 would. The grammar is the CPU engine's (worker/engines/grammar.py).
 
