@@ -139,12 +139,14 @@ class WorkerSettings(_RequestLifetimes):
     # A batch-class job's output is written at most this often (and when it ends): it is read when the
     # batch collects it, not streamed. Its progress since the last write is redone if its worker dies.
     batch_flush_interval_ms: float = 500.0
-    # While interactive work is on an engine (or was, less than a second ago), batch jobs are admitted
-    # only up to this share of its sequences (running ones finish; none is preempted for it): fewer
-    # sequences beside an interactive one make the engine's steps, and its tokens, come sooner (H200,
-    # SmolLM2, 256 slots: a token every 3.5 ms beside 64 batch sequences, 12 ms beside 256; bench/RESULTS.md).
-    # 1.0: batch jobs fill whatever interactive ones leave. Without interactive work a batch takes every slot.
-    batch_share_with_interactive: float = 0.25
+    # While interactive work is on an engine (or was, less than a second ago; in any of its front-end
+    # processes), batch jobs are admitted only up to this share of its sequences (running ones finish; none is
+    # preempted for it). 0 (the default): none, the batch waits until interactive demand is served. Each
+    # batch sequence beside an interactive one lengthens the engine's step, and so its time to each token
+    # (H200, SmolLM2, 256 slots: TTFT 1.3x idle beside 25-64 batch sequences, 3.5x beside 256;
+    # bench/RESULTS.md). Above 0 a batch keeps making progress beside steady interactive traffic, at that
+    # cost; 1.0: batch jobs fill whatever interactive ones leave. Without interactive work a batch takes every slot.
+    batch_share_with_interactive: float = 0.0
     read_block_ms: int = 1000
     # A job routed to another engine's own stream (prefix affinity) that waited this long may be taken
     # by this worker when it has room and nothing else to do (worker/job_reader.py).
@@ -170,8 +172,8 @@ class WorkerSettings(_RequestLifetimes):
     cache_dir: str = str(Path.home() / ".cache" / "llm-fleet")
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.batch_share_with_interactive <= 1.0:
-            raise ValueError("batch_share_with_interactive must be above 0 and at most 1")
+        if not 0.0 <= self.batch_share_with_interactive <= 1.0:
+            raise ValueError("batch_share_with_interactive must be from 0 to 1")
 
 
 MAX_FRONTENDS = 16

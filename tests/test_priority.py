@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from common import keys
 from tests.conftest import TEST_MODEL, StartFleet
-from tests.test_faults import wait_until
+from tests.test_faults import echo, wait_until, worker_of
+from tests.test_frontends import start_group
 
 LONG = "".join(chr(ord("a") + i % 26) for i in range(100))  # the test engine echoes it, a byte per step
 
@@ -144,3 +146,29 @@ async def test_batch_jobs_taken_in_one_read_are_preempted_as_soon_as_they_run(st
     assert "completed" not in states, states
     for request_id in batch:
         assert (await fleet.wait_done(request_id, timeout_s=30))["text"] == LONG
+
+
+async def test_interactive_work_on_one_frontend_keeps_batch_jobs_off_every_frontend_of_its_engine(
+    start_fleet: StartFleet, redis, tmp_path: Path
+) -> None:
+    """The front-end processes of an engine share its step time, so interactive work on any of them holds back
+    the batch jobs of all (worker/interactive_board.py): with the default share (0) no front-end starts one
+    while a chat runs on another, and once it is served they run."""
+    fleet = await start_fleet(workers=0)
+    await start_group(fleet, tmp_path, frontends=2)  # 15 slots each, 5 ms steps
+    chat = await fleet.submit(prompt="c" * 400, max_tokens=400)  # 2 s of steps on one of the two
+
+    async def chat_running() -> bool:
+        return (await fleet.get(f"/v1/requests/{chat}"))[1]["status"] == "running"
+
+    await wait_until(chat_running)
+    batch = [await fleet.submit(prompt=f"batch {i}", max_tokens=20, priority="batch") for i in range(6)]
+    seen = set()
+    while (await fleet.get(f"/v1/requests/{chat}"))[1]["status"] == "running":
+        seen.update([(await fleet.get(f"/v1/requests/{r}"))[1]["status"] for r in batch])
+        await asyncio.sleep(0.05)
+    assert seen == {"queued"}, seen  # the front-end without the chat had 15 free slots, and took none
+    for i, request_id in enumerate(batch):
+        assert (await fleet.wait_done(request_id, timeout_s=30))["text"] == echo(f"batch {i}", 20)
+    served_by = {await worker_of(redis, r) for r in [chat, *batch]}
+    assert served_by == {"w0", "w0-fe1"}  # both took batch jobs once they could

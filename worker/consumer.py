@@ -304,7 +304,8 @@ class Worker:
         budget = self.budgets.get(spec.name)
         if budget is None:
             budget = self.budgets[spec.name] = KvBudget(*frontend_share(engine, spec), engine.kv_block_size,
-                                                        oversubscription=spec.kv_oversubscription)
+                                                        oversubscription=spec.kv_oversubscription,
+                                                        board=self.loader.boards.get(spec.name))
             log.info("model %s ready: %d KV tokens, %d sequences", spec.name, budget.capacity_tokens,
                      budget.max_seqs)
         if engine.prefix_events_endpoint is not None and spec.name not in self._event_followers:
@@ -354,7 +355,20 @@ class Worker:
             jobs = await self._held_jobs(reader, entries)
             if spec.name in self._closing:
                 return  # _stop_model hands back what was just read
-            await self._start_jobs(engine, budget, jobs)
+            await self._start_jobs(engine, budget, await self._within_batch_room(budget, jobs))
+
+    async def _within_batch_room(self, budget: KvBudget, jobs: list[Taken]) -> list[Taken]:
+        """The jobs to start: a blocking read may return batch jobs that arrived after interactive work came
+        to the engine (on another of its front-ends); those beyond the batch's room go back to its stream."""
+        room = budget.batch_room(self.settings.batch_share_with_interactive)
+        kept: list[Taken] = []
+        for taken in jobs:
+            if taken.job.is_batch and room <= 0:
+                await self._retrying(lambda taken=taken: self._hand_back(taken))
+                continue
+            room -= taken.job.is_batch
+            kept.append(taken)
+        return kept
 
     async def _yield_to_interactive(self, spec: ModelSpec, engine: Engine, budget: KvBudget,
                                     reader: JobReader) -> None:

@@ -45,6 +45,7 @@ class FrontendRole:
     index: int = 0
     count: int = 1
     attach: dict[str, Any] = dataclasses.field(default_factory=dict)  # engine-specific: how to reach the engine
+    board: str = ""  # the engine's interactive board (worker/interactive_board.py), made by front-end 0
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,10 @@ class FrontendGroup:
         self._stopping = False
 
     @classmethod
-    def start(cls, settings: WorkerSettings, spec: ModelSpec, attach: list[dict[str, Any]]) -> FrontendGroup:
-        """Start one front-end per `attach` entry (front-ends 1..len(attach))."""
+    def start(cls, settings: WorkerSettings, spec: ModelSpec, attach: list[dict[str, Any]],
+              board: str) -> FrontendGroup:
+        """Start one front-end per `attach` entry (front-ends 1..len(attach)); `board`: the engine's
+        interactive board."""
         procs = []
         count = len(attach) + 1
         # Where the worker serves /metrics, each front-end serves its own on a localhost port, for the
@@ -105,7 +108,7 @@ class FrontendGroup:
                 http_host="127.0.0.1", http_port=port)
             env = dict(os.environ)
             env[FRONTEND_ENV] = FrontendProcess(
-                parent_id=settings.worker_id, parent_pid=os.getpid(), role=FrontendRole(index, count, where),
+                parent_id=settings.worker_id, parent_pid=os.getpid(), role=FrontendRole(index, count, where, board),
                 spec=spec, settings=child_settings).to_env()
             procs.append(subprocess.Popen([sys.executable, "-m", "common.cli", "worker", "--log-level", level],
                                           env=env))

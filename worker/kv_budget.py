@@ -4,8 +4,11 @@ capacity times the model's `kv_oversubscription`, for engines that preempt)."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
+
+from worker.interactive_board import InteractiveBoard
 
 # Interactive work counts as served this long after its last job ended: requests of a conversation or a
 # client come a pause apart, and a batch refilled between them would make the next one wait on long steps.
@@ -19,10 +22,11 @@ class KvBudget:
     Priority classes (worker/consumer.py): it knows which held jobs are batch jobs, and slots can be
     reserved for interactive jobs taken while batch jobs fill the engine (they are admitted, with
     `reserved`, once the batch jobs preempted for them release their slots; nothing else gets those).
-    While interactive work is here (held, or done less than _INTERACTIVE_LINGER_S ago), `batch_room`
-    keeps batch jobs to a share of the slots."""
+    While interactive work is on the engine (held, or done less than _INTERACTIVE_LINGER_S ago, here or, with
+    a `board`, in any front-end process of the engine), `batch_room` keeps batch jobs to a share of the slots."""
 
-    def __init__(self, capacity_tokens: int, max_seqs: int, block_size: int = 1, oversubscription: float = 1.0) -> None:
+    def __init__(self, capacity_tokens: int, max_seqs: int, block_size: int = 1, oversubscription: float = 1.0,
+                 board: InteractiveBoard | None = None) -> None:
         self.capacity_tokens = capacity_tokens
         self.admit_tokens = int(capacity_tokens * oversubscription)  # the worst cases admitted add up to this
         self.max_seqs = max_seqs
@@ -33,6 +37,7 @@ class KvBudget:
         self._used = 0
         self._changed = asyncio.Event()
         self._interactive_at = float("-inf")  # monotonic: when interactive work was last admitted or released
+        self._board = board
 
     @property
     def used_tokens(self) -> int:
@@ -68,7 +73,7 @@ class KvBudget:
         if batch:
             self._batch[request_id] = None
         else:
-            self._interactive_at = time.monotonic()
+            self._interactive_changed()
         if reserved:
             self._reserved -= 1
         self._changed.set()
@@ -112,14 +117,29 @@ class KvBudget:
             if request_id in self._batch:
                 del self._batch[request_id]
             else:
-                self._interactive_at = time.monotonic()
+                self._interactive_changed()
             self._changed.set()
 
-    def interactive_quiet_in(self) -> float:
-        """Seconds until interactive work counts as served (0: it does): none held, none for the linger."""
+    def _interactive_changed(self) -> None:
+        self._interactive_at = time.monotonic()
+        if self._board is not None:
+            self._board.publish(self._served_at())
+
+    def _served_at(self) -> float:
+        """When this process's interactive work counts as served (monotonic; +inf while it holds some)."""
         if len(self._held) > len(self._batch):
+            return math.inf
+        return self._interactive_at + _INTERACTIVE_LINGER_S
+
+    def interactive_quiet_in(self) -> float:
+        """Seconds until interactive work on the engine counts as served (0: it does): none held, none for
+        the linger."""
+        served_at = self._served_at()
+        if self._board is not None:
+            served_at = max(served_at, self._board.served_at())
+        if served_at == math.inf:
             return _INTERACTIVE_LINGER_S
-        return max(0.0, self._interactive_at + _INTERACTIVE_LINGER_S - time.monotonic())
+        return max(0.0, served_at - time.monotonic())
 
     def batch_room(self, share_with_interactive: float) -> int:
         """How many more batch jobs may be admitted: any while no interactive work is here; else only up to

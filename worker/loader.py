@@ -7,12 +7,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from common.protocol import ModelState, WorkerModelStatus
 from common.settings import TOOL_CALL_PARSER_OPTION, ModelSpec, WorkerSettings
 from worker.engines.base import Engine
 from worker.frontends import FrontendGroup, FrontendRole
+from worker.interactive_board import InteractiveBoard, board_path
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,7 @@ class ModelLoader:
         self.status: dict[str, WorkerModelStatus] = {}
         self.engines: dict[str, Engine] = {}
         self.frontends: dict[str, FrontendGroup] = {}
+        self.boards: dict[str, InteractiveBoard] = {}  # models with several front-ends: their interactive board
         self._ready: dict[str, asyncio.Future[Engine]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -83,11 +87,17 @@ class ModelLoader:
                 engine = await build_engine(spec, self.settings.cache_dir, status, role)
                 if self._role is None and spec.frontends > 1:
                     try:
+                        # Cleared before any front-end starts: none of them has interactive work yet.
+                        board = self.boards[spec.name] = InteractiveBoard.create(
+                            board_path(os.getpid(), spec.name), spec.frontends)
                         self.frontends[spec.name] = FrontendGroup.start(
-                            self.settings, spec, [engine.attach_info(i) for i in range(1, spec.frontends)])
+                            self.settings, spec, [engine.attach_info(i) for i in range(1, spec.frontends)],
+                            str(board.path))
                     except BaseException:
                         await engine.close()
                         raise
+                elif role.board:
+                    self.boards[spec.name] = InteractiveBoard(Path(role.board), role.count, role.index)
                 await self._on_loaded(engine)
             except Exception as exc:
                 log.exception("loading model %s failed", spec.name)
@@ -128,6 +138,9 @@ class ModelLoader:
         group = self.frontends.pop(name, None)
         if group is not None:  # they drain like a worker, then the engine they share can go
             await asyncio.to_thread(group.wait, self.settings.drain_timeout_s + _FRONTEND_STOP_MARGIN_S)
+        board = self.boards.pop(name, None)
+        if board is not None and self._role is None:
+            board.remove()
         engine = self.engines.pop(name, None)
         if engine is not None:
             await engine.close()
