@@ -241,6 +241,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             result["idle_breakdown_ms"] = await breakdown(fleet.valkey.url, idle)
             if not args.skip_throughput:
                 fleet_tps = await interactive_throughput(http, base, args)
+                await asyncio.sleep(1.5)  # interactive work counts as served a second after it ends (the share)
                 batch_id = await submit_batch(http, base, args, "alone")
                 started = time.perf_counter()
                 alone = await wait_batch(http, base, batch_id)
