@@ -205,9 +205,11 @@ class VllmFleet:
         self.valkey.start()
         self.base = f"http://127.0.0.1:{(port := free_port())}"
         catalogue = Path(tempfile.mkdtemp()) / "catalogue.json"
-        catalogue.write_text(json.dumps({args.model: {"engine": "vllm", "source": args.vllm, "options": {
-            "load_format": "auto" if args.real_weights else "dummy", "max_num_seqs": args.max_seqs},
-            "frontends": args.frontends}}))
+        options = {"load_format": "auto" if args.real_weights else "dummy", "max_num_seqs": args.max_seqs}
+        if args.tokenizer:
+            options["tokenizer"] = args.tokenizer
+        catalogue.write_text(json.dumps({args.model: {"engine": "vllm", "source": args.vllm, "options": options,
+                                                      "frontends": args.frontends}}))
         self.process = subprocess.Popen(
             [sys.executable, "-m", "common.cli", "up", "--redis-url", self.valkey.url, "--port", str(port),
              "--worker-http-port", "0", "--model", args.model, "--catalogue", str(catalogue)],
@@ -313,6 +315,7 @@ def main() -> None:
     parser.add_argument("--probe-gap-s", type=float, default=0.05)
     parser.add_argument("--vllm", help="a vLLM worker of the model in this directory, instead of the test engine")
     parser.add_argument("--real-weights", action="store_true", help="with --vllm: load the weights (else dummy)")
+    parser.add_argument("--tokenizer", help="with --vllm: a tokenizer directory, for a model without one")
     parser.add_argument("--fleet-log", default=os.devnull, help="with --vllm: the fleet's log")
     parser.add_argument("--frontends", type=int, default=1, help="with --vllm: the catalogue entry's front-ends")
     parser.add_argument("--batch-share", type=float, help="the workers' batch_share_with_interactive")
@@ -322,7 +325,7 @@ def main() -> None:
                         help="py-spy the worker processes this long while the probes run during the batch (with --out)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    args.model = "smollm2-135m" if args.vllm else MODEL
+    args.model = Path(args.vllm).name if args.vllm else MODEL
     result = asyncio.run(run(args))
     result["args"] = {k: str(v) for k, v in vars(args).items()}
     result["table"] = table(result)
