@@ -13,6 +13,7 @@ from common.protocol import Chunk, Job
 from common.settings import GatewaySettings, ModelSpec
 from worker.engines.detokenizer import IncrementalText
 from worker.engines.echo import byte_tokenizer
+from worker.interactive_board import InteractiveBoard
 from worker.kv_budget import KvBudget
 
 
@@ -66,6 +67,22 @@ def test_kv_oversubscription_admits_worst_cases_beyond_capacity_but_never_a_job_
     assert budget.never_fits(101) and not budget.never_fits(100)
     with pytest.raises(ValueError, match="kv_oversubscription"):
         ModelSpec(name="m", engine="vllm", kv_oversubscription=0.5)
+
+
+def test_interactive_work_on_one_frontend_closes_the_batch_room_of_another(tmp_path: Path) -> None:
+    """Two front-ends' budgets over one board (as two processes map it): an interactive job held by one
+    leaves the other no batch room (share 0) until it ends and the linger passes; a new board starts clear."""
+    path = tmp_path / "board"
+    first = KvBudget(1000, 4, board=InteractiveBoard.create(path, 2))
+    second = KvBudget(1000, 4, board=InteractiveBoard(path, 2, 1))
+    assert second.batch_room(0.0) == 4
+    first.try_admit("chat", 10)
+    assert second.batch_room(0.0) == 0 and second.interactive_quiet_in() == 1.0  # held: the whole linger, at least
+    first.release("chat")
+    assert second.batch_room(0.0) == 0 and 0.9 < second.interactive_quiet_in() <= 1.0  # served, lingering
+    assert second.batch_room(0.5) == 2  # a share, where one is set
+    first.try_admit("chat 2", 10)
+    assert KvBudget(1000, 4, board=InteractiveBoard.create(path, 2)).batch_room(0.0) == 4  # a restart clears it
 
 
 @pytest.mark.parametrize("command", [
