@@ -232,7 +232,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         fleet = VllmFleet(args, {**env, **worker_env})
     else:
         fleet = ProcessFleet(1, {"max_model_len": 4096, "max_num_seqs": args.max_seqs, "kv_cache_tokens": 1 << 20,
-                                 "step_delay_ms": args.step_ms}, gateway_env=env, worker_env=worker_env)
+                                 "step_delay_ms": args.step_ms, "decode_ms_per_seq": args.ms_per_seq},
+                             gateway_env=env, worker_env=worker_env)
         fleet.start()
     result: dict[str, Any] = {"args": vars(args)}
     try:
@@ -307,6 +308,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="output tokens per line")
     parser.add_argument("--max-seqs", type=int, default=64)
     parser.add_argument("--step-ms", type=float, default=5.0)
+    parser.add_argument("--ms-per-seq", type=float, default=0.0,
+                        help="the test engine's step grows this much per running sequence (a batched GPU's does)")
     parser.add_argument("--window", type=int, default=1024, help="the gateway's batch_window")
     parser.add_argument("--clients", type=int, default=128, help="interactive clients for the fleet's throughput")
     parser.add_argument("--probes", type=int, default=60)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from pathlib import Path
 
 from common import keys
-from tests.conftest import TEST_MODEL, StartFleet
+from tests.conftest import TEST_MODEL, Fleet, StartFleet
 from tests.test_faults import echo, wait_until, worker_of
 from tests.test_frontends import start_group
 
@@ -16,9 +17,11 @@ LONG = "".join(chr(ord("a") + i % 26) for i in range(100))  # the test engine ec
 async def test_batch_jobs_yield_their_slots_to_an_interactive_request_and_still_complete_whole(
     start_fleet: StartFleet, redis
 ) -> None:
-    # Four slots, 20 ms a step: a batch job takes 2 s, an interactive one 0.1 s.
-    fleet = await start_fleet(engine={"max_num_seqs": 4, "step_delay_ms": 20})
-    worker = fleet.workers[0]
+    # Four slots, 20 ms a step: a batch job takes 2 s, an interactive one 0.1 s. Batch jobs may keep every
+    # slot interactive work leaves (share 1): only the full engine makes one yield.
+    fleet = await start_fleet(workers=0)
+    worker = await fleet.start_worker({"batch_share_with_interactive": 1.0}, max_num_seqs=4, step_delay_ms=20)
+    await fleet.wait_ready()
     batch = [await fleet.submit(prompt=LONG, max_tokens=100, priority="batch") for _ in range(6)]
     budget = worker.budgets[TEST_MODEL]
 
@@ -35,11 +38,12 @@ async def test_batch_jobs_yield_their_slots_to_an_interactive_request_and_still_
     assert "completed" not in states, states
     assert _counter(worker, "llm_fleet_jobs_preempted_total") == 1  # one slot for one request, no more
 
-    # The preempted job went back to the batch stream and was continued: every text whole, no gap, no repeat.
+    # The preempted job was parked in the worker and continued once batch room came back, ahead of the batch's
+    # later lines (not handed back to the stream's end): every text whole, no gap, no repeat.
     for request_id in batch:
         result = await fleet.wait_done(request_id, timeout_s=30)
         assert result["status"] == "completed" and result["text"] == LONG
-    assert _counter(worker, "llm_fleet_jobs_handed_back_total") >= 1
+    assert _counter(worker, "llm_fleet_jobs_handed_back_total") == 0
     assert await redis.xlen(keys.batch_stream(TEST_MODEL)) == 0
 
 
@@ -149,7 +153,7 @@ async def test_batch_jobs_taken_in_one_read_are_preempted_as_soon_as_they_run(st
 
 
 async def test_interactive_work_on_one_frontend_keeps_batch_jobs_off_every_frontend_of_its_engine(
-    start_fleet: StartFleet, redis, tmp_path: Path
+    start_fleet: StartFleet, tmp_path: Path
 ) -> None:
     """The front-end processes of an engine share its step time, so interactive work on any of them holds back
     the batch jobs of all (worker/interactive_board.py): with the default share (0) no front-end starts one
@@ -170,5 +174,64 @@ async def test_interactive_work_on_one_frontend_keeps_batch_jobs_off_every_front
     assert seen == {"queued"}, seen  # the front-end without the chat had 15 free slots, and took none
     for i, request_id in enumerate(batch):
         assert (await fleet.wait_done(request_id, timeout_s=30))["text"] == echo(f"batch {i}", 20)
-    served_by = {await worker_of(redis, r) for r in [chat, *batch]}
-    assert served_by == {"w0", "w0-fe1"}  # both took batch jobs once they could
+
+
+async def test_long_batch_jobs_make_way_when_interactive_work_comes_and_finish_whole_later(
+    start_fleet: StartFleet,
+) -> None:
+    """With free slots too: once interactive work is on the engine, running batch jobs beyond the share (0)
+    with many tokens to go are handed back (a batch of long answers would make every interactive step long
+    for as long as they run), one near its end finishes, and all continue later from their output."""
+    fleet = await start_fleet(workers=0)
+    worker = await fleet.start_worker(max_num_seqs=8, step_delay_ms=5)
+    await fleet.wait_ready()
+    long = [await fleet.submit(prompt=LONG * 3, max_tokens=300, priority="batch") for _ in range(3)]  # 1.5 s each
+    short = await fleet.submit(prompt="s" * 30, max_tokens=30, priority="batch")
+
+    async def all_running() -> bool:
+        return [(await fleet.get(f"/v1/requests/{r}"))[1]["status"] for r in [*long, short]] == ["running"] * 4
+
+    await wait_until(all_running)
+    chat = await fleet.submit(prompt="quick", max_tokens=5)
+    assert (await fleet.wait_done(chat, timeout_s=10))["text"] == "quick"
+    assert _counter(worker, "llm_fleet_jobs_preempted_total") == 3  # the long ones; four slots were free
+    assert (await fleet.wait_done(short, timeout_s=10))["text"] == "s" * 30
+    for request_id in long:
+        assert (await fleet.wait_done(request_id, timeout_s=30))["text"] == LONG * 3
+
+
+async def test_batch_jobs_parked_for_interactive_work_are_continued_elsewhere_when_their_worker_dies(
+    start_fleet: StartFleet, redis
+) -> None:
+    """A parked batch job is still held by its worker (its entry not acked, its output so far stored): when
+    that worker is SIGKILLed another reclaims it like any job of a dead worker and continues it whole."""
+    fleet = await start_fleet(workers=0)
+    doomed = fleet.spawn_worker("doomed", step_delay_ms=20, max_num_seqs=8)
+    await fleet.wait_ready()
+    batch = [await fleet.submit(prompt=LONG * 3, max_tokens=300, priority="batch") for _ in range(3)]  # 6 s each
+
+    async def texts() -> list[int]:
+        return [len((await fleet.get(f"/v1/requests/{r}"))[1]["text"]) for r in batch]
+
+    async def batch_output_stored() -> bool:
+        return min(await texts()) > 0  # written every 500 ms
+
+    await wait_until(batch_output_stored)
+    chat = await fleet.submit(prompt="c" * 200, max_tokens=200)  # 4 s of steps: the batch stays parked
+    await wait_until(lambda: _status_is(fleet, chat, "running"))
+    await asyncio.sleep(0.3)
+    parked = await texts()
+    await asyncio.sleep(0.6)
+    assert await texts() == parked and all(0 < n < 300 for n in parked)  # stored mid-way, not moving
+    assert {await worker_of(redis, r) for r in batch} == {"doomed"}
+
+    fleet.spawn_worker("survivor", step_delay_ms=5, max_num_seqs=8)
+    doomed.send_signal(signal.SIGKILL)
+    assert (await fleet.wait_done(chat, timeout_s=30))["text"] == "c" * 200
+    for request_id in batch:
+        assert (await fleet.wait_done(request_id, timeout_s=30))["text"] == LONG * 3
+    assert {await worker_of(redis, r) for r in batch} == {"survivor"}
+
+
+async def _status_is(fleet: Fleet, request_id: str, status: str) -> bool:
+    return (await fleet.get(f"/v1/requests/{request_id}"))[1]["status"] == status

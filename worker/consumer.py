@@ -66,6 +66,12 @@ _HAND_BACK_TIMEOUT_S = 10.0
 _CANCEL_TIMEOUT_S = 5.0
 # How often the worker checks that its engines (and their front-end processes) are alive.
 _ENGINE_CHECK_INTERVAL_S = 1.0
+# While interactive work is on an engine, a running batch job beyond the batch's share with more than this
+# many tokens to go is handed back (continued later): the engine is free of batch work within this many
+# steps, not after the longest answer a batch line asked for; a job closer to its end finishes instead.
+_DRAIN_TOKENS = 64
+# How often a worker running batch jobs looks whether interactive work came to its engine (on any front-end).
+_DRAIN_CHECK_S = 0.01
 
 T = TypeVar("T")
 
@@ -102,8 +108,13 @@ class Worker:
         self.reclaimer = Reclaimer(self.redis, self.worker_id, min_idle_ms=settings.reclaim_min_idle_ms)
         self.budgets: dict[str, KvBudget] = {}
         self._running: dict[str, Engine] = {}  # request id -> the engine generating it
+        self._running_batch: dict[str, Job] = {}  # request id -> its job, for running batch jobs
         self._held: dict[str, dict[bytes, Job]] = {}  # stream -> entries read or claimed, not yet acked
         self._handing_back: set[str] = set()  # request ids aborted to be re-queued (drain)
+        self._parking: set[str] = set()  # batch request ids aborted to make way for interactive work
+        # model -> preempted batch jobs, still held (their entries not acked), to run again first when batch
+        # room returns: continued from their stored output, ahead of the batch's later lines.
+        self._parked: dict[str, list[Taken]] = {}
         self._decoders: dict[str, Decode] = {}  # model -> detokenizer, for continuations
         self._readers: dict[str, asyncio.Task[None]] = {}  # model -> its _serve_model task
         self._job_readers: dict[str, JobReader] = {}  # model -> where its _serve_model takes jobs from
@@ -205,7 +216,8 @@ class Worker:
             with contextlib.suppress(*REDIS_UNAVAILABLE):
                 for taken in await self._parse(await reader.unread_own(_RELEASE_COUNT)):
                     self._hold(taken)
-        for taken in self._held_of(name):  # read, never started (no KV room)
+        self._parked.pop(name, None)  # held: handed back with the rest
+        for taken in self._held_of(name):  # read, never started (no KV room), or parked
             with contextlib.suppress(*REDIS_UNAVAILABLE):
                 await self._hand_back(taken)
 
@@ -344,6 +356,11 @@ class Worker:
                     await self._start_jobs(engine, budget, claimed)
                     continue
                 batch_room = budget.batch_room(self.settings.batch_share_with_interactive)
+                parked = self._parked.get(spec.name)
+                if parked and batch_room > 0:
+                    resumed, parked[:] = parked[:min(batch_room, free)], parked[min(batch_room, free):]
+                    await self._start_jobs(engine, budget, resumed)
+                    continue
                 # Kept from batch jobs for now: look again once interactive work is served.
                 quiet_ms = int(budget.interactive_quiet_in() * 1000) + 1 if batch_room < free else None
                 with self._redis_call(spec.name):
@@ -372,9 +389,17 @@ class Worker:
 
     async def _yield_to_interactive(self, spec: ModelSpec, engine: Engine, budget: KvBudget,
                                     reader: JobReader) -> None:
+        """Running batch jobs make way for interactive ones: in a full engine (`_take_into_full_engine`), and
+        beyond the batch's share once interactive work is on the engine (`_drain_batch_jobs`). A preempted job
+        is parked with its output so far stored, and continued from there when batch room returns."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._take_into_full_engine(spec, engine, budget, reader))
+            group.create_task(self._drain_batch_jobs(spec, budget))
+
+    async def _take_into_full_engine(self, spec: ModelSpec, engine: Engine, budget: KvBudget,
+                                     reader: JobReader) -> None:
         """While batch jobs fill every slot, interactive jobs are taken anyway, as many as there are batch
-        jobs to preempt: each preempted job is handed back to the batch stream with its output so far
-        (continued later, like a drained one), and its slot is reserved for the interactive job."""
+        jobs to preempt; each preempted job's slot is reserved for an interactive one."""
         while spec.name not in self._closing:
             await budget.wait_until(lambda: spec.name in self._closing
                                     or (budget.free_seqs <= 0 and bool(self._preemptible(budget))))
@@ -395,14 +420,41 @@ class Worker:
             short = max(0, len(jobs) - max(0, budget.free_seqs))  # slots may have freed while the read blocked
             budget.reserve(len(jobs))
             for request_id in self._preemptible(budget)[:short]:
-                log.info("preempting batch job for interactive work", extra={"request_id": request_id})
-                self._handing_back.add(request_id)
-                self._running[request_id].abort(request_id)  # its _run_job hands it back
-                # Its slot goes to the interactive job now, not once the hand-back is written: the engine drops
-                # the aborted sequence at its next step, so it runs one over its limit for a step at most.
-                budget.release(request_id)
-                self.metrics.preempted.labels(spec.name).inc()
+                self._preempt(spec, budget, request_id)
             await self._start_jobs(engine, budget, jobs, reserved=True)
+
+    async def _drain_batch_jobs(self, spec: ModelSpec, budget: KvBudget) -> None:
+        """While interactive work is on the engine (here or on another of its front-ends), running batch jobs
+        beyond the share with more than _DRAIN_TOKENS to go are handed back, the most to go first: a batch
+        of long answers would otherwise hold the engine's steps long for as long as they take."""
+        share = self.settings.batch_share_with_interactive
+        if share >= 1.0:
+            return  # batch jobs keep whatever slots interactive ones leave
+        limit = int(share * budget.max_seqs)
+        while spec.name not in self._closing:
+            await budget.wait_until(lambda: spec.name in self._closing or len(budget.batch_jobs) > limit)
+            if spec.name in self._closing:
+                return
+            if budget.interactive_quiet_in() > 0.0:
+                to_go = {request_id: self._tokens_to_go(request_id) for request_id in self._preemptible(budget)}
+                long = sorted((r for r, n in to_go.items() if n > _DRAIN_TOKENS), key=to_go.__getitem__, reverse=True)
+                for request_id in long[:len(budget.batch_jobs) - limit]:
+                    self._preempt(spec, budget, request_id)
+            await asyncio.sleep(_DRAIN_CHECK_S)
+
+    def _tokens_to_go(self, request_id: str) -> int:
+        job = self._running_batch[request_id]
+        return int(job.sampling["max_tokens"]) - self.publisher.completion_tokens(request_id)
+
+    def _preempt(self, spec: ModelSpec, budget: KvBudget, request_id: str) -> None:
+        """Abort a running batch job; its _run_job stores its output so far and parks it."""
+        log.info("preempting batch job for interactive work", extra={"request_id": request_id})
+        self._parking.add(request_id)
+        self._running[request_id].abort(request_id)
+        # Its slot is free now, not once the hand-back is written: the engine drops the aborted sequence at its
+        # next step, so it runs one over its limit for a step at most.
+        budget.release(request_id)
+        self.metrics.preempted.labels(spec.name).inc()
 
     async def _held_jobs(self, reader: JobReader, entries: list[tuple[str, bytes, dict[bytes, bytes]]]) -> list[Taken]:
         """The jobs of entries just read, held (and counted by where they came from)."""
@@ -415,7 +467,8 @@ class Worker:
     def _preemptible(self, budget: KvBudget) -> list[str]:
         """Batch jobs running here that are not being handed back already, the last admitted first."""
         return [request_id for request_id in budget.batch_jobs
-                if request_id in self._running and request_id not in self._handing_back]
+                if request_id in self._running and request_id not in self._handing_back
+                and request_id not in self._parking]
 
     async def _reclaim(self, reader: JobReader, count: int) -> list[Taken]:
         """Entries of the model's streams this worker holds in Redis but lost track of, else a dead worker's."""
@@ -454,7 +507,8 @@ class Worker:
     async def _hand_back_unstarted(self, model: str, budget: KvBudget) -> None:
         """Entries held but not running: read or claimed by an earlier run of this model's reader that
         crashed before starting them. Re-queued, so they run (here or elsewhere) rather than sit in
-        this live worker's pending list, where no reclaimer would ever look."""
+        this live worker's pending list, where no reclaimer would ever look. Parked jobs among them too."""
+        self._parked.pop(model, None)
         for taken in self._held_of(model):
             if taken.job.request_id not in self._running:
                 budget.release(taken.job.request_id)
@@ -545,6 +599,7 @@ class Worker:
         request_id = job.request_id
         self._running[request_id] = engine
         if job.is_batch:
+            self._running_batch[request_id] = job
             budget.wake()  # it may be preempted from now on: _yield_to_interactive waits for that
         started_at, finish_reason = time.time(), FinishReason.ERROR
         published = self.publisher.open(
@@ -565,7 +620,7 @@ class Worker:
                         await self.publisher.finish(output)
                     else:
                         finish_reason = FinishReason.CANCELLED
-                        if request_id in self._handing_back:
+                        if request_id in self._handing_back or request_id in self._parking:
                             await self.publisher.settle(request_id)
         except Exception as exc:
             log.exception("job failed", extra={"request_id": request_id})
@@ -574,16 +629,20 @@ class Worker:
             )
         finally:
             self._running.pop(request_id, None)
+            self._running_batch.pop(request_id, None)
             closed = self.publisher.close(request_id)
             budget.release(request_id)
-            if request_id not in self._handing_back:
+            if request_id not in self._handing_back and request_id not in self._parking:
                 self.metrics.job_done(job.model, enqueued_at=job.enqueued_at, started_at=started_at,
                                       first_output_at=published.first_output_at, finished_at=time.time(),
                                       prompt_tokens=0 if plan.tokens_done else len(job.prompt_token_ids),
                                       cached_tokens=0 if plan.tokens_done else published.cached_tokens,
                                       new_tokens=published.completion_tokens - plan.tokens_done,
                                       finish_reason=finish_reason, priority=job.priority)
-        if request_id in self._handing_back:
+        if request_id in self._parking:
+            self._parking.discard(request_id)
+            self._parked.setdefault(job.model, []).append(taken)
+        elif request_id in self._handing_back:
             self._handing_back.discard(request_id)
             await self._retrying(lambda: self._hand_back(taken))
         elif closed is not None and closed.broken:

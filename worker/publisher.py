@@ -95,6 +95,11 @@ class ChunkPublisher:
                                                      completion_tokens=completion_tokens, interval=interval_s)
         return state
 
+    def completion_tokens(self, request_id: str) -> int:
+        """Tokens the request has generated so far (a continuation's earlier runs included)."""
+        state = self._open.get(request_id)
+        return state.completion_tokens if state is not None else 0
+
     def add(self, output: EngineOutput) -> None:
         state = self._open.get(output.request_id)
         if state is None:

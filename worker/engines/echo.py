@@ -14,7 +14,9 @@ A simulated prefix cache (common/prefix_blocks.py): the blocks of the prompts it
 recently used evicted past its `kv_cache_tokens`; each request reports the prompt tokens found there
 (`cached_tokens`). Prefill costs engine time, as on a GPU: the step that takes in new requests lasts
 `prefill_ms_per_token` longer for each prompt token the cache did not have, for every request in the
-batch (`prefix_block_size`, 16, and `prefill_ms_per_token`, 0, in the catalogue's options).
+batch (`prefix_block_size`, 16, and `prefill_ms_per_token`, 0, in the catalogue's options). Decoding can
+cost per sequence too, as a batched step grows with its batch: `decode_ms_per_seq` (0) more per running
+sequence (bench/batch_priority.py: an interactive request beside a batch of long answers).
 
 Fault injection, for the failure tests only: `die_on_prompt` (a string) makes the worker
 process exit at once, as if killed, when it decodes a prompt that contains it; `unstorable_on_prompt`
@@ -69,6 +71,7 @@ class EchoEngine(QueuedEngine):
         )
         self._prefix_cache = PrefixCache(block_size, self.kv_capacity_tokens // block_size)
         self._prefill_s_per_token = float(options.get("prefill_ms_per_token", 0)) / 1000
+        self._decode_s_per_seq = float(options.get("decode_ms_per_seq", 0)) / 1000
         self._to_prefill: dict[str, int] = {}  # request id -> uncached prompt tokens, until its first step
         self._cached: dict[str, int] = {}  # request id -> cached prompt tokens, until its first output says so
         self._die_on = str(options.get("die_on_prompt", ""))
@@ -116,7 +119,8 @@ class EchoEngine(QueuedEngine):
                 deadline = loop.time()
             prefill_s = sum(self._to_prefill.values()) * self._prefill_s_per_token
             self._to_prefill.clear()  # prefilled in this step; requests arriving during it wait for the next
-            deadline = max(deadline + self._step_s + prefill_s, loop.time())
+            decode_s = len(self._running) * self._decode_s_per_seq
+            deadline = max(deadline + self._step_s + prefill_s + decode_s, loop.time())
             await asyncio.sleep(deadline - loop.time())
             outputs = []
             for seq in list(self._running.values()):
