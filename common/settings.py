@@ -140,12 +140,13 @@ class WorkerSettings(_RequestLifetimes):
     # batch collects it, not streamed. Its progress since the last write is redone if its worker dies.
     batch_flush_interval_ms: float = 500.0
     # While interactive work is on an engine (or was, less than a second ago; in any of its front-end
-    # processes), batch jobs are admitted only up to this share of its sequences (running ones finish; none is
-    # preempted for it). 0 (the default): none, the batch waits until interactive demand is served. Each
-    # batch sequence beside an interactive one lengthens the engine's step, and so its time to each token
-    # (H200, SmolLM2, 256 slots: TTFT 1.3x idle beside 25-64 batch sequences, 3.5x beside 256;
-    # bench/RESULTS.md). Above 0 a batch keeps making progress beside steady interactive traffic, at that
-    # cost; 1.0: batch jobs fill whatever interactive ones leave. Without interactive work a batch takes every slot.
+    # processes), batch jobs are admitted only up to this share of its sequences, and running ones beyond it
+    # with many tokens to go are preempted (parked, continued later; worker/consumer.py). 0 (the default):
+    # none, the batch waits until interactive demand is served. Each batch sequence beside an interactive
+    # one lengthens the engine's step, and so its time to each token (H200, SmolLM2, 256 slots: TTFT 1.3x
+    # idle beside 25-64 batch sequences, 3.5x beside 256; bench/RESULTS.md). Above 0 a batch keeps making
+    # progress beside steady interactive traffic, at that cost; 1.0: batch jobs fill whatever interactive
+    # ones leave. Without interactive work a batch takes every slot.
     batch_share_with_interactive: float = 0.0
     read_block_ms: int = 1000
     # A job routed to another engine's own stream (prefix affinity) that waited this long may be taken

@@ -144,7 +144,7 @@ class KvBudget:
     def batch_room(self, share_with_interactive: float) -> int:
         """How many more batch jobs may be admitted: any while no interactive work is here; else only up to
         `share_with_interactive` of the slots (the fewer sequences beside it, the shorter the engine's step,
-        the sooner an interactive token comes). Running batch jobs are not preempted for this."""
+        the sooner an interactive token comes). The worker preempts long running ones beyond it (consumer.py)."""
         if share_with_interactive >= 1.0 or self.interactive_quiet_in() == 0.0:
             return self.max_seqs
         return max(0, int(share_with_interactive * self.max_seqs) - len(self._batch))
