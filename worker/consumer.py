@@ -67,7 +67,7 @@ _CANCEL_TIMEOUT_S = 5.0
 # How often the worker checks that its engines (and their front-end processes) are alive.
 _ENGINE_CHECK_INTERVAL_S = 1.0
 # While interactive work is on an engine, a running batch job beyond the batch's share with more than this
-# many tokens to go is handed back (continued later): the engine is free of batch work within this many
+# many tokens to go is preempted (parked, continued later): the engine is free of batch work within this many
 # steps, not after the longest answer a batch line asked for; a job closer to its end finishes instead.
 _DRAIN_TOKENS = 64
 # How often a worker running batch jobs looks whether interactive work came to its engine (on any front-end).
@@ -425,8 +425,8 @@ class Worker:
 
     async def _drain_batch_jobs(self, spec: ModelSpec, budget: KvBudget) -> None:
         """While interactive work is on the engine (here or on another of its front-ends), running batch jobs
-        beyond the share with more than _DRAIN_TOKENS to go are handed back, the most to go first: a batch
-        of long answers would otherwise hold the engine's steps long for as long as they take."""
+        beyond the share with more than _DRAIN_TOKENS to go are preempted, the most to go first: a batch of
+        long answers would otherwise hold the engine's steps long for as long as they take."""
         share = self.settings.batch_share_with_interactive
         if share >= 1.0:
             return  # batch jobs keep whatever slots interactive ones leave
@@ -451,7 +451,7 @@ class Worker:
         log.info("preempting batch job for interactive work", extra={"request_id": request_id})
         self._parking.add(request_id)
         self._running[request_id].abort(request_id)
-        # Its slot is free now, not once the hand-back is written: the engine drops the aborted sequence at its
+        # Its slot is free now, not once its output is stored: the engine drops the aborted sequence at its
         # next step, so it runs one over its limit for a step at most.
         budget.release(request_id)
         self.metrics.preempted.labels(spec.name).inc()
@@ -639,10 +639,12 @@ class Worker:
                                       cached_tokens=0 if plan.tokens_done else published.cached_tokens,
                                       new_tokens=published.completion_tokens - plan.tokens_done,
                                       finish_reason=finish_reason, priority=job.priority)
-        if request_id in self._parking:
+        if request_id in self._parking and (closed is None or not (closed.taken or closed.broken)):
             self._parking.discard(request_id)
             self._parked.setdefault(job.model, []).append(taken)
-        elif request_id in self._handing_back:
+            return
+        self._parking.discard(request_id)
+        if request_id in self._handing_back:
             self._handing_back.discard(request_id)
             await self._retrying(lambda: self._hand_back(taken))
         elif closed is not None and closed.broken:
