@@ -42,8 +42,8 @@ class WorkerMetrics:
                                   "there)", ["model", "source"], registry=r)
         self.jobs_done = Counter("llm_fleet_jobs_done", "Jobs that ended here, by priority class",
                                  ["model", "priority"], registry=r)
-        self.preempted = Counter("llm_fleet_jobs_preempted", "Batch jobs handed back to their stream to make room "
-                                 "for interactive ones (continued later from their output so far)", model, registry=r)
+        self.preempted = Counter("llm_fleet_jobs_preempted", "Running batch jobs stopped to make way for interactive "
+                                 "ones (parked, continued later from their output so far)", model, registry=r)
         self.reclaimed = Counter("llm_fleet_jobs_reclaimed", "Jobs claimed from dead workers", model, registry=r)
         self.handed_back = Counter("llm_fleet_jobs_handed_back", "Jobs re-queued on drain or unload", model,
                                    registry=r)
