@@ -73,16 +73,16 @@ def test_interactive_work_on_one_frontend_closes_the_batch_room_of_another(tmp_p
     """Two front-ends' budgets over one board (as two processes map it): an interactive job held by one
     leaves the other no batch room (share 0) until it ends and the linger passes; a new board starts clear."""
     path = tmp_path / "board"
-    first = KvBudget(1000, 4, board=InteractiveBoard.create(path, 2))
-    second = KvBudget(1000, 4, board=InteractiveBoard(path, 2, 1))
-    assert second.batch_room(0.0) == 4
+    first = KvBudget(1000, 4, batch_share=0.0, board=InteractiveBoard.create(path, 2))
+    second = KvBudget(1000, 4, batch_share=0.0, board=InteractiveBoard(path, 2, 1))
+    assert second.batch_room() == 4
     first.try_admit("chat", 10)
-    assert second.batch_room(0.0) == 0 and second.interactive_quiet_in() == 1.0  # held: the whole linger, at least
+    assert second.batch_room() == 0 and second.interactive_quiet_in() == 1.0  # held: the whole linger, at least
     first.release("chat")
-    assert second.batch_room(0.0) == 0 and 0.9 < second.interactive_quiet_in() <= 1.0  # served, lingering
-    assert second.batch_room(0.5) == 2  # a share, where one is set
+    assert second.batch_room() == 0 and 0.9 < second.interactive_quiet_in() <= 1.0  # served, lingering
+    assert KvBudget(1000, 4, batch_share=0.5, board=InteractiveBoard(path, 2, 1)).batch_room() == 2  # a share
     first.try_admit("chat 2", 10)
-    assert KvBudget(1000, 4, board=InteractiveBoard.create(path, 2)).batch_room(0.0) == 4  # a restart clears it
+    assert KvBudget(1000, 4, batch_share=0.0, board=InteractiveBoard.create(path, 2)).batch_room() == 4  # a restart
 
 
 @pytest.mark.parametrize("command", [

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import enum
 import logging
 import os
 import signal
@@ -76,6 +77,11 @@ _DRAIN_CHECK_S = 0.01
 T = TypeVar("T")
 
 
+class _AfterAbort(enum.Enum):
+    HAND_BACK = enum.auto()
+    PARK = enum.auto()
+
+
 class Worker:
     def __init__(self, settings: WorkerSettings, catalogue: dict[str, ModelSpec],
                  frontend: FrontendProcess | None = None) -> None:
@@ -110,8 +116,9 @@ class Worker:
         self._running: dict[str, Engine] = {}  # request id -> the engine generating it
         self._running_batch: dict[str, Job] = {}  # request id -> its job, for running batch jobs
         self._held: dict[str, dict[bytes, Job]] = {}  # stream -> entries read or claimed, not yet acked
-        self._handing_back: set[str] = set()  # request ids aborted to be re-queued (drain)
-        self._parking: set[str] = set()  # batch request ids aborted to make way for interactive work
+        # Request ids aborted on purpose -> what their _run_job does after: hand the job back to its stream
+        # (a stop's drain), or park it (a batch job making way for interactive work).
+        self._aborted: dict[str, _AfterAbort] = {}
         # model -> preempted batch jobs, still held (their entries not acked), to run again first when batch
         # room returns: continued from their stored output, ahead of the batch's later lines.
         self._parked: dict[str, list[Taken]] = {}
@@ -203,7 +210,7 @@ class Worker:
             log.warning("handing back %d unfinished %s job(s)", len(jobs), name)
             for request_id, engine in list(self._running.items()):
                 if engine.card.name == name:
-                    self._handing_back.add(request_id)
+                    self._aborted[request_id] = _AfterAbort.HAND_BACK
                     engine.abort(request_id)  # its _run_job flushes what it has, then hands it back
             _, late = await asyncio.wait(jobs, timeout=_HAND_BACK_TIMEOUT_S)
             for task in late:
@@ -317,6 +324,7 @@ class Worker:
         if budget is None:
             budget = self.budgets[spec.name] = KvBudget(*frontend_share(engine, spec), engine.kv_block_size,
                                                         oversubscription=spec.kv_oversubscription,
+                                                        batch_share=self.settings.batch_share_with_interactive,
                                                         board=self.loader.boards.get(spec.name))
             log.info("model %s ready: %d KV tokens, %d sequences", spec.name, budget.capacity_tokens,
                      budget.max_seqs)
@@ -355,10 +363,11 @@ class Worker:
                     self.metrics.reclaimed.labels(spec.name).inc(len(claimed))
                     await self._start_jobs(engine, budget, claimed)
                     continue
-                batch_room = budget.batch_room(self.settings.batch_share_with_interactive)
+                batch_room = budget.batch_room()
                 parked = self._parked.get(spec.name)
                 if parked and batch_room > 0:
-                    resumed, parked[:] = parked[:min(batch_room, free)], parked[min(batch_room, free):]
+                    count = min(batch_room, free)
+                    resumed, parked[:] = parked[:count], parked[count:]
                     await self._start_jobs(engine, budget, resumed)
                     continue
                 # Kept from batch jobs for now: look again once interactive work is served.
@@ -377,7 +386,7 @@ class Worker:
     async def _within_batch_room(self, budget: KvBudget, jobs: list[Taken]) -> list[Taken]:
         """The jobs to start: a blocking read may return batch jobs that arrived after interactive work came
         to the engine (on another of its front-ends); those beyond the batch's room go back to its stream."""
-        room = budget.batch_room(self.settings.batch_share_with_interactive)
+        room = budget.batch_room()
         kept: list[Taken] = []
         for taken in jobs:
             if taken.job.is_batch and room <= 0:
@@ -427,18 +436,14 @@ class Worker:
         """While interactive work is on the engine (here or on another of its front-ends), running batch jobs
         beyond the share with more than _DRAIN_TOKENS to go are preempted, the most to go first: a batch of
         long answers would otherwise hold the engine's steps long for as long as they take."""
-        share = self.settings.batch_share_with_interactive
-        if share >= 1.0:
-            return  # batch jobs keep whatever slots interactive ones leave
-        limit = int(share * budget.max_seqs)
         while spec.name not in self._closing:
-            await budget.wait_until(lambda: spec.name in self._closing or len(budget.batch_jobs) > limit)
+            await budget.wait_until(lambda: spec.name in self._closing or len(budget.batch_jobs) > budget.batch_limit)
             if spec.name in self._closing:
                 return
             if budget.interactive_quiet_in() > 0.0:
                 to_go = {request_id: self._tokens_to_go(request_id) for request_id in self._preemptible(budget)}
                 long = sorted((r for r, n in to_go.items() if n > _DRAIN_TOKENS), key=to_go.__getitem__, reverse=True)
-                for request_id in long[:len(budget.batch_jobs) - limit]:
+                for request_id in long[:len(budget.batch_jobs) - budget.batch_limit]:
                     self._preempt(spec, budget, request_id)
             await asyncio.sleep(_DRAIN_CHECK_S)
 
@@ -449,7 +454,7 @@ class Worker:
     def _preempt(self, spec: ModelSpec, budget: KvBudget, request_id: str) -> None:
         """Abort a running batch job; its _run_job stores its output so far and parks it."""
         log.info("preempting batch job for interactive work", extra={"request_id": request_id})
-        self._parking.add(request_id)
+        self._aborted[request_id] = _AfterAbort.PARK
         self._running[request_id].abort(request_id)
         # Its slot is free now, not once its output is stored: the engine drops the aborted sequence at its
         # next step, so it runs one over its limit for a step at most.
@@ -465,10 +470,9 @@ class Worker:
         return jobs
 
     def _preemptible(self, budget: KvBudget) -> list[str]:
-        """Batch jobs running here that are not being handed back already, the last admitted first."""
+        """Batch jobs running here that are not aborted already, the last admitted first."""
         return [request_id for request_id in budget.batch_jobs
-                if request_id in self._running and request_id not in self._handing_back
-                and request_id not in self._parking]
+                if request_id in self._running and request_id not in self._aborted]
 
     async def _reclaim(self, reader: JobReader, count: int) -> list[Taken]:
         """Entries of the model's streams this worker holds in Redis but lost track of, else a dead worker's."""
@@ -620,7 +624,7 @@ class Worker:
                         await self.publisher.finish(output)
                     else:
                         finish_reason = FinishReason.CANCELLED
-                        if request_id in self._handing_back or request_id in self._parking:
+                        if request_id in self._aborted:
                             await self.publisher.settle(request_id)
         except Exception as exc:
             log.exception("job failed", extra={"request_id": request_id})
@@ -632,20 +636,17 @@ class Worker:
             self._running_batch.pop(request_id, None)
             closed = self.publisher.close(request_id)
             budget.release(request_id)
-            if request_id not in self._handing_back and request_id not in self._parking:
+            if request_id not in self._aborted:
                 self.metrics.job_done(job.model, enqueued_at=job.enqueued_at, started_at=started_at,
                                       first_output_at=published.first_output_at, finished_at=time.time(),
                                       prompt_tokens=0 if plan.tokens_done else len(job.prompt_token_ids),
                                       cached_tokens=0 if plan.tokens_done else published.cached_tokens,
                                       new_tokens=published.completion_tokens - plan.tokens_done,
                                       finish_reason=finish_reason, priority=job.priority)
-        if request_id in self._parking and (closed is None or not (closed.taken or closed.broken)):
-            self._parking.discard(request_id)
+        after = self._aborted.pop(request_id, None)
+        if after is _AfterAbort.PARK and (closed is None or not (closed.taken or closed.broken)):
             self._parked.setdefault(job.model, []).append(taken)
-            return
-        self._parking.discard(request_id)
-        if request_id in self._handing_back:
-            self._handing_back.discard(request_id)
+        elif after is _AfterAbort.HAND_BACK:
             await self._retrying(lambda: self._hand_back(taken))
         elif closed is not None and closed.broken:
             await self._fail_broken(taken, closed.broken)

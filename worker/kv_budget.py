@@ -23,13 +23,16 @@ class KvBudget:
     reserved for interactive jobs taken while batch jobs fill the engine (they are admitted, with
     `reserved`, once the batch jobs preempted for them release their slots; nothing else gets those).
     While interactive work is on the engine (held, or done less than _INTERACTIVE_LINGER_S ago, here or, with
-    a `board`, in any front-end process of the engine), `batch_room` keeps batch jobs to a share of the slots."""
+    a `board`, in any front-end process of the engine), batch jobs keep to `batch_share` of the slots
+    (`batch_limit`; `batch_room` admits no more, and the worker preempts long running ones beyond it)."""
 
     def __init__(self, capacity_tokens: int, max_seqs: int, block_size: int = 1, oversubscription: float = 1.0,
-                 board: InteractiveBoard | None = None) -> None:
+                 batch_share: float = 1.0, board: InteractiveBoard | None = None) -> None:
         self.capacity_tokens = capacity_tokens
         self.admit_tokens = int(capacity_tokens * oversubscription)  # the worst cases admitted add up to this
         self.max_seqs = max_seqs
+        # Batch jobs held beside interactive work at most (all the slots: no limit).
+        self.batch_limit = max_seqs if batch_share >= 1.0 else int(batch_share * max_seqs)
         self.block_size = block_size
         self._held: dict[str, int] = {}
         self._batch: dict[str, None] = {}  # held batch jobs, in the order admitted
@@ -141,10 +144,10 @@ class KvBudget:
             return _INTERACTIVE_LINGER_S
         return max(0.0, served_at - time.monotonic())
 
-    def batch_room(self, share_with_interactive: float) -> int:
+    def batch_room(self) -> int:
         """How many more batch jobs may be admitted: any while no interactive work is here; else only up to
-        `share_with_interactive` of the slots (the fewer sequences beside it, the shorter the engine's step,
-        the sooner an interactive token comes). The worker preempts long running ones beyond it (consumer.py)."""
-        if share_with_interactive >= 1.0 or self.interactive_quiet_in() == 0.0:
+        `batch_limit` (the fewer sequences beside it, the shorter the engine's step, the sooner an interactive
+        token comes)."""
+        if self.batch_limit >= self.max_seqs or self.interactive_quiet_in() == 0.0:
             return self.max_seqs
-        return max(0, int(share_with_interactive * self.max_seqs) - len(self._batch))
+        return max(0, self.batch_limit - len(self._batch))
